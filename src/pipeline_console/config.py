@@ -1,0 +1,26 @@
+"""One Settings object; every value can be set with a PIPELINE_CONSOLE_ environment variable."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_CONSOLE_", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///./pipeline_console.db",
+        description="sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
+    )
+    database_pool_size: int = Field(default=10, ge=1)
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+    # Input limits. Oversized input gets 413, malformed input 422; both are recorded as rejected.
+    max_message_bytes: int = Field(default=1_048_576, ge=1024, description="body of POST /messages")
+    max_batch_bytes: int = Field(default=10_485_760, ge=1024, description="body of /messages/batch")
+    max_batch_messages: int = Field(default=1000, ge=1)
+    max_payload_depth: int = Field(default=32, ge=1, description="nesting depth of a payload")
+    rejected_body_excerpt_bytes: int = Field(default=4096, ge=0)
+
+    # Page sizes for every list endpoint.
+    default_page_size: int = Field(default=50, ge=1)
+    max_page_size: int = Field(default=500, ge=1)

@@ -1,0 +1,98 @@
+"""Engine, sessions and the one place a transaction is opened.
+
+The SQLite/PostgreSQL seam lives here too: SQLite write transactions start with
+BEGIN IMMEDIATE (the write lock is taken up front, never upgraded mid-transaction) and are
+serialized inside the process; PostgreSQL relies on row locks and unique constraints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from pipeline_console.config import Settings
+
+_BEGIN_OPTION = "pipeline_console_sqlite_begin"
+
+
+def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine:
+    url = make_url(settings.database_url)
+    kwargs: dict[str, Any] = {}
+    if null_pool:
+        kwargs["poolclass"] = NullPool
+    elif url.get_backend_name() == "postgresql":
+        kwargs.update(pool_size=settings.database_pool_size, max_overflow=0, pool_pre_ping=True)
+    engine = create_async_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine, settings.sqlite_busy_timeout_ms)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so that we emit BEGIN ourselves.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    """The engine plus the rules for opening a transaction. One per process."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+        if self.is_sqlite:
+            write_engine = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+            self._write_sessions = async_sessionmaker(
+                write_engine, expire_on_commit=False, autoflush=False
+            )
+        else:
+            self._write_sessions = self._sessions
+        # SQLite allows one writer at a time; queueing writers here is far cheaper than
+        # letting them spin in SQLite's busy handler.
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction: committed when the block ends, rolled back on an exception."""
+        lock = self._write_lock or contextlib.nullcontext()
+        async with lock, self._write_sessions() as session, session.begin():
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A read-only transaction (never takes the SQLite write lock)."""
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def insert_for(dialect: str) -> Any:
+    """The dialect's INSERT, which has on_conflict_do_nothing/on_conflict_do_update on both."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
