@@ -1,0 +1,59 @@
+"""The audit log's hash chain: each row's hash covers its content and the previous row's hash."""
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pipeline_console.ingestion.policy import canonical_json
+
+GENESIS_HASH = "0" * 64
+
+
+@dataclass(frozen=True)
+class ChainedContent:
+    id: int
+    occurred_at: datetime
+    actor: str
+    action: str
+    subject_type: str
+    subject_id: str
+    idempotency_key: str | None
+    details: dict[str, Any]
+
+
+def row_hash(prev_hash: str, content: ChainedContent) -> str:
+    body = canonical_json(
+        {
+            "id": content.id,
+            "occurred_at": content.occurred_at.isoformat(timespec="microseconds"),
+            "actor": content.actor,
+            "action": content.action,
+            "subject_type": content.subject_type,
+            "subject_id": content.subject_id,
+            "idempotency_key": content.idempotency_key,
+            "details": content.details,
+        }
+    )
+    return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()
+
+
+@dataclass(frozen=True)
+class BrokenLink:
+    id: int
+    reason: str
+
+
+def first_broken_link(
+    rows: list[tuple[ChainedContent, str, str]], expected_prev: str, expected_id: int | None
+) -> BrokenLink | None:
+    """Check (content, prev_hash, row_hash) rows in id order, continuing from a known hash."""
+    for content, prev_hash, stored_hash in rows:
+        if expected_id is not None and content.id != expected_id:
+            return BrokenLink(content.id, f"row {expected_id} is missing before row {content.id}")
+        if prev_hash != expected_prev:
+            return BrokenLink(content.id, "prev_hash does not match the previous row's hash")
+        if row_hash(prev_hash, content) != stored_hash:
+            return BrokenLink(content.id, "row content does not match its hash (row was altered)")
+        expected_prev, expected_id = stored_hash, content.id + 1
+    return None

@@ -1,0 +1,108 @@
+"""Appending to and verifying the audit log. Appending is always the last write of a
+transaction: on PostgreSQL it takes a transaction-level advisory lock so that the chain is
+extended by one transaction at a time, and holds it only until the commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.audit.chain import (
+    GENESIS_HASH,
+    BrokenLink,
+    ChainedContent,
+    first_broken_link,
+    row_hash,
+)
+from pipeline_console.models import AuditEvent
+
+_CHAIN_LOCK = 0x70_63_61_75  # "pcau": the advisory lock id that serializes chain appends
+_table = AuditEvent.__table__
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    action: str
+    subject_type: str
+    subject_id: str
+    details: dict[str, Any]
+    idempotency_key: str | None = None
+
+
+async def append_audit(
+    session: AsyncSession, entries: Sequence[AuditEntry], *, actor: str, now: datetime
+) -> None:
+    if not entries:
+        return
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _CHAIN_LOCK})
+    last = (
+        await session.execute(
+            select(AuditEvent.id, AuditEvent.row_hash).order_by(AuditEvent.id.desc()).limit(1)
+        )
+    ).first()
+    next_id, prev_hash = (last.id + 1, last.row_hash) if last else (1, GENESIS_HASH)
+    rows = []
+    for entry in entries:
+        content = ChainedContent(
+            id=next_id,
+            occurred_at=now,
+            actor=actor,
+            action=entry.action,
+            subject_type=entry.subject_type,
+            subject_id=entry.subject_id,
+            idempotency_key=entry.idempotency_key,
+            details=entry.details,
+        )
+        current_hash = row_hash(prev_hash, content)
+        rows.append({**content.__dict__, "prev_hash": prev_hash, "row_hash": current_hash})
+        next_id, prev_hash = next_id + 1, current_hash
+    await session.execute(insert(_table), rows)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    checked: int
+    first_broken: BrokenLink | None
+
+
+async def verify_audit_chain(session: AsyncSession, *, page_size: int = 2000) -> VerifyReport:
+    """Recompute the chain from the first row; report the first row that does not fit."""
+    expected_prev, expected_id, checked = GENESIS_HASH, 1, 0
+    while True:
+        result = await session.execute(
+            select(AuditEvent)
+            .where(AuditEvent.id >= expected_id)
+            .order_by(AuditEvent.id)
+            .limit(page_size)
+        )
+        events = result.scalars().all()
+        if not events:
+            return VerifyReport(ok=True, checked=checked, first_broken=None)
+        rows = [(_content(event), event.prev_hash, event.row_hash) for event in events]
+        broken = first_broken_link(rows, expected_prev, expected_id)
+        if broken is not None:
+            checked += sum(1 for content, _, _ in rows if content.id < broken.id)
+            return VerifyReport(ok=False, checked=checked, first_broken=broken)
+        checked += len(rows)
+        expected_prev, expected_id = events[-1].row_hash, events[-1].id + 1
+        session.expunge_all()
+
+
+def _content(event: AuditEvent) -> ChainedContent:
+    return ChainedContent(
+        id=event.id,
+        occurred_at=event.occurred_at,
+        actor=event.actor,
+        action=event.action,
+        subject_type=event.subject_type,
+        subject_id=event.subject_id,
+        idempotency_key=event.idempotency_key,
+        details=event.details,
+    )

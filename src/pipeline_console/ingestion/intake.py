@@ -1,0 +1,142 @@
+"""From raw request bytes to messages the planner can decide, or to a recorded rejection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from pipeline_console.errors import FieldError
+from pipeline_console.ingestion.planner import IncomingMessage
+from pipeline_console.ingestion.policy import UnhashablePayload, idempotency_key, payload_hash
+from pipeline_console.ingestion.schemas import MessageIn
+
+
+@dataclass(frozen=True)
+class RejectedMessage:
+    """A message that could not be decided; it is still written to the attempt log."""
+
+    detail: str
+    errors: list[FieldError]
+    raw_body: str
+    too_large: bool = False
+    # What could be read of the message, so the rejection shows up next to its record.
+    known: dict[str, Any] = field(default_factory=dict)
+
+
+class BodyError(Exception):
+    """The request body as a whole cannot be read (broken JSON, wrong top-level shape)."""
+
+    def __init__(self, detail: str, errors: list[FieldError]) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+
+
+def excerpt(body: bytes, limit: int) -> str:
+    """The first `limit` bytes as text that every database can store."""
+    text = body[:limit].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    return text + ("…" if len(body) > limit else "")
+
+
+def decode_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise BodyError(
+            "the body is not valid JSON",
+            [FieldError(field="body", message=str(error), type="json_invalid")],
+        ) from error
+
+
+def depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, stopping early once it passes `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_message(
+    candidate: Any, raw_body: str, *, max_depth: int
+) -> IncomingMessage | RejectedMessage:
+    try:
+        message = MessageIn.model_validate(candidate)
+    except ValidationError as error:
+        return RejectedMessage(
+            detail="the message is not valid",
+            errors=[_field_error(item) for item in error.errors()],
+            raw_body=raw_body,
+            known=_known_parts(candidate),
+        )
+    rejection = _payload_problem(message.payload, max_depth)
+    if rejection is None:
+        try:
+            digest = payload_hash(message.payload)
+        except UnhashablePayload as error:
+            rejection = FieldError(
+                field="payload", message=f"cannot be put in canonical JSON form: {error}",
+                type="payload_not_canonical",
+            )
+    if rejection is not None:
+        return RejectedMessage(
+            detail="the message is not valid", errors=[rejection], raw_body=raw_body,
+            known=_known_parts(candidate),
+        )
+    return IncomingMessage(
+        source_system=message.source_system,
+        entity_type=message.entity_type,
+        entity_id=message.entity_id,
+        key=idempotency_key(message.entity_type, message.entity_id),
+        version=message.version,
+        payload=message.payload,
+        payload_hash=digest,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        occurred_at=message.occurred_at,
+    )
+
+
+def _payload_problem(payload: dict[str, Any], max_depth: int) -> FieldError | None:
+    if depth(payload, max_depth) > max_depth:
+        return FieldError(
+            field="payload", message=f"nested deeper than {max_depth} levels",
+            type="payload_too_deep",
+        )
+    return None
+
+
+def _field_error(item: Any) -> FieldError:
+    location = [str(part) for part in item["loc"]]
+    return FieldError(
+        field=".".join(location) or "body", message=item["msg"], type=item["type"]
+    )
+
+
+_KNOWN_LIMITS = {"source_system": 64, "entity_type": 64, "entity_id": 256, "message_id": 256,
+                 "correlation_id": 256}
+
+
+def _known_parts(candidate: Any) -> dict[str, Any]:
+    """Best effort: the identifying fields of a rejected message, when they are plain strings."""
+    if not isinstance(candidate, dict):
+        return {}
+    known: dict[str, Any] = {}
+    for name, limit in _KNOWN_LIMITS.items():
+        value = candidate.get(name)
+        if isinstance(value, str) and 0 < len(value) <= limit and value.isprintable():
+            known[name] = value
+    version = candidate.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and 0 <= version < 2**63:
+        known["version"] = version
+    if "entity_type" in known and "entity_id" in known and ":" not in known["entity_type"]:
+        known["idempotency_key"] = idempotency_key(known["entity_type"], known["entity_id"])
+    return known

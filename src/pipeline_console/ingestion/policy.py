@@ -1,0 +1,91 @@
+"""The five-branch decision and the canonical payload hash: pure functions of plain values.
+
+| condition                                       | decision          |
+| key never seen                                  | accept_new        |
+| incoming version newer than current             | accept_supersede  |
+| same version, same payload hash                 | skip_duplicate    |
+| same version, different payload hash            | quarantine        |
+| incoming version older than current             | skip_stale        |
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import rfc8785
+
+
+class Decision(StrEnum):
+    ACCEPT_NEW = "accept_new"
+    ACCEPT_SUPERSEDE = "accept_supersede"
+    SKIP_DUPLICATE = "skip_duplicate"
+    QUARANTINE = "quarantine"
+    SKIP_STALE = "skip_stale"
+
+    @property
+    def accepted(self) -> bool:
+        return self in (Decision.ACCEPT_NEW, Decision.ACCEPT_SUPERSEDE)
+
+
+REJECTED = "rejected"  # the attempt-log word for a malformed message (no decision was possible)
+
+
+@dataclass(frozen=True)
+class CurrentState:
+    """What the pipeline holds for a key: the highest accepted version and its payload hash."""
+
+    version: int
+    payload_hash: str
+    source_system: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    reason: str
+
+
+def decide(
+    current: CurrentState | None, version: int, payload_hash: str, source_system: str
+) -> Verdict:
+    """Decide what to do with one message, given the key's current state (None: never seen)."""
+    incoming = f"version {version} from {source_system}"
+    if current is None:
+        return Verdict(Decision.ACCEPT_NEW, f"{incoming} is the first message for this key")
+    held = f"current version {current.version} ({current.source_system})"
+    if version > current.version:
+        return Verdict(Decision.ACCEPT_SUPERSEDE, f"{incoming} is newer than {held}")
+    if version < current.version:
+        return Verdict(Decision.SKIP_STALE, f"{incoming} is older than {held}")
+    if payload_hash == current.payload_hash:
+        return Verdict(
+            Decision.SKIP_DUPLICATE, f"{incoming} has the same payload as {held}; nothing to do"
+        )
+    return Verdict(
+        Decision.QUARANTINE,
+        f"{incoming} has a different payload than {held} at the same version; "
+        "an anomaly is open for a person to decide",
+    )
+
+
+class UnhashablePayload(ValueError):
+    """The payload cannot be put in canonical form (for example an integer beyond 2**53)."""
+
+
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 canonical JSON: key order and whitespace never change it."""
+    try:
+        return rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as error:
+        raise UnhashablePayload(str(error)) from error
+
+
+def payload_hash(payload: Any) -> str:
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def idempotency_key(entity_type: str, entity_id: str) -> str:
+    return f"{entity_type}:{entity_id}"

@@ -1,0 +1,83 @@
+"""The wire shapes of ingestion (API.md, "Ingestion")."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+MAX_VERSION = 2**63 - 1  # a PostgreSQL BIGINT
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"),
+    Field(description="letters, digits, '_', '.', '-'; at most 64 characters", examples=["erp"]),
+]
+# No control characters: they are unreadable in a console and PostgreSQL refuses NUL in text.
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
+
+Decision = Literal["accept_new", "accept_supersede", "skip_duplicate", "quarantine", "skip_stale"]
+StagingStatus = Literal["partial", "complete", "promoted"]
+
+
+class MessageIn(BaseModel):
+    """One message from a source system about one entity at one version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_system: Name
+    entity_type: Name
+    entity_id: Identifier = Field(examples=["C-100"])
+    version: StrictInt = Field(ge=0, le=MAX_VERSION, description="increases with every change")
+    payload: dict[str, Any] = Field(description="the entity's full state, a JSON object")
+    correlation_id: Identifier | None = Field(default=None, description="the business event")
+    message_id: Identifier | None = Field(default=None, description="the source's message id")
+    occurred_at: AwareDatetime | None = None
+
+
+class BatchIn(BaseModel):
+    messages: list[MessageIn]
+
+
+class IngestResult(BaseModel):
+    decision: Decision
+    idempotency_key: str
+    version: int
+    attempt_id: int
+    staging_status: StagingStatus | None = Field(
+        description="the staged row's status when this message was decided; null if not staged"
+    )
+    anomaly_id: int | None
+    reason: str = Field(description="the decision in words")
+
+
+class BatchItemResult(IngestResult):
+    index: int
+
+
+class FieldErrorOut(BaseModel):
+    field: str
+    location: str
+    message: str
+    type: str
+
+
+class ItemProblem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldErrorOut] = []
+    attempt_id: int
+
+
+class BatchItemError(BaseModel):
+    index: int
+    error: ItemProblem
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItemResult | BatchItemError]

@@ -1,0 +1,477 @@
+"""ingest_messages: decide a batch with the planner, then persist the plan with a few
+statements per table. The caller owns the transaction (this module never commits).
+
+Race-safety: the first message of a new key inserts the key's state row with
+INSERT … ON CONFLICT DO NOTHING (keys in sorted order, so concurrent batches cannot deadlock);
+every other key is read with SELECT … FOR UPDATE. A transaction that loses the race for a new
+key waits on the winner's insert, then reads and decides against the winner's row. On SQLite
+the write transaction already holds the database's write lock (BEGIN IMMEDIATE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, insert, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.db import insert_for
+from pipeline_console.entity_types.completeness import completeness_for
+from pipeline_console.ingestion.diff import field_diff
+from pipeline_console.ingestion.intake import RejectedMessage
+from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
+from pipeline_console.ingestion.policy import REJECTED, CurrentState, Decision
+from pipeline_console.models import (
+    Anomaly,
+    Correlation,
+    EntityType,
+    IngestionAttempt,
+    ProductionRecord,
+    RecordState,
+    StagingRecord,
+)
+from pipeline_console.records.promotion import write_production
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The decision for one message, as the API returns it."""
+
+    decision: str
+    idempotency_key: str
+    version: int
+    attempt_id: int
+    staging_status: str | None
+    anomaly_id: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    rejection: RejectedMessage
+    attempt_id: int
+
+
+async def ingest_messages(
+    session: AsyncSession,
+    items: Sequence[IncomingMessage | RejectedMessage],
+    *,
+    now: datetime,
+    actor: str,
+) -> list[Accepted | Rejected]:
+    """Decide and record every item, in order. Returns one result per item."""
+    messages = [item for item in items if isinstance(item, IncomingMessage)]
+    audit: list[AuditEntry] = []
+    plan, anomaly_ids = Plan(), []
+    if messages:
+        schemas = await _register_entity_types(session, messages, now, audit)
+        snapshots = await _lock_states(session, messages, now)
+        plan = plan_batch(messages, snapshots, completeness_for(schemas))
+        anomaly_ids = await _open_anomalies(session, messages, plan, now, audit)
+
+    attempt_ids = await _write_attempts(session, items, messages, plan, anomaly_ids, now)
+    message_attempts = [
+        attempt_id for item, attempt_id in zip(items, attempt_ids, strict=True)
+        if isinstance(item, IncomingMessage)
+    ]
+    if messages:
+        await _write_staging_and_production(session, messages, plan, message_attempts, now)
+        await _write_states(session, plan, now)
+        await _write_correlations(session, messages, message_attempts, now)
+        audit.extend(
+            AuditEntry(draft.action, "record", draft.key, draft.details, draft.key)
+            for draft in plan.audit
+        )
+    await append_audit(session, audit, actor=actor, now=now)
+
+    results: list[Accepted | Rejected] = []
+    outcomes = iter(zip(plan.outcomes, messages, message_attempts, strict=True))
+    for item, attempt_id in zip(items, attempt_ids, strict=True):
+        if isinstance(item, RejectedMessage):
+            results.append(Rejected(item, attempt_id))
+            continue
+        outcome, message, _ = next(outcomes)
+        results.append(
+            Accepted(
+                decision=outcome.decision.value,
+                idempotency_key=message.key,
+                version=message.version,
+                attempt_id=attempt_id,
+                staging_status=outcome.staging_status,
+                anomaly_id=(
+                    anomaly_ids[outcome.quarantine_index]
+                    if outcome.quarantine_index is not None else None
+                ),
+                reason=outcome.reason,
+            )
+        )
+    return results
+
+
+async def _register_entity_types(
+    session: AsyncSession,
+    messages: Sequence[IncomingMessage],
+    now: datetime,
+    audit: list[AuditEntry],
+) -> dict[str, dict[str, Any] | None]:
+    """Entity types are registered on first sight (without a schema: always complete)."""
+    names = sorted({message.entity_type for message in messages})
+    insert_ = insert_for(session.bind.dialect.name)
+    created = await session.execute(
+        insert_(EntityType.__table__)
+        .on_conflict_do_nothing(index_elements=["name"])
+        .returning(EntityType.__table__.c.name),
+        [{"name": name, "schema": None, "created_at": now, "updated_at": now} for name in names],
+    )
+    for name in created.scalars():
+        audit.append(AuditEntry("entity_type.registered", "entity_type", name, {"schema": None}))
+    rows = await session.execute(
+        select(EntityType.name, EntityType.json_schema).where(EntityType.name.in_(names))
+    )
+    return {row.name: row.json_schema for row in rows}
+
+
+async def _lock_states(
+    session: AsyncSession, messages: Sequence[IncomingMessage], now: datetime
+) -> dict[str, KeySnapshot]:
+    first_by_key: dict[str, IncomingMessage] = {}
+    for message in messages:
+        first_by_key.setdefault(message.key, message)
+    keys = sorted(first_by_key)
+    insert_ = insert_for(session.bind.dialect.name)
+    created = await session.execute(
+        insert_(RecordState.__table__)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(RecordState.__table__.c.idempotency_key),
+        [
+            {
+                "idempotency_key": key,
+                "entity_type": first_by_key[key].entity_type,
+                "entity_id": first_by_key[key].entity_id,
+                "current_version": first_by_key[key].version,
+                "payload_hash": first_by_key[key].payload_hash,
+                "source_system": first_by_key[key].source_system,
+                "first_seen_at": now,
+                "updated_at": now,
+            }
+            for key in keys
+        ],
+    )
+    existing = sorted(set(keys) - set(created.scalars()))
+    if not existing:
+        return {}
+    states = await session.execute(
+        select(
+            RecordState.idempotency_key,
+            RecordState.current_version,
+            RecordState.payload_hash,
+            RecordState.source_system,
+        )
+        .where(RecordState.idempotency_key.in_(existing))
+        .order_by(RecordState.idempotency_key)
+        .with_for_update()
+    )
+    production_rows = await session.execute(
+        select(ProductionRecord.idempotency_key, ProductionRecord.version).where(
+            ProductionRecord.idempotency_key.in_(existing)
+        )
+    )
+    production = {row.idempotency_key: row.version for row in production_rows}
+    return {
+        row.idempotency_key: KeySnapshot(
+            CurrentState(row.current_version, row.payload_hash, row.source_system),
+            production.get(row.idempotency_key),
+        )
+        for row in states
+    }
+
+
+async def _open_anomalies(
+    session: AsyncSession,
+    messages: Sequence[IncomingMessage],
+    plan: Plan,
+    now: datetime,
+    audit: list[AuditEntry],
+) -> list[int]:
+    """One anomaly per distinct conflict; a repeat of an open conflict joins its anomaly."""
+    if not plan.quarantines:
+        return []
+    keys = sorted({quarantine.key for quarantine in plan.quarantines})
+    open_rows = await session.execute(
+        select(
+            Anomaly.id, Anomaly.idempotency_key, Anomaly.version,
+            Anomaly.current_payload_hash, Anomaly.incoming_payload_hash,
+        ).where(Anomaly.status == "open", Anomaly.idempotency_key.in_(keys))
+    )
+    known = {
+        (row.idempotency_key, row.version, row.current_payload_hash, row.incoming_payload_hash):
+        row.id
+        for row in open_rows
+    }
+    wanted = {
+        (q.key, q.current.version, q.current.payload_hash)
+        for q in plan.quarantines if q.current_payload is None
+    }
+    current_payloads: dict[tuple[str, int, str], dict[str, Any]] = {}
+    if wanted:
+        stored = await session.execute(
+            select(
+                StagingRecord.idempotency_key, StagingRecord.version,
+                StagingRecord.payload_hash, StagingRecord.payload,
+            ).where(
+                tuple_(
+                    StagingRecord.idempotency_key, StagingRecord.version,
+                    StagingRecord.payload_hash,
+                ).in_(sorted(wanted))
+            )
+        )
+        for row in stored:
+            current_payloads[(row.idempotency_key, row.version, row.payload_hash)] = row.payload
+
+    new_rows: list[dict[str, Any]] = []
+    new_signatures: list[tuple[str, int, str, str]] = []
+    for quarantine in plan.quarantines:
+        message = messages[quarantine.message_index]
+        signature = (quarantine.key, quarantine.version, quarantine.current.payload_hash,
+                     message.payload_hash)
+        if signature in known or signature in new_signatures:
+            continue
+        current_payload = quarantine.current_payload or current_payloads[
+            (quarantine.key, quarantine.current.version, quarantine.current.payload_hash)
+        ]
+        new_signatures.append(signature)
+        new_rows.append(
+            {
+                "idempotency_key": quarantine.key,
+                "version": quarantine.version,
+                "status": "open",
+                "current_payload": current_payload,
+                "current_payload_hash": quarantine.current.payload_hash,
+                "current_source_system": quarantine.current.source_system,
+                "incoming_payload": message.payload,
+                "incoming_payload_hash": message.payload_hash,
+                "incoming_source_system": message.source_system,
+                "incoming_message_id": message.message_id,
+                "diff": field_diff(current_payload, message.payload),
+                "opened_at": now,
+            }
+        )
+    if new_rows:
+        created = await session.execute(
+            insert(Anomaly.__table__).returning(
+                Anomaly.__table__.c.id, sort_by_parameter_order=True
+            ),
+            new_rows,
+        )
+        for signature, row, anomaly_id in zip(
+            new_signatures, new_rows, created.scalars(), strict=True
+        ):
+            known[signature] = anomaly_id
+            audit.append(
+                AuditEntry(
+                    "anomaly.opened", "anomaly", str(anomaly_id),
+                    {"version": row["version"], "current_source_system":
+                     row["current_source_system"], "incoming_source_system":
+                     row["incoming_source_system"], "differing_fields": len(row["diff"])},
+                    row["idempotency_key"],
+                )
+            )
+    return [
+        known[(q.key, q.version, q.current.payload_hash,
+               messages[q.message_index].payload_hash)]
+        for q in plan.quarantines
+    ]
+
+
+async def _write_attempts(
+    session: AsyncSession,
+    items: Sequence[IncomingMessage | RejectedMessage],
+    messages: Sequence[IncomingMessage],
+    plan: Plan,
+    anomaly_ids: list[int],
+    now: datetime,
+) -> list[int]:
+    outcomes = iter(plan.outcomes)
+    rows = []
+    for item in items:
+        if isinstance(item, RejectedMessage):
+            rows.append(
+                {
+                    "received_at": now,
+                    "decision": REJECTED,
+                    "reason": f"rejected: {item.detail}",
+                    "source_system": item.known.get("source_system"),
+                    "entity_type": item.known.get("entity_type"),
+                    "entity_id": item.known.get("entity_id"),
+                    "idempotency_key": item.known.get("idempotency_key"),
+                    "version": item.known.get("version"),
+                    "message_id": item.known.get("message_id"),
+                    "correlation_id": item.known.get("correlation_id"),
+                    "raw_body": item.raw_body,
+                    "errors": [error.as_dict() for error in item.errors],
+                }
+            )
+            continue
+        outcome = next(outcomes)
+        rows.append(
+            {
+                "received_at": now,
+                "decision": outcome.decision.value,
+                "reason": outcome.reason,
+                "source_system": item.source_system,
+                "entity_type": item.entity_type,
+                "entity_id": item.entity_id,
+                "idempotency_key": item.key,
+                "version": item.version,
+                "payload_hash": item.payload_hash,
+                "payload": item.payload,
+                "message_id": item.message_id,
+                "correlation_id": item.correlation_id,
+                "occurred_at": item.occurred_at,
+                "staging_status": outcome.staging_status,
+                "anomaly_id": (
+                    anomaly_ids[outcome.quarantine_index]
+                    if outcome.quarantine_index is not None else None
+                ),
+            }
+        )
+    # Every row carries every column so that one multi-row INSERT covers the batch.
+    columns = [column.name for column in IngestionAttempt.__table__.columns if column.name != "id"]
+    rows = [{column: row.get(column) for column in columns} for row in rows]
+    table = IngestionAttempt.__table__
+    result = await session.execute(
+        insert(table).returning(table.c.id, sort_by_parameter_order=True), rows
+    )
+    return list(result.scalars())
+
+
+async def _write_staging_and_production(
+    session: AsyncSession,
+    messages: Sequence[IncomingMessage],
+    plan: Plan,
+    attempt_ids: list[int],
+    now: datetime,
+) -> None:
+    if plan.superseding_keys:
+        await session.execute(
+            update(StagingRecord.__table__)
+            .where(
+                and_(
+                    StagingRecord.__table__.c.idempotency_key.in_(sorted(plan.superseding_keys)),
+                    StagingRecord.__table__.c.status.in_(("partial", "complete")),
+                )
+            )
+            .values(status="superseded", updated_at=now)
+        )
+    if not plan.staging:
+        return
+    table = StagingRecord.__table__
+    rows = []
+    for staged in plan.staging:
+        message = messages[staged.message_index]
+        rows.append(
+            {
+                "idempotency_key": staged.key,
+                "entity_type": message.entity_type,
+                "entity_id": message.entity_id,
+                "version": staged.version,
+                "source_system": message.source_system,
+                "payload": message.payload,
+                "payload_hash": message.payload_hash,
+                "status": staged.status,
+                "validation_errors": staged.validation_errors or None,
+                "correlation_id": message.correlation_id,
+                "attempt_id": attempt_ids[staged.message_index],
+                "anomaly_id": None,
+                "staged_at": now,
+                "updated_at": now,
+                "promoted_at": now if staged.status == "promoted" else None,
+            }
+        )
+    staging_ids = list(
+        (
+            await session.execute(
+                insert(table).returning(table.c.id, sort_by_parameter_order=True), rows
+            )
+        ).scalars()
+    )
+    production_rows = []
+    for key, staging_index in sorted(plan.production.items()):
+        staged = plan.staging[staging_index]
+        message = messages[staged.message_index]
+        production_rows.append(
+            {
+                "idempotency_key": key,
+                "entity_type": message.entity_type,
+                "entity_id": message.entity_id,
+                "version": message.version,
+                "payload": message.payload,
+                "payload_hash": message.payload_hash,
+                "source_system": message.source_system,
+                "correlation_id": message.correlation_id,
+                "staging_id": staging_ids[staging_index],
+                "promoted_at": now,
+            }
+        )
+    await write_production(session, production_rows)
+
+
+async def _write_states(session: AsyncSession, plan: Plan, now: datetime) -> None:
+    if not plan.new_states:
+        return
+    table = RecordState.__table__
+    await session.execute(
+        update(table)
+        .where(table.c.idempotency_key == bindparam("key"))
+        .values(
+            current_version=bindparam("version"),
+            payload_hash=bindparam("hash"),
+            source_system=bindparam("source"),
+            updated_at=now,
+        ),
+        [
+            {"key": key, "version": state.version, "hash": state.payload_hash,
+             "source": state.source_system}
+            for key, state in sorted(plan.new_states.items())
+        ],
+    )
+
+
+async def _write_correlations(
+    session: AsyncSession,
+    messages: Sequence[IncomingMessage],
+    attempt_ids: list[int],
+    now: datetime,
+) -> None:
+    """Every decided message with a correlation id links its key to that business event."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for message, attempt_id in zip(messages, attempt_ids, strict=True):
+        if message.correlation_id is None:
+            continue
+        rows.setdefault(
+            (message.correlation_id, message.key),
+            {
+                "correlation_id": message.correlation_id,
+                "idempotency_key": message.key,
+                "source_system": message.source_system,
+                "version": message.version,
+                "attempt_id": attempt_id,
+                "created_at": now,
+            },
+        )
+    if not rows:
+        return
+    insert_ = insert_for(session.bind.dialect.name)
+    await session.execute(
+        insert_(Correlation.__table__).on_conflict_do_nothing(
+            index_elements=["correlation_id", "idempotency_key"]
+        ),
+        [rows[pair] for pair in sorted(rows)],
+    )
+
+
+__all__ = ["Accepted", "Decision", "Rejected", "ingest_messages"]

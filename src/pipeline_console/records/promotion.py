@@ -1,0 +1,43 @@
+"""Writing the production projection: shared by ingestion, the promote_staging job and
+anomaly resolution. The version guard is in the statement itself, so production never
+goes down even if a caller is wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.db import insert_for
+from pipeline_console.models import ProductionRecord
+
+_table = ProductionRecord.__table__
+
+
+async def write_production(
+    session: AsyncSession, rows: Sequence[dict[str, Any]], *, allow_same_version: bool = False
+) -> None:
+    """Upsert production rows; an existing row is replaced only by a higher version
+    (or, for an operator's anomaly resolution, by the same version)."""
+    if not rows:
+        return
+    insert = insert_for(session.bind.dialect.name)
+    statement = insert(_table)
+    guard = (
+        _table.c.version <= statement.excluded.version
+        if allow_same_version
+        else _table.c.version < statement.excluded.version
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[_table.c.idempotency_key],
+        set_={
+            column: statement.excluded[column]
+            for column in (
+                "entity_type", "entity_id", "version", "payload", "payload_hash",
+                "source_system", "correlation_id", "staging_id", "promoted_at",
+            )
+        },
+        where=guard,
+    )
+    await session.execute(statement, list(rows))
