@@ -15,18 +15,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, select, tuple_, update
+from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.anomalies.opening import open_anomalies
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.db import insert_for
 from pipeline_console.entity_types.completeness import completeness_for
-from pipeline_console.ingestion.diff import field_diff
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
 from pipeline_console.ingestion.policy import REJECTED, CurrentState, Decision
 from pipeline_console.models import (
-    Anomaly,
     Correlation,
     EntityType,
     IngestionAttempt,
@@ -71,7 +70,7 @@ async def ingest_messages(
         schemas = await _register_entity_types(session, messages, now, audit)
         snapshots = await _lock_states(session, messages, now)
         plan = plan_batch(messages, snapshots, completeness_for(schemas))
-        anomaly_ids = await _open_anomalies(session, messages, plan, now, audit)
+        anomaly_ids = await open_anomalies(session, messages, plan.quarantines, now, audit)
 
     attempt_ids = await _write_attempts(session, items, messages, plan, anomaly_ids, now)
     message_attempts = [
@@ -188,103 +187,6 @@ async def _lock_states(
         )
         for row in states
     }
-
-
-async def _open_anomalies(
-    session: AsyncSession,
-    messages: Sequence[IncomingMessage],
-    plan: Plan,
-    now: datetime,
-    audit: list[AuditEntry],
-) -> list[int]:
-    """One anomaly per distinct conflict; a repeat of an open conflict joins its anomaly."""
-    if not plan.quarantines:
-        return []
-    keys = sorted({quarantine.key for quarantine in plan.quarantines})
-    open_rows = await session.execute(
-        select(
-            Anomaly.id, Anomaly.idempotency_key, Anomaly.version,
-            Anomaly.current_payload_hash, Anomaly.incoming_payload_hash,
-        ).where(Anomaly.status == "open", Anomaly.idempotency_key.in_(keys))
-    )
-    known = {
-        (row.idempotency_key, row.version, row.current_payload_hash, row.incoming_payload_hash):
-        row.id
-        for row in open_rows
-    }
-    wanted = {
-        (q.key, q.current.version, q.current.payload_hash)
-        for q in plan.quarantines if q.current_payload is None
-    }
-    current_payloads: dict[tuple[str, int, str], dict[str, Any]] = {}
-    if wanted:
-        stored = await session.execute(
-            select(
-                StagingRecord.idempotency_key, StagingRecord.version,
-                StagingRecord.payload_hash, StagingRecord.payload,
-            ).where(
-                tuple_(
-                    StagingRecord.idempotency_key, StagingRecord.version,
-                    StagingRecord.payload_hash,
-                ).in_(sorted(wanted))
-            )
-        )
-        for row in stored:
-            current_payloads[(row.idempotency_key, row.version, row.payload_hash)] = row.payload
-
-    new_rows: list[dict[str, Any]] = []
-    new_signatures: list[tuple[str, int, str, str]] = []
-    for quarantine in plan.quarantines:
-        message = messages[quarantine.message_index]
-        signature = (quarantine.key, quarantine.version, quarantine.current.payload_hash,
-                     message.payload_hash)
-        if signature in known or signature in new_signatures:
-            continue
-        current_payload = quarantine.current_payload or current_payloads[
-            (quarantine.key, quarantine.current.version, quarantine.current.payload_hash)
-        ]
-        new_signatures.append(signature)
-        new_rows.append(
-            {
-                "idempotency_key": quarantine.key,
-                "version": quarantine.version,
-                "status": "open",
-                "current_payload": current_payload,
-                "current_payload_hash": quarantine.current.payload_hash,
-                "current_source_system": quarantine.current.source_system,
-                "incoming_payload": message.payload,
-                "incoming_payload_hash": message.payload_hash,
-                "incoming_source_system": message.source_system,
-                "incoming_message_id": message.message_id,
-                "diff": field_diff(current_payload, message.payload),
-                "opened_at": now,
-            }
-        )
-    if new_rows:
-        created = await session.execute(
-            insert(Anomaly.__table__).returning(
-                Anomaly.__table__.c.id, sort_by_parameter_order=True
-            ),
-            new_rows,
-        )
-        for signature, row, anomaly_id in zip(
-            new_signatures, new_rows, created.scalars(), strict=True
-        ):
-            known[signature] = anomaly_id
-            audit.append(
-                AuditEntry(
-                    "anomaly.opened", "anomaly", str(anomaly_id),
-                    {"version": row["version"], "current_source_system":
-                     row["current_source_system"], "incoming_source_system":
-                     row["incoming_source_system"], "differing_fields": len(row["diff"])},
-                    row["idempotency_key"],
-                )
-            )
-    return [
-        known[(q.key, q.version, q.current.payload_hash,
-               messages[q.message_index].payload_hash)]
-        for q in plan.quarantines
-    ]
 
 
 async def _write_attempts(

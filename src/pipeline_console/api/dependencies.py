@@ -1,0 +1,54 @@
+"""What routes receive: the database, settings, the clock and the acting person."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from pipeline_console.config import Settings
+from pipeline_console.db import Database
+from pipeline_console.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest, decode_cursor
+
+
+def get_database(request: Request) -> Database:
+    return request.app.state.database
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_now(request: Request) -> datetime:
+    return request.app.state.clock()
+
+
+@dataclass(frozen=True)
+class Actor:
+    name: str
+    role: str
+
+
+def get_actor(_request: Request) -> Actor:
+    """The caller. Until tokens exist every caller is 'anonymous'; the audit log records it."""
+    return Actor(name="anonymous", role="anonymous")
+
+
+def page_request(kind: type) -> object:
+    def dependency(
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="page size")] = DEFAULT_LIMIT,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> PageRequest:
+        return PageRequest(limit=limit, after=decode_cursor(cursor, kind))
+
+    return dependency
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+NowDep = Annotated[datetime, Depends(get_now)]
+ActorDep = Annotated[Actor, Depends(get_actor)]
+IdPage = Annotated[PageRequest, Depends(page_request(int))]
+KeyPage = Annotated[PageRequest, Depends(page_request(str))]

@@ -1,0 +1,123 @@
+"""The one mapping from errors to RFC 9457 problem+json responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from pipeline_console.errors import (
+    Conflict,
+    DomainError,
+    FieldError,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+)
+
+log = logging.getLogger("pipeline_console")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemFieldError(BaseModel):
+    field: str
+    location: str
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemFieldError] | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}},
+                 "description": _TITLES.get(status, "Error")}
+        for status in statuses
+    }
+
+
+_TITLES = {
+    400: "Bad request",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Content too large",
+    422: "Invalid input",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+_SLUGS = {404: "not-found", 409: "conflict", 413: "too-large", 422: "invalid-input"}
+
+
+def problem(
+    status: int, detail: str, *, errors: list[FieldError] | None = None, **extras: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"/problems/{_SLUGS.get(status, 'http-' + str(status))}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = [error.as_dict() for error in errors]
+    body.update(extras)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def status_of(error: DomainError) -> int:
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, Conflict):
+        return 409
+    if isinstance(error, TooLarge):
+        return 413
+    if isinstance(error, InvalidInput):
+        return 422
+    return 400
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def on_domain_error(_request: Request, error: DomainError) -> JSONResponse:
+        errors = error.errors if isinstance(error, InvalidInput) else None
+        return problem(status_of(error), error.detail, errors=errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = []
+        for item in error.errors():
+            location = [str(part) for part in item.get("loc", ())]
+            where, path = (location[0], location[1:]) if location else ("body", [])
+            errors.append(FieldError(field=".".join(path) or where, location=where,
+                                     message=str(item.get("msg", "invalid")),
+                                     type=str(item.get("type", "invalid"))))
+        names = ", ".join(sorted({e.field for e in errors}))
+        return problem(422, f"invalid input: {names}", errors=errors)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_request: Request, error: HTTPException) -> JSONResponse:
+        detail = error.detail if isinstance(error.detail, str) else _TITLES.get(error.status_code,
+                                                                                 "Error")
+        response = problem(error.status_code, detail)
+        for name, value in (error.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "an unexpected error occurred; it has been logged")

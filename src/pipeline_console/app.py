@@ -1,0 +1,128 @@
+"""create_app(settings): the FastAPI application. The engine is built in the lifespan,
+never at import time."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from pipeline_console import __version__
+from pipeline_console.anomalies.api import router as anomalies_router
+from pipeline_console.api.problems import install_problem_handlers, problem, problem_responses
+from pipeline_console.audit.api import router as audit_router
+from pipeline_console.clock import Clock, system_clock
+from pipeline_console.config import Settings
+from pipeline_console.db import Database, create_engine
+from pipeline_console.entity_types.api import router as entity_types_router
+from pipeline_console.ingestion.api import router as ingestion_router
+from pipeline_console.ingestion.schemas import BatchIn, MessageIn
+from pipeline_console.jobs.api import router as jobs_router
+from pipeline_console.records.api import router as records_router
+from pipeline_console.schema import current_revision, head_revision
+
+DESCRIPTION = """An idempotent integration pipeline: every message gets an explicit, stored
+decision (accept_new, accept_supersede, skip_duplicate, quarantine, skip_stale) before any
+write. Errors are RFC 9457 application/problem+json."""
+
+
+def create_app(
+    settings: Settings | None = None, *, clock: Clock = system_clock,
+    database: Database | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = database is None
+        app.state.database = database or Database(create_engine(settings))
+        try:
+            yield
+        finally:
+            if owned:
+                await app.state.database.dispose()
+
+    app = FastAPI(title="Integration Pipeline Console", version=__version__,
+                  description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.clock = clock
+    if database is not None:
+        app.state.database = database
+    install_problem_handlers(app)
+
+    api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
+    for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
+                   audit_router, jobs_router):
+        api.include_router(router)
+    app.include_router(api)
+    app.include_router(_operations_router())
+    _describe_hand_parsed_bodies(app, [MessageIn, BatchIn])
+    return app
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    database: str
+    schema_revision: str | None
+    expected_revision: str | None
+
+
+def _operations_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    @router.get("/healthz", response_model=Health, summary="The process is up")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @router.get("/readyz", response_model=Readiness,
+                summary="The database answers and its schema is at the newest migration",
+                responses={503: {"model": Readiness}})
+    async def readyz(request: Request) -> Any:
+        database: Database = request.app.state.database
+        expected = head_revision()
+        try:
+            async with database.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            revision = await current_revision(database.engine)
+        except Exception as error:  # any failure to reach the database means "not ready"
+            return problem(503, f"the database is unreachable: {type(error).__name__}")
+        ready = revision == expected
+        body = Readiness(status="ready" if ready else "migrations pending", database="ok",
+                         schema_revision=revision, expected_revision=expected)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    return router
+
+
+def _describe_hand_parsed_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Ingestion reads its bodies itself; add their schemas to the OpenAPI components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                model_schema = model.model_json_schema(
+                    ref_template="#/components/schemas/{model}"
+                )
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

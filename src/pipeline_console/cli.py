@@ -1,0 +1,115 @@
+"""The pipeline-console command. Each command opens its own transaction(s) and calls a service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+import uvicorn
+
+from pipeline_console.clock import system_clock
+from pipeline_console.config import Settings
+from pipeline_console.db import Database, create_engine
+from pipeline_console.schema import upgrade_to_head
+
+app = typer.Typer(help="Integration Pipeline Console", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+jobs_app = typer.Typer(help="Run jobs on demand", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(audit_app, name="audit")
+
+CLI_ACTOR = "cli"
+T = TypeVar("T")
+
+
+def _with_database(work: Callable[[Database], Awaitable[T]]) -> T:
+    async def run() -> T:
+        database = Database(create_engine(Settings()))
+        try:
+            return await work(database)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(run())
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations."""
+    _with_database(lambda database: upgrade_to_head(database.engine))
+    typer.echo("database schema is at the newest migration")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+) -> None:
+    """Apply pending migrations, then serve the API (and console) over HTTP."""
+    from pipeline_console.app import create_app
+
+    migrate()
+    uvicorn.run(create_app(Settings()), host=host, port=port, log_level="info")
+
+
+@app.command()
+def demo() -> None:
+    """Load the demo scenario: every decision branch, a partial record, an anomaly."""
+    from pipeline_console.demo import load_demo
+
+    summary = _with_database(lambda database: load_demo(database, now=system_clock()))
+    for line in summary:
+        typer.echo(line)
+
+
+@jobs_app.command("run")
+def run_job_command(name: str) -> None:
+    """Run one pass of the job NAME and print its result as JSON."""
+    from pipeline_console.errors import NotFound
+    from pipeline_console.jobs.registry import run_job
+
+    async def work(database: Database) -> dict[str, Any]:
+        return await run_job(database, name, now=system_clock(), actor=CLI_ACTOR)
+
+    try:
+        result = _with_database(work)
+    except NotFound as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(2) from error
+    typer.echo(json.dumps({"job": name, "status": "succeeded", "result": result}))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit hash chain; exit 1 and name the first broken row if it is broken."""
+    from pipeline_console.audit.service import verify_audit_chain
+
+    async def work(database: Database) -> Any:
+        async with database.read() as session:
+            return await verify_audit_chain(session)
+
+    report = _with_database(work)
+    if report.ok:
+        typer.echo(f"audit chain ok: {report.checked} rows checked")
+        return
+    broken = report.first_broken
+    typer.echo(
+        f"audit chain BROKEN at row {broken.id}: {broken.reason} "
+        f"({report.checked} rows before it are intact)",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    app(prog_name="pipeline-console")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,196 @@
+"""POST /api/v1/messages and /messages/batch.
+
+These routes read the body themselves (bounded by the size limits) instead of letting
+FastAPI parse it, because a malformed or oversized message must still be written to the
+attempt log as `rejected` before the error goes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from pipeline_console.api.dependencies import ActorDep, DatabaseDep, NowDep, SettingsDep
+from pipeline_console.api.problems import problem, problem_responses
+from pipeline_console.errors import FieldError
+from pipeline_console.ingestion.intake import (
+    BodyError,
+    RejectedMessage,
+    decode_json,
+    excerpt,
+    parse_message,
+)
+from pipeline_console.ingestion.schemas import BatchOut, IngestResult
+from pipeline_console.ingestion.service import Accepted, Rejected, ingest_messages
+
+router = APIRouter(tags=["ingestion"])
+
+
+def _body_schema(name: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
+    }
+
+
+async def read_bounded(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body, or its first limit + 1 bytes and True when it is larger than `limit`."""
+    declared = request.headers.get("content-length", "")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[: limit + 1], True
+    too_large = declared.isdigit() and int(declared) > limit
+    return b"".join(chunks), too_large
+
+
+def _too_large(body: bytes, limit: int, excerpt_bytes: int, what: str) -> RejectedMessage:
+    return RejectedMessage(
+        detail=f"the {what} is larger than the limit of {limit} bytes",
+        errors=[FieldError(field="body", message=f"larger than {limit} bytes",
+                           type="too_large")],
+        raw_body=excerpt(body, excerpt_bytes),
+        too_large=True,
+    )
+
+
+def _rejection_problem(result: Rejected) -> JSONResponse:
+    return problem(
+        413 if result.rejection.too_large else 422,
+        result.rejection.detail,
+        errors=result.rejection.errors,
+        attempt_id=result.attempt_id,
+    )
+
+
+def _result_dict(result: Accepted) -> dict[str, Any]:
+    return {
+        "decision": result.decision,
+        "idempotency_key": result.idempotency_key,
+        "version": result.version,
+        "attempt_id": result.attempt_id,
+        "staging_status": result.staging_status,
+        "anomaly_id": result.anomaly_id,
+        "reason": result.reason,
+    }
+
+
+@router.post(
+    "/messages",
+    response_model=IngestResult,
+    summary="Ingest one message",
+    description="Decides the message (accept_new, accept_supersede, skip_duplicate, quarantine, "
+    "skip_stale) and records the decision before anything else is written. A malformed message "
+    "gets 422 and an oversized one 413; both are still recorded in the attempt log as rejected.",
+    responses=problem_responses(413, 422),
+    openapi_extra=_body_schema("MessageIn"),
+)
+async def post_message(
+    request: Request, database: DatabaseDep, settings: SettingsDep, now: NowDep, actor: ActorDep
+) -> Any:
+    body, too_large = await read_bounded(request, settings.max_message_bytes)
+    excerpt_bytes = settings.rejected_body_excerpt_bytes
+    item: Any
+    if too_large:
+        item = _too_large(body, settings.max_message_bytes, excerpt_bytes, "message")
+    else:
+        try:
+            candidate = decode_json(body)
+        except BodyError as error:
+            item = RejectedMessage(error.detail, error.errors, excerpt(body, excerpt_bytes))
+        else:
+            item = parse_message(
+                candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth
+            )
+    async with database.transaction() as session:
+        [result] = await ingest_messages(session, [item], now=now, actor=actor.name)
+    if isinstance(result, Rejected):
+        return _rejection_problem(result)
+    return _result_dict(result)
+
+
+@router.post(
+    "/messages/batch",
+    response_model=BatchOut,
+    summary="Ingest many messages in one transaction",
+    description="One result per message, in order: the single-message result plus `index`, or "
+    "`{index, error}` for an invalid message. One bad message never fails the others. More "
+    "messages than the batch limit, or a larger body, gets 413.",
+    responses=problem_responses(413, 422),
+    openapi_extra=_body_schema("BatchIn"),
+)
+async def post_batch(
+    request: Request, database: DatabaseDep, settings: SettingsDep, now: NowDep, actor: ActorDep
+) -> Any:
+    limit, excerpt_bytes = settings.max_batch_bytes, settings.rejected_body_excerpt_bytes
+    body, too_large = await read_bounded(request, limit)
+    whole_body_rejection: RejectedMessage | None = None
+    candidates: list[Any] = []
+    if too_large:
+        whole_body_rejection = _too_large(body, limit, excerpt_bytes, "batch")
+    else:
+        try:
+            document = decode_json(body)
+        except BodyError as error:
+            document = None
+            whole_body_rejection = RejectedMessage(
+                error.detail, error.errors, excerpt(body, excerpt_bytes)
+            )
+        if whole_body_rejection is None:
+            messages = document.get("messages") if isinstance(document, dict) else None
+            if not isinstance(messages, list):
+                whole_body_rejection = RejectedMessage(
+                    "the body must be an object with a list of messages",
+                    [FieldError(field="messages", message="must be a list of messages",
+                                type="list_type")],
+                    excerpt(body, excerpt_bytes),
+                )
+            elif len(messages) > settings.max_batch_messages:
+                whole_body_rejection = RejectedMessage(
+                    f"the batch has {len(messages)} messages; the limit is "
+                    f"{settings.max_batch_messages}",
+                    [FieldError(field="messages", message="too many messages",
+                                type="too_long")],
+                    excerpt(body, excerpt_bytes),
+                    too_large=True,
+                )
+            else:
+                candidates = messages
+
+    if whole_body_rejection is not None:
+        async with database.transaction() as session:
+            [result] = await ingest_messages(
+                session, [whole_body_rejection], now=now, actor=actor.name
+            )
+        assert isinstance(result, Rejected)
+        return _rejection_problem(result)
+
+    items = []
+    for candidate in candidates:
+        item = parse_message(candidate, "", max_depth=settings.max_payload_depth)
+        if isinstance(item, RejectedMessage):
+            item = replace(item, raw_body=excerpt(orjson.dumps(candidate), excerpt_bytes))
+        items.append(item)
+    async with database.transaction() as session:
+        results = await ingest_messages(session, items, now=now, actor=actor.name)
+    out: list[dict[str, Any]] = []
+    for index, result in enumerate(results):
+        if isinstance(result, Rejected):
+            rejection = result.rejection
+            out.append({"index": index, "error": {
+                "type": "/problems/invalid-input", "title": "Invalid input", "status": 422,
+                "detail": rejection.detail,
+                "errors": [error.as_dict() for error in rejection.errors],
+                "attempt_id": result.attempt_id,
+            }})
+        else:
+            out.append({"index": index, **_result_dict(result)})
+    return {"results": out}

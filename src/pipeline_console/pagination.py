@@ -1,0 +1,56 @@
+"""Keyset pagination: an opaque cursor holding the sort key of the last item returned."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+from pipeline_console.errors import FieldError, InvalidInput
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    limit: int = DEFAULT_LIMIT
+    after: Any = None  # the decoded cursor: the sort key of the last item already seen
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+def encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, expected: type) -> Any:
+    """The cursor's value, which must be of the expected type (int ids or str keys)."""
+    if cursor is None:
+        return None
+    try:
+        value = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        value = None
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise InvalidInput(
+            "the cursor is not one this server issued",
+            [FieldError(field="cursor", location="query", message="invalid cursor")],
+        )
+    return value
+
+
+def page_of(rows: list[T], request: PageRequest, sort_key: Any) -> Page[T]:
+    """Rows were fetched with limit + 1; the extra row only tells that there is a next page."""
+    if len(rows) > request.limit:
+        rows = rows[: request.limit]
+        return Page(rows, encode_cursor(sort_key(rows[-1])))
+    return Page(rows, None)

@@ -1,0 +1,157 @@
+"""Reading records: state, production, staging, correlations and the ingestion attempt log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.errors import NotFound
+from pipeline_console.models import (
+    Correlation,
+    IngestionAttempt,
+    ProductionRecord,
+    RecordState,
+    StagingRecord,
+)
+from pipeline_console.pagination import Page, PageRequest, page_of
+
+
+@dataclass(frozen=True)
+class RecordView:
+    state: RecordState
+    production: ProductionRecord | None
+    staging: StagingRecord | None  # the newest staged row of the key
+
+
+async def list_records(
+    session: AsyncSession, page: PageRequest, *, entity_type: str | None = None,
+    source_system: str | None = None,
+) -> Page[RecordView]:
+    query = select(RecordState).order_by(RecordState.idempotency_key).limit(page.limit + 1)
+    if entity_type is not None:
+        query = query.where(RecordState.entity_type == entity_type)
+    if source_system is not None:
+        query = query.where(RecordState.source_system == source_system)
+    if page.after is not None:
+        query = query.where(RecordState.idempotency_key > page.after)
+    states = list((await session.execute(query)).scalars())
+    result = page_of(states, page, lambda state: state.idempotency_key)
+    return Page(await _views(session, result.items), result.next_cursor)
+
+
+async def get_record(session: AsyncSession, key: str) -> RecordView:
+    state = await session.get(RecordState, key)
+    if state is None:
+        raise NotFound(f"no record has the key {key!r}")
+    [view] = await _views(session, [state])
+    return view
+
+
+async def _views(session: AsyncSession, states: list[RecordState]) -> list[RecordView]:
+    keys = [state.idempotency_key for state in states]
+    if not keys:
+        return []
+    production = {
+        row.idempotency_key: row
+        for row in (
+            await session.execute(
+                select(ProductionRecord).where(ProductionRecord.idempotency_key.in_(keys))
+            )
+        ).scalars()
+    }
+    newest = (
+        select(func.max(StagingRecord.id))
+        .where(StagingRecord.idempotency_key.in_(keys))
+        .group_by(StagingRecord.idempotency_key)
+    )
+    staging = {
+        row.idempotency_key: row
+        for row in (
+            await session.execute(select(StagingRecord).where(StagingRecord.id.in_(newest)))
+        ).scalars()
+    }
+    return [
+        RecordView(state, production.get(state.idempotency_key),
+                   staging.get(state.idempotency_key))
+        for state in states
+    ]
+
+
+async def list_staging(
+    session: AsyncSession, page: PageRequest, *, status: str | None = None,
+    entity_type: str | None = None, key: str | None = None,
+) -> Page[StagingRecord]:
+    query = select(StagingRecord).order_by(StagingRecord.id).limit(page.limit + 1)
+    if status is not None:
+        query = query.where(StagingRecord.status == status)
+    if entity_type is not None:
+        query = query.where(StagingRecord.entity_type == entity_type)
+    if key is not None:
+        query = query.where(StagingRecord.idempotency_key == key)
+    if page.after is not None:
+        query = query.where(StagingRecord.id > page.after)
+    rows = list((await session.execute(query)).scalars())
+    return page_of(rows, page, lambda row: row.id)
+
+
+@dataclass(frozen=True)
+class CorrelatedRecord:
+    link: Correlation
+    view: RecordView
+
+
+async def get_correlation(
+    session: AsyncSession, correlation_id: str, page: PageRequest
+) -> Page[CorrelatedRecord]:
+    query = (
+        select(Correlation)
+        .where(Correlation.correlation_id == correlation_id)
+        .order_by(Correlation.id)
+        .limit(page.limit + 1)
+    )
+    if page.after is not None:
+        query = query.where(Correlation.id > page.after)
+    links = list((await session.execute(query)).scalars())
+    if not links and page.after is None:
+        raise NotFound(f"no record belongs to the correlation id {correlation_id!r}")
+    result = page_of(links, page, lambda link: link.id)
+    states = {
+        state.idempotency_key: state
+        for state in (
+            await session.execute(
+                select(RecordState).where(
+                    RecordState.idempotency_key.in_([link.idempotency_key for link in links])
+                )
+            )
+        ).scalars()
+    }
+    views = {
+        view.state.idempotency_key: view
+        for view in await _views(session, list(states.values()))
+    }
+    return Page(
+        [CorrelatedRecord(link, views[link.idempotency_key]) for link in result.items],
+        result.next_cursor,
+    )
+
+
+async def list_attempts(
+    session: AsyncSession, page: PageRequest, *, key: str | None = None,
+    decision: str | None = None, source_system: str | None = None,
+    message_id: str | None = None,
+) -> Page[IngestionAttempt]:
+    query = select(IngestionAttempt).order_by(IngestionAttempt.id).limit(page.limit + 1)
+    if key is not None:
+        query = query.where(IngestionAttempt.idempotency_key == key)
+    if decision is not None:
+        query = query.where(IngestionAttempt.decision == decision)
+    if source_system is not None:
+        query = query.where(IngestionAttempt.source_system == source_system)
+    if message_id is not None:
+        query = query.where(IngestionAttempt.message_id == message_id)
+    if page.after is not None:
+        query = query.where(IngestionAttempt.id > page.after)
+    rows = list((await session.execute(query)).scalars())
+    return page_of(rows, page, lambda row: row.id)

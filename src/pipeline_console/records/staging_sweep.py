@@ -1,0 +1,126 @@
+"""The promote_staging job: re-check staged records that are not yet promoted (for example
+after an entity type's schema changed) and promote those that are now complete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.entity_types.completeness import missing_fields
+from pipeline_console.models import EntityType, ProductionRecord, RecordState, StagingRecord
+from pipeline_console.records.promotion import write_production
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    checked: int
+    promoted: int
+    still_partial: int
+    remaining: bool  # more rows were waiting than one run takes
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return self.__dict__.copy()
+
+
+async def promote_staging(
+    session: AsyncSession, *, now: datetime, actor: str, limit: int = 2000
+) -> SweepReport:
+    waiting = select(StagingRecord.idempotency_key).where(
+        StagingRecord.status.in_(("partial", "complete"))
+    ).order_by(StagingRecord.id).limit(limit + 1)
+    keys = sorted(set((await session.execute(waiting)).scalars()))
+    if not keys:
+        return SweepReport(0, 0, 0, False)
+    # Lock the keys (sorted, like ingestion), then read their waiting rows again: ingestion
+    # may have superseded some between the two statements.
+    await session.execute(
+        select(RecordState.idempotency_key)
+        .where(RecordState.idempotency_key.in_(keys))
+        .order_by(RecordState.idempotency_key)
+        .with_for_update()
+    )
+    rows = list(
+        (
+            await session.execute(
+                select(StagingRecord)
+                .where(StagingRecord.idempotency_key.in_(keys),
+                       StagingRecord.status.in_(("partial", "complete")))
+                .order_by(StagingRecord.id)
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    )
+    schemas = dict(
+        (await session.execute(
+            select(EntityType.name, EntityType.json_schema).where(
+                EntityType.name.in_({row.entity_type for row in rows}))
+        )).tuples().all()
+    )
+    production = dict(
+        (await session.execute(
+            select(ProductionRecord.idempotency_key, ProductionRecord.version).where(
+                ProductionRecord.idempotency_key.in_(keys))
+        )).tuples().all()
+    )
+    changes, promotions, audit = [], [], []
+    for row in rows:
+        missing = missing_fields(schemas.get(row.entity_type), row.payload)
+        if missing:
+            status = "partial"
+        elif production.get(row.idempotency_key) is None or row.version > production[
+            row.idempotency_key
+        ]:
+            status = "promoted"
+            production[row.idempotency_key] = row.version
+            promotions.append(row)
+        else:
+            status = "complete"
+        changes.append({"row_id": row.id, "status": status, "missing": missing or None,
+                        "promoted_at": now if status == "promoted" else None})
+    if changes:
+        table = StagingRecord.__table__
+        await session.execute(
+            update(table)
+            .where(table.c.id == bindparam("row_id"))
+            .values(status=bindparam("status"), validation_errors=bindparam("missing"),
+                    promoted_at=bindparam("promoted_at"), updated_at=now),
+            changes,
+        )
+    await write_production(
+        session,
+        [
+            {
+                "idempotency_key": row.idempotency_key,
+                "entity_type": row.entity_type,
+                "entity_id": row.entity_id,
+                "version": row.version,
+                "payload": row.payload,
+                "payload_hash": row.payload_hash,
+                "source_system": row.source_system,
+                "correlation_id": row.correlation_id,
+                "staging_id": row.id,
+                "promoted_at": now,
+            }
+            for row in promotions
+        ],
+    )
+    for row in promotions:
+        audit.append(
+            AuditEntry(
+                "record.promoted", "record", row.idempotency_key,
+                {"version": row.version, "source_system": row.source_system,
+                 "by": "promote_staging"},
+                row.idempotency_key,
+            )
+        )
+    await append_audit(session, audit, actor=actor, now=now)
+    return SweepReport(
+        checked=len(rows),
+        promoted=len(promotions),
+        still_partial=sum(1 for change in changes if change["status"] == "partial"),
+        remaining=len(keys) > limit,
+    )
