@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -101,3 +101,24 @@ class Database:
 def insert_for(dialect: str) -> Any:
     """The dialect's INSERT, which has on_conflict_do_nothing/on_conflict_do_update on both."""
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[int]:
+    """Reserve `count` ids for rows about to be inserted, so that a batch is one multi-row
+    INSERT without RETURNING (which SQLite would otherwise split into one INSERT per row).
+
+    PostgreSQL draws them from the column's sequence. SQLite continues after the highest id;
+    that is safe because every SQLite write transaction holds the database's write lock
+    from its first statement (BEGIN IMMEDIATE).
+    """
+    if count == 0:
+        return []
+    if session.bind.dialect.name == "postgresql":
+        result = await session.execute(
+            text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) "
+                 "FROM generate_series(1, :count)"),
+            {"table": table.name, "count": count},
+        )
+        return sorted(result.scalars())
+    highest = await session.scalar(text(f"SELECT coalesce(max(id), 0) FROM {table.name}"))
+    return list(range(highest + 1, highest + 1 + count))

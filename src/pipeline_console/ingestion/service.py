@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.opening import open_anomalies
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.db import insert_for
+from pipeline_console.db import allocate_ids, insert_for
 from pipeline_console.entity_types.completeness import completeness_for
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
@@ -245,10 +245,10 @@ async def _write_attempts(
     columns = [column.name for column in IngestionAttempt.__table__.columns if column.name != "id"]
     rows = [{column: row.get(column) for column in columns} for row in rows]
     table = IngestionAttempt.__table__
-    result = await session.execute(
-        insert(table).returning(table.c.id, sort_by_parameter_order=True), rows
-    )
-    return list(result.scalars())
+    ids = await allocate_ids(session, table, len(rows))
+    await session.execute(insert(table), [{"id": id_, **row} for id_, row in zip(ids, rows,
+                                                                                   strict=True)])
+    return ids
 
 
 async def _write_staging_and_production(
@@ -294,12 +294,9 @@ async def _write_staging_and_production(
                 "promoted_at": now if staged.status == "promoted" else None,
             }
         )
-    staging_ids = list(
-        (
-            await session.execute(
-                insert(table).returning(table.c.id, sort_by_parameter_order=True), rows
-            )
-        ).scalars()
+    staging_ids = await allocate_ids(session, table, len(rows))
+    await session.execute(
+        insert(table), [{"id": id_, **row} for id_, row in zip(staging_ids, rows, strict=True)]
     )
     production_rows = []
     for key, staging_index in sorted(plan.production.items()):

@@ -58,13 +58,13 @@ async def promote_staging(
         (await session.execute(
             select(EntityType.name, EntityType.json_schema).where(
                 EntityType.name.in_({row.entity_type for row in rows}))
-        )).tuples().all()
+        )).all()
     )
     production = dict(
         (await session.execute(
             select(ProductionRecord.idempotency_key, ProductionRecord.version).where(
                 ProductionRecord.idempotency_key.in_(keys))
-        )).tuples().all()
+        )).all()
     )
     changes, promotions, audit = [], [], []
     for row in rows:

@@ -1,0 +1,76 @@
+"""The five-branch decision and canonical hashing, without a database."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline_console.ingestion.policy import (
+    CurrentState,
+    Decision,
+    UnhashablePayload,
+    decide,
+    payload_hash,
+)
+
+CURRENT = CurrentState(version=3, payload_hash="h-current", source_system="erp")
+
+
+class TestTheDecisionTable:
+    @pytest.mark.parametrize(
+        ("current", "version", "hash_", "expected", "reason_says"),
+        [
+            (None, 3, "h-any", Decision.ACCEPT_NEW, "first message for this key"),
+            (None, 0, "h-any", Decision.ACCEPT_NEW, "first message"),
+            (CURRENT, 4, "h-other", Decision.ACCEPT_SUPERSEDE, "newer than current version 3"),
+            (CURRENT, 4, "h-current", Decision.ACCEPT_SUPERSEDE, "newer"),
+            (CURRENT, 3, "h-current", Decision.SKIP_DUPLICATE, "same payload"),
+            (CURRENT, 3, "h-other", Decision.QUARANTINE, "different payload"),
+            (CURRENT, 2, "h-current", Decision.SKIP_STALE, "older than current version 3"),
+            (CURRENT, 2, "h-other", Decision.SKIP_STALE, "older"),
+        ],
+        ids=["new", "new-at-zero", "supersede", "supersede-same-hash", "duplicate",
+             "quarantine", "stale", "stale-other-payload"],
+    )
+    def test_each_branch(self, current, version, hash_, expected, reason_says):
+        verdict = decide(current, version, hash_, "crm")
+        assert verdict.decision is expected
+        assert reason_says in verdict.reason
+        assert "crm" in verdict.reason
+
+    def test_only_the_two_accept_branches_are_accepted(self):
+        assert {d for d in Decision if d.accepted} == {
+            Decision.ACCEPT_NEW, Decision.ACCEPT_SUPERSEDE
+        }
+
+
+class TestCanonicalHashing:
+    def test_key_order_and_whitespace_never_change_the_hash(self):
+        compact = json.loads('{"name":"Acme","address":{"city":"Berlin","zip":"10115"},"tags":[1,2]}')
+        spaced = json.loads(
+            '{ "tags" : [ 1 , 2 ],\n  "address": {"zip": "10115",   "city": "Berlin"},'
+            '\t"name": "Acme" }'
+        )
+        assert payload_hash(compact) == payload_hash(spaced)
+
+    def test_different_values_give_different_hashes(self):
+        assert payload_hash({"name": "Acme"}) != payload_hash({"name": "ACME"})
+
+    def test_list_order_is_significant(self):
+        assert payload_hash({"tags": [1, 2]}) != payload_hash({"tags": [2, 1]})
+
+    def test_one_and_one_point_zero_are_the_same_number(self):
+        assert payload_hash({"total": 1}) == payload_hash({"total": 1.0})
+
+    def test_an_integer_beyond_json_precision_is_refused(self):
+        with pytest.raises(UnhashablePayload):
+            payload_hash({"id": 2**60})
+
+    @given(st.dictionaries(st.text(max_size=8),
+                           st.one_of(st.integers(-1000, 1000), st.text(max_size=8),
+                                     st.booleans(), st.none()),
+                           max_size=8))
+    def test_any_reordering_of_keys_keeps_the_hash(self, payload):
+        reordered = dict(reversed(list(payload.items())))
+        assert payload_hash(payload) == payload_hash(reordered)
