@@ -47,7 +47,9 @@ class TestTheDecisionTable:
 
 class TestCanonicalHashing:
     def test_key_order_and_whitespace_never_change_the_hash(self):
-        compact = json.loads('{"name":"Acme","address":{"city":"Berlin","zip":"10115"},"tags":[1,2]}')
+        compact = json.loads(
+            '{"name":"Acme","address":{"city":"Berlin","zip":"10115"},"tags":[1,2]}'
+        )
         spaced = json.loads(
             '{ "tags" : [ 1 , 2 ],\n  "address": {"zip": "10115",   "city": "Berlin"},'
             '\t"name": "Acme" }'

@@ -85,7 +85,7 @@ async def verify_audit_chain(session: AsyncSession, *, page_size: int = 2000) ->
         events = result.scalars().all()
         if not events:
             return VerifyReport(ok=True, checked=checked, first_broken=None)
-        rows = [(_content(event), event.prev_hash, event.row_hash) for event in events]
+        rows = [(chained_content(event), event.prev_hash, event.row_hash) for event in events]
         broken = first_broken_link(rows, expected_prev, expected_id)
         if broken is not None:
             checked += sum(1 for content, _, _ in rows if content.id < broken.id)
@@ -95,7 +95,7 @@ async def verify_audit_chain(session: AsyncSession, *, page_size: int = 2000) ->
         session.expunge_all()
 
 
-def _content(event: AuditEvent) -> ChainedContent:
+def chained_content(event: AuditEvent) -> ChainedContent:
     return ChainedContent(
         id=event.id,
         occurred_at=event.occurred_at,

@@ -63,6 +63,8 @@ async def ingest_messages(
     actor: str,
 ) -> list[Accepted | Rejected]:
     """Decide and record every item, in order. Returns one result per item."""
+    if not items:
+        return []
     messages = [item for item in items if isinstance(item, IncomingMessage)]
     audit: list[AuditEntry] = []
     plan, anomaly_ids = Plan(), []
