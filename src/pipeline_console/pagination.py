@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import orjson
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from pipeline_console.errors import FieldError, InvalidInput
 
@@ -54,3 +58,22 @@ def page_of(rows: list[T], request: PageRequest, sort_key: Any) -> Page[T]:
         rows = rows[: request.limit]
         return Page(rows, encode_cursor(sort_key(rows[-1])))
     return Page(rows, None)
+
+
+async def fetch_page(
+    session: AsyncSession,
+    sort_column: InstrumentedAttribute[Any],
+    page: PageRequest,
+    *,
+    equal: Iterable[tuple[InstrumentedAttribute[Any], Any]] = (),
+) -> Page[Any]:
+    """One page of the entity that owns `sort_column`, ordered by it, filtered by each
+    (column, value) pair whose value is not None."""
+    query = select(sort_column.class_).order_by(sort_column).limit(page.limit + 1)
+    for column, value in equal:
+        if value is not None:
+            query = query.where(column == value)
+    if page.after is not None:
+        query = query.where(sort_column > page.after)
+    rows = list((await session.execute(query)).scalars())
+    return page_of(rows, page, lambda row: getattr(row, sort_column.key))

@@ -25,7 +25,7 @@ from pipeline_console.models import (
     RecordState,
     StagingRecord,
 )
-from pipeline_console.pagination import Page, PageRequest, page_of
+from pipeline_console.pagination import Page, PageRequest, fetch_page
 from pipeline_console.records.promotion import write_production
 
 RESOLUTIONS = ("accept_incoming", "keep_current")
@@ -35,15 +35,8 @@ async def list_anomalies(
     session: AsyncSession, page: PageRequest, *, status: str | None = None,
     key: str | None = None,
 ) -> Page[Anomaly]:
-    query = select(Anomaly).order_by(Anomaly.id).limit(page.limit + 1)
-    if status is not None:
-        query = query.where(Anomaly.status == status)
-    if key is not None:
-        query = query.where(Anomaly.idempotency_key == key)
-    if page.after is not None:
-        query = query.where(Anomaly.id > page.after)
-    rows = list((await session.execute(query)).scalars())
-    return page_of(rows, page, lambda anomaly: anomaly.id)
+    return await fetch_page(session, Anomaly.id, page,
+                            equal=[(Anomaly.status, status), (Anomaly.idempotency_key, key)])
 
 
 async def get_anomaly(session: AsyncSession, anomaly_id: int) -> Anomaly:

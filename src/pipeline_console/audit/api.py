@@ -7,13 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
 
 from pipeline_console.api.dependencies import DatabaseDep, IdPage
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.audit.service import verify_audit_chain
 from pipeline_console.models import AuditEvent
-from pipeline_console.pagination import page_of
+from pipeline_console.pagination import fetch_page
 
 router = APIRouter(tags=["audit"])
 
@@ -59,17 +58,13 @@ async def list_audit(
     subject_type: Annotated[str | None, Query(max_length=32)] = None,
     subject_id: Annotated[str | None, Query(max_length=321)] = None,
 ) -> AuditPage:
-    query = select(AuditEvent).order_by(AuditEvent.id).limit(page.limit + 1)
-    for column, value in ((AuditEvent.idempotency_key, key), (AuditEvent.action, action),
-                          (AuditEvent.subject_type, subject_type),
-                          (AuditEvent.subject_id, subject_id)):
-        if value is not None:
-            query = query.where(column == value)
-    if page.after is not None:
-        query = query.where(AuditEvent.id > page.after)
     async with database.read() as session:
-        rows = list((await session.execute(query)).scalars())
-        result = page_of(rows, page, lambda row: row.id)
+        result = await fetch_page(
+            session, AuditEvent.id, page,
+            equal=[(AuditEvent.idempotency_key, key), (AuditEvent.action, action),
+                   (AuditEvent.subject_type, subject_type),
+                   (AuditEvent.subject_id, subject_id)],
+        )
         return AuditPage(items=[AuditEventRead.model_validate(row) for row in result.items],
                          next_cursor=result.next_cursor)
 

@@ -13,15 +13,11 @@ from pipeline_console.db import insert_for
 from pipeline_console.entity_types.completeness import check_schema
 from pipeline_console.errors import NotFound
 from pipeline_console.models import EntityType
-from pipeline_console.pagination import Page, PageRequest, page_of
+from pipeline_console.pagination import Page, PageRequest, fetch_page
 
 
 async def list_entity_types(session: AsyncSession, page: PageRequest) -> Page[EntityType]:
-    query = select(EntityType).order_by(EntityType.name).limit(page.limit + 1)
-    if page.after is not None:
-        query = query.where(EntityType.name > page.after)
-    rows = list((await session.execute(query)).scalars())
-    return page_of(rows, page, lambda row: row.name)
+    return await fetch_page(session, EntityType.name, page)
 
 
 async def get_entity_type(session: AsyncSession, name: str) -> EntityType:

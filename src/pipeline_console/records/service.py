@@ -15,7 +15,7 @@ from pipeline_console.models import (
     RecordState,
     StagingRecord,
 )
-from pipeline_console.pagination import Page, PageRequest, page_of
+from pipeline_console.pagination import Page, PageRequest, fetch_page
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,11 @@ async def list_records(
     session: AsyncSession, page: PageRequest, *, entity_type: str | None = None,
     source_system: str | None = None,
 ) -> Page[RecordView]:
-    query = select(RecordState).order_by(RecordState.idempotency_key).limit(page.limit + 1)
-    if entity_type is not None:
-        query = query.where(RecordState.entity_type == entity_type)
-    if source_system is not None:
-        query = query.where(RecordState.source_system == source_system)
-    if page.after is not None:
-        query = query.where(RecordState.idempotency_key > page.after)
-    states = list((await session.execute(query)).scalars())
-    result = page_of(states, page, lambda state: state.idempotency_key)
+    result = await fetch_page(
+        session, RecordState.idempotency_key, page,
+        equal=[(RecordState.entity_type, entity_type),
+               (RecordState.source_system, source_system)],
+    )
     return Page(await _views(session, result.items), result.next_cursor)
 
 
@@ -83,17 +79,11 @@ async def list_staging(
     session: AsyncSession, page: PageRequest, *, status: str | None = None,
     entity_type: str | None = None, key: str | None = None,
 ) -> Page[StagingRecord]:
-    query = select(StagingRecord).order_by(StagingRecord.id).limit(page.limit + 1)
-    if status is not None:
-        query = query.where(StagingRecord.status == status)
-    if entity_type is not None:
-        query = query.where(StagingRecord.entity_type == entity_type)
-    if key is not None:
-        query = query.where(StagingRecord.idempotency_key == key)
-    if page.after is not None:
-        query = query.where(StagingRecord.id > page.after)
-    rows = list((await session.execute(query)).scalars())
-    return page_of(rows, page, lambda row: row.id)
+    return await fetch_page(
+        session, StagingRecord.id, page,
+        equal=[(StagingRecord.status, status), (StagingRecord.entity_type, entity_type),
+               (StagingRecord.idempotency_key, key)],
+    )
 
 
 @dataclass(frozen=True)
@@ -105,18 +95,11 @@ class CorrelatedRecord:
 async def get_correlation(
     session: AsyncSession, correlation_id: str, page: PageRequest
 ) -> Page[CorrelatedRecord]:
-    query = (
-        select(Correlation)
-        .where(Correlation.correlation_id == correlation_id)
-        .order_by(Correlation.id)
-        .limit(page.limit + 1)
-    )
-    if page.after is not None:
-        query = query.where(Correlation.id > page.after)
-    links = list((await session.execute(query)).scalars())
+    result = await fetch_page(session, Correlation.id, page,
+                              equal=[(Correlation.correlation_id, correlation_id)])
+    links = result.items
     if not links and page.after is None:
         raise NotFound(f"no record belongs to the correlation id {correlation_id!r}")
-    result = page_of(links, page, lambda link: link.id)
     states = {
         state.idempotency_key: state
         for state in (
@@ -142,16 +125,9 @@ async def list_attempts(
     decision: str | None = None, source_system: str | None = None,
     message_id: str | None = None,
 ) -> Page[IngestionAttempt]:
-    query = select(IngestionAttempt).order_by(IngestionAttempt.id).limit(page.limit + 1)
-    if key is not None:
-        query = query.where(IngestionAttempt.idempotency_key == key)
-    if decision is not None:
-        query = query.where(IngestionAttempt.decision == decision)
-    if source_system is not None:
-        query = query.where(IngestionAttempt.source_system == source_system)
-    if message_id is not None:
-        query = query.where(IngestionAttempt.message_id == message_id)
-    if page.after is not None:
-        query = query.where(IngestionAttempt.id > page.after)
-    rows = list((await session.execute(query)).scalars())
-    return page_of(rows, page, lambda row: row.id)
+    return await fetch_page(
+        session, IngestionAttempt.id, page,
+        equal=[(IngestionAttempt.idempotency_key, key), (IngestionAttempt.decision, decision),
+               (IngestionAttempt.source_system, source_system),
+               (IngestionAttempt.message_id, message_id)],
+    )
