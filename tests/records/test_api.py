@@ -35,6 +35,14 @@ class TestRecords:
         assert body["production"]["payload"] == {"name": "Acme 2"}
         assert body["staging"]["version"] == 2 and body["staging"]["status"] == "promoted"
 
+    async def test_keys_and_correlation_ids_with_slashes_are_found(self, client):
+        await post_batch(client, message(1, entity_id="A/B 1", correlation_id="evt/1"))
+        record = await client.get("/api/v1/records/customer%3AA%2FB%201")
+        assert record.status_code == 200
+        assert record.json()["idempotency_key"] == "customer:A/B 1"
+        event = await client.get("/api/v1/correlations/evt%2F1")
+        assert event.status_code == 200 and len(event.json()["records"]) == 1
+
     async def test_an_unknown_key_is_404_problem(self, client):
         response = await client.get("/api/v1/records/customer%3ANOPE")
         assert response.status_code == 404

@@ -60,7 +60,7 @@ async def list_records(
                           next_cursor=result.next_cursor)
 
 
-@router.get("/records/{key}", response_model=RecordRead, responses=problem_responses(404),
+@router.get("/records/{key:path}", response_model=RecordRead, responses=problem_responses(404),
             summary="One record: its state, production row and newest staged row")
 async def get_record(
     database: DatabaseDep,
@@ -86,7 +86,7 @@ async def list_staging(
                            next_cursor=result.next_cursor)
 
 
-@router.get("/correlations/{correlation_id}", response_model=CorrelationRead,
+@router.get("/correlations/{correlation_id:path}", response_model=CorrelationRead,
             responses=problem_responses(404, 422),
             summary="Every record of one business event, across systems")
 async def get_correlation(
