@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from pipeline_console import __version__
 from pipeline_console.anomalies.api import router as anomalies_router
+from pipeline_console.api.guards import RefuseNulInUrls
 from pipeline_console.api.problems import install_problem_handlers, problem, problem_responses
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.clock import Clock, system_clock
@@ -55,6 +56,7 @@ def create_app(
     if database is not None:
         app.state.database = database
     install_problem_handlers(app)
+    app.add_middleware(RefuseNulInUrls)
 
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,

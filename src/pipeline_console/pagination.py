@@ -44,12 +44,23 @@ def decode_cursor(cursor: str | None, expected: type) -> Any:
         value = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, orjson.JSONDecodeError):
         value = None
-    if not isinstance(value, expected) or isinstance(value, bool):
+    if not _acceptable(value, expected):
         raise InvalidInput(
             "the cursor is not one this server issued",
             [FieldError(field="cursor", location="query", message="invalid cursor")],
         )
     return value
+
+
+MAX_ID = 2**63 - 1
+
+
+def _acceptable(value: Any, expected: type) -> bool:
+    if not isinstance(value, expected) or isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 0 <= value <= MAX_ID
+    return isinstance(value, str) and "\x00" not in value
 
 
 def page_of(rows: list[T], request: PageRequest, sort_key: Any) -> Page[T]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline_console.anomalies import service
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.pagination import MAX_ID
 
 router = APIRouter(tags=["anomalies"])
+
+AnomalyId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 class AnomalyRead(BaseModel):
@@ -73,7 +76,7 @@ async def list_anomalies(
 
 @router.get("/anomalies/{anomaly_id}", response_model=AnomalyRead,
             responses=problem_responses(404))
-async def get_anomaly(database: DatabaseDep, anomaly_id: int) -> AnomalyRead:
+async def get_anomaly(database: DatabaseDep, anomaly_id: AnomalyId) -> AnomalyRead:
     async with database.read() as session:
         return AnomalyRead.model_validate(await service.get_anomaly(session, anomaly_id))
 
@@ -88,7 +91,7 @@ async def get_anomaly(database: DatabaseDep, anomaly_id: int) -> AnomalyRead:
     "in the audit log.",
 )
 async def resolve_anomaly(
-    database: DatabaseDep, anomaly_id: int, body: AnomalyResolve, now: NowDep, actor: ActorDep
+    database: DatabaseDep, anomaly_id: AnomalyId, body: AnomalyResolve, now: NowDep, actor: ActorDep
 ) -> AnomalyRead:
     async with database.transaction() as session:
         anomaly = await service.resolve_anomaly(

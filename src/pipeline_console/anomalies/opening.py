@@ -65,9 +65,11 @@ async def open_anomalies(
                      message.payload_hash)
         if signature in known or signature in new_signatures:
             continue
-        current_payload = quarantine.current_payload or current_payloads[
-            (quarantine.key, quarantine.current.version, quarantine.current.payload_hash)
-        ]
+        current_payload = quarantine.current_payload
+        if current_payload is None:
+            current_payload = current_payloads[
+                (quarantine.key, quarantine.current.version, quarantine.current.payload_hash)
+            ]
         new_signatures.append(signature)
         new_rows.append(
             {

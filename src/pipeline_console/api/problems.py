@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from pipeline_console.errors import (
@@ -115,6 +116,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         response = problem(error.status_code, detail)
         for name, value in (error.headers or {}).items():
             response.headers[name] = value
+        return response
+
+    @app.exception_handler(PoolTimeout)
+    async def on_pool_timeout(_request: Request, _error: PoolTimeout) -> JSONResponse:
+        response = problem(503, "every database connection is busy; retry shortly")
+        response.headers["Retry-After"] = "1"
         return response
 
     @app.exception_handler(Exception)

@@ -2,7 +2,7 @@
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline_console.ingestion.policy import canonical_json
@@ -22,17 +22,32 @@ class ChainedContent:
     details: dict[str, Any]
 
 
+SAFE_INTEGER = 2**53 - 1
+
+
+def _hashable(value: Any) -> Any:
+    """RFC 8785 numbers are IEEE doubles; integers beyond 2**53 (a nanosecond-timestamp
+    version, say) are hashed in a tagged string form, so they are covered exactly."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > SAFE_INTEGER:
+        return {"$integer": str(value)}
+    if isinstance(value, dict):
+        return {key: _hashable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_hashable(item) for item in value]
+    return value
+
+
 def row_hash(prev_hash: str, content: ChainedContent) -> str:
     body = canonical_json(
         {
             "id": content.id,
-            "occurred_at": content.occurred_at.isoformat(timespec="microseconds"),
+            "occurred_at": content.occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
             "actor": content.actor,
             "action": content.action,
             "subject_type": content.subject_type,
             "subject_id": content.subject_id,
             "idempotency_key": content.idempotency_key,
-            "details": content.details,
+            "details": _hashable(content.details),
         }
     )
     return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -22,6 +21,7 @@ from pipeline_console.ingestion.intake import (
     RejectedMessage,
     decode_json,
     excerpt,
+    excerpt_of,
     parse_message,
 )
 from pipeline_console.ingestion.schemas import BatchOut, IngestResult
@@ -177,7 +177,7 @@ async def post_batch(
     for candidate in candidates:
         item = parse_message(candidate, "", max_depth=settings.max_payload_depth)
         if isinstance(item, RejectedMessage):
-            item = replace(item, raw_body=excerpt(orjson.dumps(candidate), excerpt_bytes))
+            item = replace(item, raw_body=excerpt_of(candidate, excerpt_bytes))
         items.append(item)
     async with database.transaction() as session:
         results = await ingest_messages(session, items, now=now, actor=actor.name)

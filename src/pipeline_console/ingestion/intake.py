@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,14 +42,46 @@ def excerpt(body: bytes, limit: int) -> str:
     return text + ("…" if len(body) > limit else "")
 
 
+def excerpt_of(candidate: Any, limit: int) -> str:
+    """The excerpt of one already-parsed message of a batch."""
+    try:
+        return excerpt(orjson.dumps(candidate), limit)
+    except (TypeError, orjson.JSONEncodeError):
+        return "(not shown: nested too deeply to serialize again)"
+
+
 def decode_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise BodyError(
             "the body is not valid JSON",
             [FieldError(field="body", message=str(error), type="json_invalid")],
         ) from error
+    if _has_overflowed_integer(document):
+        # orjson reads an integer literal beyond 64 bits as a float, silently losing digits.
+        # Read such (rare) bodies again exactly, so that the number is refused, not rounded.
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            raise BodyError(
+                "the body is not valid JSON",
+                [FieldError(field="body", message=str(error), type="json_invalid")],
+            ) from error
+    return document
+
+
+def _has_overflowed_integer(document: Any) -> bool:
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and abs(item) >= 2**63 and item.is_integer():
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def depth(value: Any, limit: int) -> int:

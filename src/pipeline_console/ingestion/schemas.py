@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+)
 
 MAX_VERSION = 2**63 - 1  # a PostgreSQL BIGINT
 
@@ -18,6 +27,17 @@ Identifier = Annotated[
     str,
     StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$"),
 ]
+
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as error:
+        raise ValueError("is outside the range of representable UTC times") from error
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 Decision = Literal["accept_new", "accept_supersede", "skip_duplicate", "quarantine", "skip_stale"]
 StagingStatus = Literal["partial", "complete", "promoted"]
@@ -35,7 +55,7 @@ class MessageIn(BaseModel):
     payload: dict[str, Any] = Field(description="the entity's full state, a JSON object")
     correlation_id: Identifier | None = Field(default=None, description="the business event")
     message_id: Identifier | None = Field(default=None, description="the source's message id")
-    occurred_at: AwareDatetime | None = None
+    occurred_at: UtcDatetime | None = None
 
 
 class BatchIn(BaseModel):

@@ -71,9 +71,7 @@ async def promote_staging(
         missing = missing_fields(schemas.get(row.entity_type), row.payload)
         if missing:
             status = "partial"
-        elif production.get(row.idempotency_key) is None or row.version > production[
-            row.idempotency_key
-        ]:
+        elif _may_promote(row, production.get(row.idempotency_key)):
             status = "promoted"
             production[row.idempotency_key] = row.version
             promotions.append(row)
@@ -90,24 +88,13 @@ async def promote_staging(
                     promoted_at=bindparam("promoted_at"), updated_at=now),
             changes,
         )
-    await write_production(
-        session,
-        [
-            {
-                "idempotency_key": row.idempotency_key,
-                "entity_type": row.entity_type,
-                "entity_id": row.entity_id,
-                "version": row.version,
-                "payload": row.payload,
-                "payload_hash": row.payload_hash,
-                "source_system": row.source_system,
-                "correlation_id": row.correlation_id,
-                "staging_id": row.id,
-                "promoted_at": now,
-            }
-            for row in promotions
-        ],
-    )
+    for same_version in (False, True):
+        await write_production(
+            session,
+            [_production_row(row, now) for row in promotions
+             if (row.anomaly_id is not None) == same_version],
+            allow_same_version=same_version,
+        )
     for row in promotions:
         audit.append(
             AuditEntry(
@@ -124,3 +111,26 @@ async def promote_staging(
         still_partial=sum(1 for change in changes if change["status"] == "partial"),
         remaining=len(keys) > limit,
     )
+
+
+def _may_promote(row: StagingRecord, production_version: int | None) -> bool:
+    """Above production's version; or, for the payload an operator accepted in an anomaly
+    resolution, at the same version (it replaces the payload it was preferred to)."""
+    if production_version is None or row.version > production_version:
+        return True
+    return row.anomaly_id is not None and row.version == production_version
+
+
+def _production_row(row: StagingRecord, now: datetime) -> dict[str, object]:
+    return {
+        "idempotency_key": row.idempotency_key,
+        "entity_type": row.entity_type,
+        "entity_id": row.entity_id,
+        "version": row.version,
+        "payload": row.payload,
+        "payload_hash": row.payload_hash,
+        "source_system": row.source_system,
+        "correlation_id": row.correlation_id,
+        "staging_id": row.id,
+        "promoted_at": now,
+    }
