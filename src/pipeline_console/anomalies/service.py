@@ -26,7 +26,7 @@ from pipeline_console.models import (
     StagingRecord,
 )
 from pipeline_console.pagination import Page, PageRequest, fetch_page
-from pipeline_console.records.promotion import write_production
+from pipeline_console.records.promotion import production_row, write_production
 
 RESOLUTIONS = ("accept_incoming", "keep_current")
 
@@ -155,20 +155,7 @@ async def _make_incoming_current(
     if promote:
         await write_production(
             session,
-            [
-                {
-                    "idempotency_key": key,
-                    "entity_type": state.entity_type,
-                    "entity_id": state.entity_id,
-                    "version": anomaly.version,
-                    "payload": anomaly.incoming_payload,
-                    "payload_hash": anomaly.incoming_payload_hash,
-                    "source_system": anomaly.incoming_source_system,
-                    "correlation_id": None,
-                    "staging_id": staged.id,
-                    "promoted_at": now,
-                }
-            ],
+            [production_row(staged, now)],
             allow_same_version=True,
         )
         audit.append(AuditEntry("record.promoted", "record", key, details, key))

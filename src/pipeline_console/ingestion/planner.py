@@ -10,7 +10,7 @@ batch's answers equal the answers the same messages would have got one by one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -176,6 +176,3 @@ def plan_batch(
             )
     return plan
 
-
-def with_state(snapshot: KeySnapshot, state: CurrentState) -> KeySnapshot:
-    return replace(snapshot, state=state)

@@ -5,12 +5,13 @@ goes down even if a caller is wrong."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import insert_for
-from pipeline_console.models import ProductionRecord
+from pipeline_console.models import ProductionRecord, StagingRecord
 
 _table = ProductionRecord.__table__
 
@@ -41,3 +42,19 @@ async def write_production(
         where=guard,
     )
     await session.execute(statement, list(rows))
+
+
+def production_row(row: StagingRecord, now: datetime) -> dict[str, object]:
+    """The production row that promoting a staged row writes."""
+    return {
+        "idempotency_key": row.idempotency_key,
+        "entity_type": row.entity_type,
+        "entity_id": row.entity_id,
+        "version": row.version,
+        "payload": row.payload,
+        "payload_hash": row.payload_hash,
+        "source_system": row.source_system,
+        "correlation_id": row.correlation_id,
+        "staging_id": row.id,
+        "promoted_at": now,
+    }

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.entity_types.completeness import missing_fields
 from pipeline_console.models import EntityType, ProductionRecord, RecordState, StagingRecord
-from pipeline_console.records.promotion import write_production
+from pipeline_console.records.promotion import production_row, write_production
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ async def promote_staging(
     for same_version in (False, True):
         await write_production(
             session,
-            [_production_row(row, now) for row in promotions
+            [production_row(row, now) for row in promotions
              if (row.anomaly_id is not None) == same_version],
             allow_same_version=same_version,
         )
@@ -120,17 +120,3 @@ def _may_promote(row: StagingRecord, production_version: int | None) -> bool:
         return True
     return row.anomaly_id is not None and row.version == production_version
 
-
-def _production_row(row: StagingRecord, now: datetime) -> dict[str, object]:
-    return {
-        "idempotency_key": row.idempotency_key,
-        "entity_type": row.entity_type,
-        "entity_id": row.entity_id,
-        "version": row.version,
-        "payload": row.payload,
-        "payload_hash": row.payload_hash,
-        "source_system": row.source_system,
-        "correlation_id": row.correlation_id,
-        "staging_id": row.id,
-        "promoted_at": now,
-    }
