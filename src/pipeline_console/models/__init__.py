@@ -2,6 +2,14 @@
 
 from pipeline_console.models.audit import AuditEvent
 from pipeline_console.models.base import Base
+from pipeline_console.models.delivery import (
+    AmbiguousOutcome,
+    Circuit,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    DownstreamSystem,
+)
 from pipeline_console.models.records import (
     Anomaly,
     Correlation,
@@ -13,10 +21,16 @@ from pipeline_console.models.records import (
 )
 
 __all__ = [
+    "AmbiguousOutcome",
     "Anomaly",
     "AuditEvent",
     "Base",
+    "Circuit",
     "Correlation",
+    "DeadLetter",
+    "Delivery",
+    "DeliveryAttempt",
+    "DownstreamSystem",
     "EntityType",
     "IngestionAttempt",
     "ProductionRecord",
