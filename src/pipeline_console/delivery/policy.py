@@ -1,0 +1,141 @@
+"""Delivery decisions as pure functions: classify an outcome, the delay before a retry, what
+follows an attempt, and the circuit breaker's transitions."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Classification(StrEnum):
+    SUCCESS = "success"
+    TRANSIENT = "transient"  # retry with backoff
+    PERMANENT = "permanent"  # dead-letter at once
+    AMBIGUOUS = "ambiguous"  # may or may not have been applied: never retried blindly
+
+
+class Failure(StrEnum):
+    """Why a send produced no HTTP status."""
+
+    NOT_SENT = "not_sent"  # connection refused, connect timeout: the request never left
+    MAYBE_SENT = "maybe_sent"  # read timeout, broken connection: it may have arrived
+
+
+@dataclass(frozen=True)
+class SendResult:
+    status: int | None = None
+    body: str = ""
+    retry_after_s: float | None = None
+    failure: Failure | None = None
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Classification, str]:
+    """The classification and the name of the rule that decided it.
+
+    `overrides` are the system's own rules, checked first:
+    [{"status": 409, "classification": "success"}, …].
+    """
+    if result.failure is Failure.NOT_SENT:
+        return Classification.TRANSIENT, "not_sent"
+    if result.failure is Failure.MAYBE_SENT or result.status is None:
+        return Classification.AMBIGUOUS, "maybe_sent"
+    for override in overrides:
+        if override.get("status") == result.status:
+            return Classification(override["classification"]), f"override:{result.status}"
+    if 200 <= result.status < 300:
+        return Classification.SUCCESS, "2xx"
+    if result.status in TRANSIENT_STATUSES:
+        return Classification.TRANSIENT, f"transient:{result.status}"
+    if 400 <= result.status < 500:
+        return Classification.PERMANENT, "4xx"
+    return Classification.PERMANENT, f"other:{result.status}"
+
+
+def backoff_s(
+    attempts_made: int, base_s: float, max_s: float, rng: random.Random,
+    retry_after_s: float | None = None,
+) -> float:
+    """Delay before the next try: base * 2**(n-1), capped at max, with jitter in [1/2, 1] of it;
+    never shorter than the server's Retry-After (itself capped at max)."""
+    ceiling = min(base_s * 2 ** max(attempts_made - 1, 0), max_s)
+    delay = ceiling * (0.5 + rng.random() / 2)
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, max_s))
+    return delay
+
+
+class Step(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    AMBIGUOUS = "ambiguous"
+
+
+def next_step(classification: Classification, attempts_made: int, max_attempts: int) -> Step:
+    if classification is Classification.SUCCESS:
+        return Step.DELIVERED
+    if classification is Classification.AMBIGUOUS:
+        return Step.AMBIGUOUS
+    if classification is Classification.PERMANENT or attempts_made >= max_attempts:
+        return Step.DEAD_LETTER
+    return Step.RETRY
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitEvent(StrEnum):
+    HEALTHY = "healthy"  # a success, or a permanent answer: the system is up
+    FAILURE = "failure"  # a transient or ambiguous outcome
+    RESET = "reset"  # an operator lets one trial through
+    FORCE_OPEN = "force_open"  # an operator stops deliveries
+
+
+@dataclass(frozen=True)
+class Breaker:
+    state: CircuitState
+    consecutive_failures: int = 0
+
+
+class TransitionRefused(ValueError):
+    pass
+
+
+def breaker_event(classification: Classification) -> CircuitEvent:
+    if classification in (Classification.TRANSIENT, Classification.AMBIGUOUS):
+        return CircuitEvent.FAILURE
+    return CircuitEvent.HEALTHY
+
+
+def transition(breaker: Breaker, event: CircuitEvent, threshold: int) -> Breaker:
+    """The breaker's next state. No transition is time-based: only an operator's reset
+    leaves `open`, and only through `half_open`."""
+    state = breaker.state
+    if event is CircuitEvent.RESET:
+        if state is not CircuitState.OPEN:
+            raise TransitionRefused(f"the circuit is {state.value}; only an open circuit resets")
+        return Breaker(CircuitState.HALF_OPEN, breaker.consecutive_failures)
+    if event is CircuitEvent.FORCE_OPEN:
+        if state is CircuitState.OPEN:
+            raise TransitionRefused("the circuit is already open")
+        return Breaker(CircuitState.OPEN, breaker.consecutive_failures)
+    if state is CircuitState.OPEN:
+        return breaker  # outcomes of sends that were already under way change nothing
+    if state is CircuitState.HALF_OPEN:
+        if event is CircuitEvent.HEALTHY:
+            return Breaker(CircuitState.CLOSED, 0)
+        return Breaker(CircuitState.OPEN, breaker.consecutive_failures + 1)
+    if event is CircuitEvent.HEALTHY:
+        return Breaker(CircuitState.CLOSED, 0)
+    failures = breaker.consecutive_failures + 1
+    return Breaker(CircuitState.OPEN if failures >= threshold else CircuitState.CLOSED, failures)
