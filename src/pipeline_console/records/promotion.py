@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import insert_for
+from pipeline_console.delivery.outbox import enqueue_deliveries
 from pipeline_console.models import ProductionRecord, StagingRecord
 
 _table = ProductionRecord.__table__
@@ -20,7 +21,8 @@ async def write_production(
     session: AsyncSession, rows: Sequence[dict[str, Any]], *, allow_same_version: bool = False
 ) -> None:
     """Upsert production rows; an existing row is replaced only by a higher version
-    (or, for an operator's anomaly resolution, by the same version)."""
+    (or, for an operator's anomaly resolution, by the same version). Every row written
+    queues one delivery per subscribed downstream system."""
     if not rows:
         return
     insert = insert_for(session.bind.dialect.name)
@@ -41,7 +43,17 @@ async def write_production(
         },
         where=guard,
     )
-    await session.execute(statement, list(rows))
+    # Only rows the guard let through were written; exactly those get deliveries queued,
+    # in this same transaction (the transactional outbox).
+    written = await session.execute(
+        statement.returning(_table.c.idempotency_key, _table.c.version), list(rows)
+    )
+    promoted = {(row.idempotency_key, row.version) for row in written}
+    await enqueue_deliveries(
+        session,
+        [row for row in rows if (row["idempotency_key"], row["version"]) in promoted],
+        rows[0]["promoted_at"],
+    )
 
 
 def production_row(row: StagingRecord, now: datetime) -> dict[str, object]:

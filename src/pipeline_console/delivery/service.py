@@ -1,0 +1,366 @@
+"""deliver(): the one canonical delivery function. First tries, retries, "deliver now",
+ambiguous-outcome resolution and replay all claim a delivery and then call it; nothing
+else sends. A send happens between two short transactions, never inside one:
+
+  claim   (transaction) pending → in_flight, with a lease and the circuit's permission
+  send    (no transaction) through the transport
+  record  (transaction) an append-only attempt row, the delivery's next state (delivered,
+          retry later, dead letter, ambiguous) and the circuit's transition
+
+A worker that dies between claim and record leaves an in-flight delivery whose lease expires;
+recover_expired_leases() then makes it ambiguous: it may have left, so it is never silently
+sent again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.clock import Clock
+from pipeline_console.db import Database
+from pipeline_console.delivery.circuits import apply_event, lock_circuit
+from pipeline_console.delivery.policy import (
+    CircuitEvent,
+    Classification,
+    SendResult,
+    Step,
+    backoff_s,
+    breaker_event,
+    classify,
+    next_step,
+)
+from pipeline_console.delivery.transports import SystemConfig, Transports, build_request
+from pipeline_console.errors import Conflict, NotFound
+from pipeline_console.models import (
+    AmbiguousOutcome,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    DownstreamSystem,
+)
+
+LIVE_STATUSES = ("pending", "held", "in_flight", "delivered", "ambiguous")
+
+
+@dataclass
+class Deliverer:
+    """Everything a delivery needs: passed in, so tests control time and randomness."""
+
+    database: Database
+    transports: Transports
+    clock: Clock
+    worker_id: str
+    lease_margin_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD_LETTERED = "dead_lettered"
+    AMBIGUOUS = "ambiguous"
+    SUPERSEDED = "superseded"
+    NOT_CLAIMED = "not_claimed"  # the lease was lost (another process recovered it)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    delivery_id: int
+    outcome: Outcome
+    attempt_id: int | None = None
+    classification: str | None = None
+
+
+def system_config(system: DownstreamSystem) -> SystemConfig:
+    return SystemConfig(system.name, system.transport, system.url, system.status_url,
+                        system.timeout_s, system.simulation)
+
+
+async def _lock_delivery(session: AsyncSession, delivery_id: int) -> Delivery:
+    delivery = (
+        await session.execute(
+            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if delivery is None:
+        raise NotFound(f"delivery {delivery_id} does not exist")
+    return delivery
+
+
+async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
+    """Claim up to `limit` due deliveries for this worker. Deliveries of a system whose circuit
+    is open are held instead; a half-open circuit lets exactly one trial through."""
+    async with deliverer.database.transaction() as session:
+        now = deliverer.clock()
+        query = (
+            select(Delivery.id, Delivery.system)
+            .where(Delivery.status == "pending", Delivery.next_attempt_at <= now)
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+        )
+        if not deliverer.database.is_sqlite:
+            query = query.with_for_update(skip_locked=True, of=Delivery)
+        due = (await session.execute(query)).all()
+        if not due:
+            return []
+        systems = sorted({system for _, system in due})
+        circuits = {system: await lock_circuit(session, system) for system in systems}
+        timeouts = dict((await session.execute(
+            select(DownstreamSystem.name, DownstreamSystem.timeout_s)
+            .where(DownstreamSystem.name.in_(systems)))).all())
+        claimed, held = [], []
+        for delivery_id, system in due:
+            circuit = circuits[system]
+            if circuit.state == "open":
+                held.append(delivery_id)
+            elif circuit.state == "half_open":
+                if circuit.trial_delivery_id is None:
+                    circuit.trial_delivery_id = delivery_id
+                    claimed.append((delivery_id, system))
+                else:
+                    held.append(delivery_id)
+            else:
+                claimed.append((delivery_id, system))
+        for delivery_id, system in claimed:
+            await session.execute(
+                update(Delivery).where(Delivery.id == delivery_id).values(
+                    status="in_flight", claimed_by=deliverer.worker_id,
+                    claim_trigger="scheduled", updated_at=now,
+                    lease_expires_at=now + timedelta(
+                        seconds=timeouts[system] + deliverer.lease_margin_s),
+                )
+            )
+        if held:
+            await session.execute(
+                update(Delivery).where(Delivery.id.in_(held))
+                .values(status="held", updated_at=now)
+            )
+        return [delivery_id for delivery_id, _ in claimed]
+
+
+async def claim_one(
+    deliverer: Deliverer, delivery_id: int, *, trigger: str, allowed: tuple[str, ...],
+) -> None:
+    """Claim one named delivery for an operator action (deliver now, resolution, replay)."""
+    async with deliverer.database.transaction() as session:
+        now = deliverer.clock()
+        delivery = await _lock_delivery(session, delivery_id)
+        if delivery.status not in allowed:
+            raise Conflict(f"delivery {delivery_id} is {delivery.status}; "
+                           f"this action needs it {' or '.join(allowed)}")
+        circuit = await lock_circuit(session, delivery.system)
+        if circuit.state == "open":
+            raise Conflict(f"the circuit of {delivery.system} is open; nothing is sent until "
+                           "an operator resets it")
+        if circuit.state == "half_open":
+            if circuit.trial_delivery_id not in (None, delivery_id):
+                raise Conflict(f"the circuit of {delivery.system} is half-open and its trial "
+                               f"delivery {circuit.trial_delivery_id} is under way")
+            circuit.trial_delivery_id = delivery_id
+        timeout = await session.scalar(
+            select(DownstreamSystem.timeout_s).where(DownstreamSystem.name == delivery.system))
+        delivery.status = "in_flight"
+        delivery.claimed_by = deliverer.worker_id
+        delivery.claim_trigger = trigger
+        delivery.lease_expires_at = now + timedelta(seconds=timeout + deliverer.lease_margin_s)
+        delivery.updated_at = now
+
+
+async def deliver(deliverer: Deliverer, delivery_id: int, *, trigger: str,
+                  actor: str) -> DeliveryResult:
+    """Send one claimed delivery and record what happened. THE way anything is sent."""
+    async with deliverer.database.transaction() as session:
+        delivery = await _lock_delivery(session, delivery_id)
+        if delivery.status != "in_flight" or delivery.claimed_by != deliverer.worker_id:
+            return DeliveryResult(delivery_id, Outcome.NOT_CLAIMED)
+        newer = await session.scalar(
+            select(Delivery.version).where(
+                Delivery.system == delivery.system,
+                Delivery.idempotency_key == delivery.idempotency_key,
+                Delivery.version > delivery.version,
+                Delivery.status.in_(LIVE_STATUSES),
+            ).limit(1)
+        )
+        if newer is not None:
+            await _supersede(session, delivery, newer, deliverer.clock())
+            return DeliveryResult(delivery_id, Outcome.SUPERSEDED)
+        system = await session.get(DownstreamSystem, delivery.system)
+        config = system_config(system)
+        request = build_request(delivery, delivery.attempts + 1)
+        overrides, max_attempts = system.classification_overrides, system.max_attempts
+        threshold = system.failure_threshold
+        backoff = (system.backoff_base_s, system.backoff_max_s)
+
+    started_at = deliverer.clock()
+    result = await deliverer.transports.send(config, request)
+
+    async with deliverer.database.transaction() as session:
+        now = deliverer.clock()
+        delivery = await _lock_delivery(session, delivery_id)
+        classification, rule = classify(result, overrides)
+        attempt = DeliveryAttempt(
+            delivery_id=delivery_id, system=config.name, attempt_number=request.attempt_number,
+            trigger=trigger, actor=actor, started_at=started_at, latency_ms=result.latency_ms,
+            request=request.summary(config), response_status=result.status,
+            response_body=result.body or None, classification=classification.value,
+            rule=rule, error=result.error,
+        )
+        session.add(attempt)
+        await session.flush()
+        audit: list[AuditEntry] = []
+        outcome = Outcome.NOT_CLAIMED
+        if delivery.status == "in_flight" and delivery.claimed_by == deliverer.worker_id:
+            delivery.attempts = request.attempt_number
+            step = next_step(classification, delivery.attempts, max_attempts)
+            outcome = await _apply_step(session, delivery, step, attempt, result,
+                                        backoff, deliverer.rng, now, audit)
+        circuit = await lock_circuit(session, config.name)
+        audit += await apply_event(
+            session, circuit, breaker_event(classification), threshold=threshold, now=now,
+            reason=f"delivery {delivery_id}: {classification.value} ({rule})", actor=actor,
+        )
+        if circuit.trial_delivery_id == delivery_id:
+            circuit.trial_delivery_id = None
+        await session.flush()
+        await append_audit(session, audit, actor=actor, now=now)
+        return DeliveryResult(delivery_id, outcome, attempt.id, classification.value)
+
+
+async def _apply_step(
+    session: AsyncSession, delivery: Delivery, step: Step, attempt: DeliveryAttempt,
+    result: SendResult, backoff: tuple[float, float], rng: random.Random, now: datetime,
+    audit: list[AuditEntry],
+) -> Outcome:
+    delivery.claimed_by = None
+    delivery.lease_expires_at = None
+    delivery.updated_at = now
+    delivery.last_error = result.error or (
+        f"HTTP {result.status}" if attempt.classification != "success" else None)
+    key = delivery.idempotency_key
+    if step is Step.DELIVERED:
+        delivery.status = "delivered"
+        delivery.delivered_at = now
+        await session.execute(
+            update(DeadLetter).where(DeadLetter.delivery_id == delivery.id,
+                                     DeadLetter.status == "open")
+            .values(status="closed", closed_at=now))
+        return Outcome.DELIVERED
+    if step is Step.RETRY:
+        delivery.status = "pending"
+        delivery.next_attempt_at = now + timedelta(seconds=backoff_s(
+            delivery.attempts, *backoff, rng, retry_after_s=result.retry_after_s))
+        return Outcome.RETRY
+    if step is Step.DEAD_LETTER:
+        if attempt.classification == Classification.PERMANENT:
+            reason = (f"permanent: HTTP {result.status} ({attempt.rule}): "
+                      f"{(result.body or '')[:300]}")
+        else:
+            reason = f"retries_exhausted: {delivery.attempts} attempts, last {attempt.rule}"
+        delivery.status = "dead_lettered"
+        session.add(DeadLetter(delivery_id=delivery.id, system=delivery.system,
+                               idempotency_key=key, reason=reason,
+                               classification=attempt.classification, attempt_id=attempt.id,
+                               status="open", created_at=now))
+        audit.append(AuditEntry("delivery.dead_lettered", "delivery", str(delivery.id),
+                                {"system": delivery.system, "version": delivery.version,
+                                 "reason": reason}, key))
+        return Outcome.DEAD_LETTERED
+    delivery.status = "ambiguous"
+    reason = f"{attempt.rule}: {result.error or 'no answer'}"
+    session.add(AmbiguousOutcome(delivery_id=delivery.id, system=delivery.system,
+                                 idempotency_key=key, reason=reason, attempt_id=attempt.id,
+                                 status="open", queries=0, created_at=now))
+    audit.append(AuditEntry("delivery.ambiguous", "delivery", str(delivery.id),
+                            {"system": delivery.system, "version": delivery.version,
+                             "reason": reason}, key))
+    return Outcome.AMBIGUOUS
+
+
+async def _supersede(session: AsyncSession, delivery: Delivery, newer: int,
+                     now: datetime) -> None:
+    delivery.status = "superseded"
+    delivery.claimed_by = None
+    delivery.lease_expires_at = None
+    delivery.updated_at = now
+    delivery.last_error = f"superseded by version {newer}; an older version is never sent"
+    circuit = await lock_circuit(session, delivery.system)
+    if circuit.trial_delivery_id == delivery.id:
+        circuit.trial_delivery_id = None
+
+
+async def recover_expired_leases(deliverer: Deliverer, limit: int = 100) -> int:
+    """In-flight deliveries whose worker stopped before recording an outcome become ambiguous:
+    the request may have reached the system, so it is never simply sent again."""
+    async with deliverer.database.transaction() as session:
+        now = deliverer.clock()
+        query = (select(Delivery).where(Delivery.status == "in_flight",
+                                        Delivery.lease_expires_at < now)
+                 .order_by(Delivery.id).limit(limit))
+        if not deliverer.database.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        expired = list((await session.execute(query)).scalars())
+        audit: list[AuditEntry] = []
+        for delivery in expired:
+            system = await session.get(DownstreamSystem, delivery.system)
+            worker = delivery.claimed_by or "unknown"
+            attempt = DeliveryAttempt(
+                delivery_id=delivery.id, system=delivery.system,
+                attempt_number=delivery.attempts + 1,
+                trigger=delivery.claim_trigger or "scheduled", actor=worker,
+                started_at=delivery.updated_at,
+                request=build_request(delivery, delivery.attempts + 1).summary(
+                    system_config(system)),
+                classification="ambiguous", rule="lease_expired",
+                error=f"worker {worker} stopped before recording an outcome; "
+                      "the request may have been sent",
+            )
+            session.add(attempt)
+            await session.flush()
+            delivery.attempts += 1
+            result = SendResult(error=attempt.error)
+            await _apply_step(session, delivery, Step.AMBIGUOUS, attempt, result,
+                              (0, 0), random.Random(0), now, audit)
+            circuit = await lock_circuit(session, delivery.system)
+            audit += await apply_event(session, circuit, CircuitEvent.FAILURE,
+                                       threshold=system.failure_threshold, now=now,
+                                       reason=f"delivery {delivery.id}: lease expired",
+                                       actor="system")
+            if circuit.trial_delivery_id == delivery.id:
+                circuit.trial_delivery_id = None
+        await session.flush()
+        await append_audit(session, audit, actor="system", now=now)
+        return len(expired)
+
+
+async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> DeliveryResult:
+    """An operator's "send this pending delivery now", through the canonical path."""
+    await claim_one(deliverer, delivery_id, trigger="manual", allowed=("pending",))
+    return await deliver(deliverer, delivery_id, trigger="manual", actor=actor)
+
+
+async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
+                      actor: str = "worker") -> dict[str, int]:
+    """One pass of the worker: recover expired leases, claim what is due, send it."""
+    import asyncio
+
+    recovered = await recover_expired_leases(deliverer)
+    claimed = await claim_due(deliverer, limit)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(delivery_id: int) -> DeliveryResult:
+        async with gate:
+            return await deliver(deliverer, delivery_id, trigger="scheduled", actor=actor)
+
+    results = await asyncio.gather(*(one(delivery_id) for delivery_id in claimed))
+    counts = {"recovered_as_ambiguous": recovered, "claimed": len(claimed)}
+    for result in results:
+        counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
+    return counts

@@ -1,0 +1,181 @@
+"""How a delivery reaches a downstream system: real HTTP through one shared httpx client, or
+a deterministic simulation for demos. Both answer with a SendResult; neither decides what
+the result means (policy.classify does)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from pipeline_console.delivery.policy import Failure, SendResult
+
+RESPONSE_EXCERPT_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    name: str
+    transport: str
+    url: str | None
+    status_url: str | None
+    timeout_s: float
+    simulation: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class DeliveryRequest:
+    """Exactly what goes over the wire, the same for a first try, a retry and a replay."""
+
+    delivery_id: int
+    attempt_number: int
+    idempotency_key: str
+    version: int
+    body: bytes
+    headers: dict[str, str]
+
+    def summary(self, system: SystemConfig) -> dict[str, Any]:
+        return {
+            "method": "POST",
+            "url": system.url if system.transport == "http" else f"simulated:{system.name}",
+            "headers": self.headers,
+            "body_sha256": hashlib.sha256(self.body).hexdigest(),
+            "body_bytes": len(self.body),
+        }
+
+
+def build_request(delivery: Any, attempt_number: int) -> DeliveryRequest:
+    body = orjson.dumps(
+        {
+            "idempotency_key": delivery.idempotency_key,
+            "version": delivery.version,
+            "entity_type": delivery.entity_type,
+            "entity_id": delivery.entity_id,
+            "payload": delivery.payload,
+            "correlation_id": delivery.correlation_id,
+        }
+    )
+    headers = {
+        "Content-Type": "application/json",
+        "Idempotency-Key": f"{delivery.idempotency_key}:{delivery.version}",
+    }
+    return DeliveryRequest(delivery.id, attempt_number, delivery.idempotency_key,
+                           delivery.version, body, headers)
+
+
+def status_query_url(template: str, key: str, version: int) -> str:
+    return template.replace("{key}", quote(key, safe="")).replace("{version}", str(version))
+
+
+class Transports:
+    """The one object that sends. Built once per process with a shared httpx client."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def send(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
+        if system.transport == "simulated":
+            return simulate_send(system, request)
+        return await self._post(system, request)
+
+    def has_status_query(self, system: SystemConfig) -> bool:
+        if system.transport == "simulated":
+            return bool((system.simulation or {}).get("status_query"))
+        return bool(system.status_url)
+
+    async def query_status(self, system: SystemConfig, key: str, version: int) -> int | None:
+        """The status query's HTTP status, or None when it gave no answer."""
+        if system.transport == "simulated":
+            return simulate_status_query(system)
+        assert system.status_url is not None
+        try:
+            response = await self.client.get(
+                status_query_url(system.status_url, key, version), timeout=system.timeout_s
+            )
+        except httpx.HTTPError:
+            return None
+        return response.status_code
+
+    async def _post(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
+        assert system.url is not None
+        started = time.perf_counter()
+        try:
+            response = await self.client.post(system.url, content=request.body,
+                                              headers=request.headers, timeout=system.timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+            return SendResult(failure=Failure.NOT_SENT, error=_describe(error),
+                              latency_ms=_since(started))
+        except httpx.HTTPError as error:
+            # ReadTimeout, WriteTimeout, RemoteProtocolError, ReadError…: the request may have
+            # arrived. Anything we cannot tell apart is treated the same way.
+            return SendResult(failure=Failure.MAYBE_SENT, error=_describe(error),
+                              latency_ms=_since(started))
+        body = response.content[:RESPONSE_EXCERPT_BYTES].decode("utf-8", errors="replace")
+        return SendResult(status=response.status_code, body=body.replace("\x00", "\ufffd"),
+                          retry_after_s=_retry_after(response.headers.get("retry-after")),
+                          latency_ms=_since(started))
+
+
+def _since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(moment.timestamp() - time.time(), 0.0)
+
+
+# --- the simulated transport (named as such: a stand-in for a system that is not there) ---
+
+DEFAULT_OUTCOMES = {"success": 1.0}
+
+
+def simulate_send(system: SystemConfig, request: DeliveryRequest) -> SendResult:
+    """Deterministic: the same system seed, delivery and attempt number give the same result.
+
+    simulation = {"seed": 7, "outcomes": {"success": 0.7, "transient": 0.2,
+                  "permanent": 0.05, "ambiguous": 0.05}, "latency_ms": 5,
+                  "status_query": "applied" | "not_applied" | "unavailable" | null}
+    """
+    simulation = system.simulation or {}
+    rng = random.Random(f"{simulation.get('seed', 0)}:{request.delivery_id}:"
+                        f"{request.attempt_number}")
+    outcomes = simulation.get("outcomes") or DEFAULT_OUTCOMES
+    roll, outcome = rng.random() * sum(outcomes.values()), "success"
+    for name, weight in outcomes.items():
+        if roll < weight:
+            outcome = name
+            break
+        roll -= weight
+    latency = float(simulation.get("latency_ms", 1))
+    if outcome == "transient":
+        return SendResult(status=503, body="simulated: unavailable", latency_ms=latency)
+    if outcome == "permanent":
+        return SendResult(status=422, body="simulated: rejected", latency_ms=latency)
+    if outcome == "ambiguous":
+        return SendResult(failure=Failure.MAYBE_SENT, error="simulated: timed out after sending",
+                          latency_ms=latency)
+    return SendResult(status=200, body="simulated: ok", latency_ms=latency)
+
+
+def simulate_status_query(system: SystemConfig) -> int | None:
+    answer = (system.simulation or {}).get("status_query")
+    return {"applied": 200, "not_applied": 404}.get(answer)
