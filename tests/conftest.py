@@ -133,5 +133,9 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, database=database, clock=clock)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        client.app = app  # tests reach app.state (the deliverer) through it
         yield client

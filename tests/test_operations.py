@@ -34,8 +34,8 @@ async def test_readyz_is_503_while_migrations_are_pending(tmp_path):
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
     database = Database(create_engine(settings))
     app = create_app(settings, database=database)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         response = await client.get("/readyz")
     await database.dispose()
     assert response.status_code == 503
@@ -46,8 +46,8 @@ async def test_readyz_is_503_when_the_database_is_unreachable():
     settings = Settings(database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none")
     database = Database(create_engine(settings))
     app = create_app(settings, database=database)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://test") as client:
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         response = await client.get("/readyz")
     await database.dispose()
     assert response.status_code == 503

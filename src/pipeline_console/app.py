@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -21,6 +22,10 @@ from pipeline_console.audit.api import router as audit_router
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
+from pipeline_console.delivery.api import router as delivery_router
+from pipeline_console.delivery.service import Deliverer
+from pipeline_console.delivery.transports import Transports
+from pipeline_console.delivery.worker import worker_identity
 from pipeline_console.entity_types.api import router as entity_types_router
 from pipeline_console.ingestion.api import router as ingestion_router
 from pipeline_console.ingestion.schemas import BatchIn, MessageIn
@@ -43,11 +48,15 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database(create_engine(settings))
-        try:
-            yield
-        finally:
-            if owned:
-                await app.state.database.dispose()
+        async with httpx.AsyncClient() as client:
+            app.state.deliverer = Deliverer(app.state.database, Transports(client), clock,
+                                            worker_id=f"api:{worker_identity()}",
+                                            lease_margin_s=settings.lease_margin_s)
+            try:
+                yield
+            finally:
+                if owned:
+                    await app.state.database.dispose()
 
     app = FastAPI(title="Integration Pipeline Console", version=__version__,
                   description=DESCRIPTION, lifespan=lifespan)
@@ -60,7 +69,7 @@ def create_app(
 
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
-                   audit_router, jobs_router):
+                   audit_router, delivery_router, jobs_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())

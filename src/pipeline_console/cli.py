@@ -67,14 +67,35 @@ def demo() -> None:
         typer.echo(line)
 
 
+@app.command()
+def worker() -> None:
+    """Deliver due deliveries until SIGTERM/SIGINT (run as many as you like on PostgreSQL)."""
+    import logging
+
+    from pipeline_console.delivery.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run_worker(Settings()))
+
+
 @jobs_app.command("run")
 def run_job_command(name: str) -> None:
     """Run one pass of the job NAME and print its result as JSON."""
+    import httpx
+
+    from pipeline_console.delivery.service import Deliverer
+    from pipeline_console.delivery.transports import Transports
+    from pipeline_console.delivery.worker import worker_identity
     from pipeline_console.errors import NotFound
     from pipeline_console.jobs.registry import run_job
 
     async def work(database: Database) -> dict[str, Any]:
-        return await run_job(database, name, now=system_clock(), actor=CLI_ACTOR)
+        settings = Settings()
+        async with httpx.AsyncClient() as client:
+            deliverer = Deliverer(database, Transports(client), system_clock,
+                                  worker_id=f"cli:{worker_identity()}",
+                                  lease_margin_s=settings.lease_margin_s)
+            return await run_job(deliverer, settings, name, actor=CLI_ACTOR)
 
     try:
         result = _with_database(work)

@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     max_payload_depth: int = Field(default=32, ge=1, description="nesting depth of a payload")
     rejected_body_excerpt_bytes: int = Field(default=4096, ge=0)
 
-    # Page sizes for every list endpoint.
-    default_page_size: int = Field(default=50, ge=1)
-    max_page_size: int = Field(default=500, ge=1)
+    # The delivery worker.
+    worker_batch_size: int = Field(default=50, ge=1, le=1000, description="claimed per pass")
+    worker_concurrency: int = Field(default=10, ge=1, le=500, description="sends at once")
+    worker_poll_interval_s: float = Field(default=1.0, gt=0, description="idle wait")
+    lease_margin_s: float = Field(
+        default=30.0, ge=0,
+        description="a claimed delivery whose worker is silent this long after the system's "
+        "timeout becomes ambiguous")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry
@@ -45,6 +45,14 @@ async def apply_event(
     circuit.changed_at = now
     circuit.reason = reason
     circuit.trial_delivery_id = None
+    if after.state is CircuitState.HALF_OPEN:
+        # One held delivery goes back to the queue to be the trial.
+        oldest = await session.scalar(
+            select(func.min(Delivery.id)).where(Delivery.system == circuit.system,
+                                                Delivery.status == "held"))
+        if oldest is not None:
+            await session.execute(update(Delivery).where(Delivery.id == oldest).values(
+                status="pending", next_attempt_at=now, updated_at=now))
     if after.state is CircuitState.CLOSED:
         # The trial went through: what waited behind the open circuit may go now.
         await session.execute(

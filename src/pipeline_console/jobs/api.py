@@ -7,8 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from pipeline_console.api.dependencies import ActorDep, DatabaseDep, NowDep
+from pipeline_console.api.dependencies import ActorDep, SettingsDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.jobs.registry import JOBS, run_job
 
 router = APIRouter(tags=["jobs"])
@@ -38,6 +39,7 @@ async def list_jobs() -> JobList:
 
 @router.post("/jobs/{name}/run", response_model=JobRunRead, responses=problem_responses(404),
              summary="Run one pass of a job now, in this process")
-async def run(name: str, database: DatabaseDep, now: NowDep, actor: ActorDep) -> JobRunRead:
-    result = await run_job(database, name, now=now, actor=actor.name)
+async def run(name: str, deliverer: DelivererDep, settings: SettingsDep,
+              actor: ActorDep) -> JobRunRead:
+    result = await run_job(deliverer, settings, name, actor=actor.name)
     return JobRunRead(job=name, status="succeeded", result=result)

@@ -1,0 +1,194 @@
+"""Downstream systems, deliveries, attempts, the DLQ, ambiguous outcomes and circuits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, KeyPage, NowDep
+from pipeline_console.api.problems import problem_responses
+from pipeline_console.audit.service import append_audit
+from pipeline_console.delivery import schemas, systems
+from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_ambiguous
+from pipeline_console.delivery.circuits import operator_transition
+from pipeline_console.delivery.policy import CircuitEvent
+from pipeline_console.delivery.service import Deliverer, deliver_now
+from pipeline_console.errors import NotFound
+from pipeline_console.ingestion.schemas import Name
+from pipeline_console.models import (
+    AmbiguousOutcome,
+    Circuit,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+)
+from pipeline_console.pagination import MAX_ID, fetch_page
+
+router = APIRouter(tags=["delivery"])
+
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
+SystemName = Annotated[Name, Path()]
+DeliveryStatus = Literal["pending", "in_flight", "delivered", "dead_lettered", "ambiguous",
+                         "held", "superseded"]
+
+
+def get_deliverer(request: Request) -> Deliverer:
+    return request.app.state.deliverer
+
+
+DelivererDep = Annotated[Deliverer, Depends(get_deliverer)]
+
+
+def _page(model: type, result: Any) -> dict[str, Any]:
+    return {"items": [model.model_validate(row) for row in result.items],
+            "next_cursor": result.next_cursor}
+
+
+@router.post("/systems", response_model=schemas.SystemRead, status_code=201,
+             responses=problem_responses(409, 422), summary="Register a downstream system")
+async def create_system(database: DatabaseDep, body: schemas.SystemCreate, now: NowDep,
+                        actor: ActorDep) -> Any:
+    async with database.transaction() as session:
+        system = await systems.create_system(session, body, actor=actor.name, now=now)
+        return schemas.SystemRead.model_validate(system)
+
+
+@router.get("/systems", response_model=schemas.SystemPage)
+async def list_systems(database: DatabaseDep, page: KeyPage) -> Any:
+    async with database.read() as session:
+        return _page(schemas.SystemRead, await systems.list_systems(session, page))
+
+
+@router.get("/systems/{name}", response_model=schemas.SystemRead,
+            responses=problem_responses(404))
+async def get_system(database: DatabaseDep, name: SystemName) -> Any:
+    async with database.read() as session:
+        return schemas.SystemRead.model_validate(await systems.get_system(session, name))
+
+
+@router.patch("/systems/{name}", response_model=schemas.SystemRead,
+              responses=problem_responses(404, 422), summary="Change some of a system's settings")
+async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.SystemPatch,
+                       now: NowDep, actor: ActorDep) -> Any:
+    async with database.transaction() as session:
+        system = await systems.update_system(session, name, body, actor=actor.name, now=now)
+        return schemas.SystemRead.model_validate(system)
+
+
+@router.get("/deliveries", response_model=schemas.DeliveryPage,
+            summary="Deliveries, oldest first")
+async def list_deliveries(database: DatabaseDep, page: IdPage, system: Name | None = None,
+                          status: DeliveryStatus | None = None,
+                          key: Annotated[str | None, Query(max_length=321)] = None) -> Any:
+    async with database.read() as session:
+        result = await fetch_page(session, Delivery.id, page, equal=[
+            (Delivery.system, system), (Delivery.status, status),
+            (Delivery.idempotency_key, key)])
+        return _page(schemas.DeliveryRead, result)
+
+
+@router.get("/deliveries/{delivery_id}", response_model=schemas.DeliveryRead,
+            responses=problem_responses(404))
+async def get_delivery(database: DatabaseDep, delivery_id: Id) -> Any:
+    async with database.read() as session:
+        delivery = await session.get(Delivery, delivery_id)
+        if delivery is None:
+            raise NotFound(f"delivery {delivery_id} does not exist")
+        return schemas.DeliveryRead.model_validate(delivery)
+
+
+@router.get("/deliveries/{delivery_id}/attempts", response_model=schemas.AttemptPage,
+            summary="Every try of one delivery, oldest first")
+async def list_attempts(database: DatabaseDep, delivery_id: Id, page: IdPage) -> Any:
+    async with database.read() as session:
+        result = await fetch_page(session, DeliveryAttempt.id, page,
+                                  equal=[(DeliveryAttempt.delivery_id, delivery_id)])
+        return _page(schemas.AttemptRead, result)
+
+
+@router.post("/deliveries/{delivery_id}/deliver", response_model=schemas.AttemptRead,
+             responses=problem_responses(404, 409),
+             summary="Deliver a pending delivery now, through the canonical delivery path")
+async def deliver_now_route(deliverer: DelivererDep, database: DatabaseDep, delivery_id: Id,
+                            actor: ActorDep) -> Any:
+    result = await deliver_now(deliverer, delivery_id, actor=actor.name)
+    async with database.read() as session:
+        return schemas.AttemptRead.model_validate(
+            await session.get(DeliveryAttempt, result.attempt_id))
+
+
+@router.get("/dlq", response_model=schemas.DeadLetterPage, summary="The dead-letter queue")
+async def list_dead_letters(database: DatabaseDep, page: IdPage, system: Name | None = None,
+                            status: Literal["open", "closed"] | None = None) -> Any:
+    async with database.read() as session:
+        result = await fetch_page(session, DeadLetter.id, page, equal=[
+            (DeadLetter.system, system), (DeadLetter.status, status)])
+        return _page(schemas.DeadLetterRead, result)
+
+
+@router.get("/ambiguous", response_model=schemas.AmbiguousPage,
+            summary="Outcomes that may or may not have been applied")
+async def list_ambiguous(database: DatabaseDep, page: IdPage, system: Name | None = None,
+                         status: Literal["open", "resolved"] | None = None) -> Any:
+    async with database.read() as session:
+        result = await fetch_page(session, AmbiguousOutcome.id, page, equal=[
+            (AmbiguousOutcome.system, system), (AmbiguousOutcome.status, status)])
+        return _page(schemas.AmbiguousRead, result)
+
+
+async def _ambiguous(database: Any, ambiguous_id: int) -> schemas.AmbiguousRead:
+    async with database.read() as session:
+        return schemas.AmbiguousRead.model_validate(
+            await session.get(AmbiguousOutcome, ambiguous_id))
+
+
+@router.post("/ambiguous/{ambiguous_id}/query-status", response_model=schemas.AmbiguousRead,
+             responses=problem_responses(404, 409),
+             summary="Ask the system whether it applied the version (query-before-retry)")
+async def query_status(deliverer: DelivererDep, database: DatabaseDep, ambiguous_id: Id,
+                       actor: ActorDep) -> Any:
+    await query_ambiguous_status(deliverer, ambiguous_id, actor=actor.name)
+    return await _ambiguous(database, ambiguous_id)
+
+
+@router.post("/ambiguous/{ambiguous_id}/resolve", response_model=schemas.AmbiguousRead,
+             responses=problem_responses(404, 409, 422),
+             summary="Decide an ambiguous outcome; not_delivered sends again")
+async def resolve(deliverer: DelivererDep, database: DatabaseDep, ambiguous_id: Id,
+                  body: schemas.AmbiguousResolve, actor: ActorDep) -> Any:
+    await resolve_ambiguous(deliverer, ambiguous_id, body.resolution, body.note,
+                            actor=actor.name)
+    return await _ambiguous(database, ambiguous_id)
+
+
+@router.get("/circuits", response_model=schemas.CircuitPage)
+async def list_circuits(database: DatabaseDep, page: KeyPage) -> Any:
+    async with database.read() as session:
+        return _page(schemas.CircuitRead, await fetch_page(session, Circuit.system, page))
+
+
+async def _operator(database: Any, system: str, event: CircuitEvent, reason: str, actor: str,
+                    now: Any) -> schemas.CircuitRead:
+    async with database.transaction() as session:
+        circuit, entries = await operator_transition(session, system, event, reason,
+                                                     actor=actor, now=now)
+        await append_audit(session, entries, actor=actor, now=now)
+        return schemas.CircuitRead.model_validate(circuit)
+
+
+@router.post("/circuits/{system}/reset", response_model=schemas.CircuitRead,
+             responses=problem_responses(404, 409, 422),
+             summary="Let one trial delivery through an open circuit (open → half_open)")
+async def reset_circuit(database: DatabaseDep, system: SystemName, body: schemas.CircuitAction,
+                        now: NowDep, actor: ActorDep) -> Any:
+    return await _operator(database, system, CircuitEvent.RESET, body.reason, actor.name, now)
+
+
+@router.post("/circuits/{system}/open", response_model=schemas.CircuitRead,
+             responses=problem_responses(404, 409, 422),
+             summary="Stop deliveries to a system (for maintenance)")
+async def open_circuit(database: DatabaseDep, system: SystemName, body: schemas.CircuitAction,
+                       now: NowDep, actor: ActorDep) -> Any:
+    return await _operator(database, system, CircuitEvent.FORCE_OPEN, body.reason, actor.name,
+                           now)

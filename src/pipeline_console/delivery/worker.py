@@ -1,0 +1,52 @@
+"""pipeline-console worker: claims due deliveries in small batches and sends them, until
+SIGTERM or SIGINT. On a signal it stops claiming, finishes the sends it holds, and exits;
+anything it could not finish is recovered as ambiguous by the next worker once its lease
+expires. Several workers (on several machines, on PostgreSQL) never send one delivery twice:
+claims use FOR UPDATE SKIP LOCKED."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+
+import httpx
+
+from pipeline_console.clock import system_clock
+from pipeline_console.config import Settings
+from pipeline_console.db import Database, create_engine
+from pipeline_console.delivery.service import Deliverer, deliver_due
+from pipeline_console.delivery.transports import Transports
+
+log = logging.getLogger("pipeline_console.worker")
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    database = Database(create_engine(settings))
+    limits = httpx.Limits(max_connections=settings.worker_concurrency * 2)
+    async with httpx.AsyncClient(limits=limits) as client:
+        deliverer = Deliverer(database, Transports(client), system_clock,
+                              worker_id=f"worker:{worker_identity()}",
+                              lease_margin_s=settings.lease_margin_s)
+        log.info("worker %s started", deliverer.worker_id)
+        try:
+            while not stop.is_set():
+                counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
+                                           concurrency=settings.worker_concurrency)
+                if counts["claimed"] == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), settings.worker_poll_interval_s)
+        finally:
+            await database.dispose()
+            log.info("worker %s stopped", deliverer.worker_id)
