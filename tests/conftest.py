@@ -25,6 +25,7 @@ from pipeline_console.app import create_app
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
 from pipeline_console.schema import upgrade_to_head
+from tests.sink import ScriptedServer
 from tests.support import FakeClock
 
 BACKENDS = ("sqlite", "postgresql")
@@ -120,6 +121,15 @@ async def database(settings: Settings) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
+
+
+@pytest.fixture
+def sink() -> Iterator[ScriptedServer]:
+    server = ScriptedServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.models import Delivery, DownstreamSystem
@@ -60,7 +60,8 @@ async def enqueue_deliveries(
                 table.c.system == bindparam("target_system"),
                 table.c.idempotency_key == bindparam("key"),
                 table.c.version < bindparam("newer"),
-                table.c.status.in_(("pending", "held")),
+                # (an IN list cannot be used with executemany)
+                or_(table.c.status == "pending", table.c.status == "held"),
             )
         )
         .values(status="superseded", updated_at=now,

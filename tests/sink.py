@@ -1,0 +1,100 @@
+"""A real HTTP server on 127.0.0.1, answering from a script: the downstream system of the
+delivery tests. No mock of httpx anywhere; requests cross a real socket."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int = 200
+    delay_s: float = 0.0
+    body: str = "ok"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict
+
+
+class ScriptedServer:
+    """POST /<anything>: answers are taken from `script` in order (the last one repeats).
+    GET /status/<key>/<version>: `status_answers[(key, version)]`, default 404."""
+
+    def __init__(self) -> None:
+        self.script: list[Answer] = [Answer()]
+        self.status_answers: dict[tuple[str, int], int] = {}
+        self.received: list[Received] = []
+        self.status_queries: list[str] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with server._lock:
+                    server.received.append(Received(self.path, dict(self.headers), body))
+                    answer = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                time.sleep(answer.delay_s)
+                self._answer(answer.status, answer.body, answer.headers)
+
+            def do_GET(self) -> None:
+                parts = self.path.split("/")
+                with server._lock:
+                    server.status_queries.append(self.path)
+                if len(parts) == 4 and parts[1] == "status":
+                    status = server.status_answers.get((unquote(parts[2]), int(parts[3])), 404)
+                    self._answer(status, "status")
+                else:
+                    self._answer(404, "no such path")
+
+            def _answer(self, status: int, body: str, headers: dict | None = None) -> None:
+                try:
+                    data = body.encode()
+                    self.send_response(status)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout under test)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> ScriptedServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, *answers: Answer) -> None:
+        with self._lock:
+            self.script = list(answers)
+
+    def keys_received(self) -> Counter:
+        with self._lock:
+            return Counter(r.headers.get("Idempotency-Key") for r in self.received)
+
+    @property
+    def status_url(self) -> str:
+        return self.base + "/status/{key}/{version}"
