@@ -14,6 +14,7 @@ sent again.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -347,9 +348,10 @@ async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> 
 
 
 async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
-                      actor: str = "worker") -> dict[str, int]:
-    """One pass of the worker: recover expired leases, claim what is due, send it."""
-    import asyncio
+                      actor: str | None = None) -> dict[str, int]:
+    """One pass of the worker: recover expired leases, claim what is due, send it.
+    Attempts name the worker (or the person who ran the pass) as their actor."""
+    actor = actor or deliverer.worker_id
 
     recovered = await recover_expired_leases(deliverer)
     claimed = await claim_due(deliverer, limit)

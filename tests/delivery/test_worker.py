@@ -1,0 +1,94 @@
+"""The worker as a real process: killed mid-send, and several draining one queue."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+from tests.delivery.test_delivery import add_system, attempts, deliveries, ingest, run_pass
+from tests.sink import Answer
+from tests.support import message
+
+
+def start_worker(database_url: str, log_path, **settings: object) -> subprocess.Popen:
+    env = {**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url,
+           "PIPELINE_CONSOLE_WORKER_POLL_INTERVAL_S": "0.2",
+           **{f"PIPELINE_CONSOLE_{name.upper()}": str(value)
+              for name, value in settings.items()}}
+    return subprocess.Popen([sys.executable, "-m", "pipeline_console.cli", "worker"], env=env,
+                            stdout=log_path.open("a"), stderr=subprocess.STDOUT)
+
+
+async def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_worker_killed_mid_send_leaves_the_delivery_ambiguous(
+        database_url, client, sink, clock, tmp_path):
+    clock.now = datetime.now(UTC)  # worker processes run on the real clock
+    sink.answer(Answer(200, delay_s=20), Answer(200))
+    await add_system(client, sink, timeout_s=30)
+    await ingest(client, message(1))
+    worker = start_worker(database_url, tmp_path / "worker.log")
+    try:
+        await wait_for(lambda: len(sink.received) == 1, 30, "the send to start")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+    finally:
+        worker.kill()
+    [delivery] = await deliveries(client)
+    assert delivery["status"] == "in_flight"  # nothing lost: still claimed, with a lease
+
+    clock.now = datetime.now(UTC) + timedelta(hours=1)  # past the dead worker's lease
+    result = await run_pass(client)
+    assert result["recovered_as_ambiguous"] == 1
+    [delivery] = await deliveries(client)
+    assert delivery["status"] == "ambiguous"
+    [attempt] = await attempts(client, delivery["id"])
+    assert (attempt["classification"], attempt["rule"]) == ("ambiguous", "lease_expired")
+    assert attempt["actor"].startswith("worker:")
+
+    # A new worker never sends it blindly: the operator (or a status query) decides.
+    restarted = start_worker(database_url, tmp_path / "worker.log")
+    try:
+        await asyncio.sleep(2)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(timeout=30) == 0
+    assert len(sink.received) == 1
+    assert (await client.get("/api/v1/ambiguous?status=open")).json()["items"]
+
+
+async def test_several_workers_deliver_every_delivery_exactly_once(
+        database_url, client, sink, clock, tmp_path, backend):
+    clock.now = datetime.now(UTC)  # worker processes run on the real clock
+    count, workers = 300, (4 if backend == "postgresql" else 2)
+    await add_system(client, sink, failure_threshold=1000)
+    await ingest(client, *[message(1, entity_id=f"W-{i:03}") for i in range(count)])
+    processes = [start_worker(database_url, tmp_path / f"worker-{n}.log", worker_batch_size=10)
+                 for n in range(workers)]
+    try:
+        await wait_for(lambda: len(sink.keys_received()) >= count, 120, "all deliveries")
+        await asyncio.sleep(0.5)  # room for a duplicate to show up, if there were one
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        exit_codes = [process.wait(timeout=60) for process in processes]
+    assert exit_codes == [0] * workers  # graceful shutdown on SIGTERM
+    received = sink.keys_received()
+    assert len(received) == count
+    assert set(received.values()) == {1}, [k for k, n in received.items() if n > 1]
+    statuses = {d["status"] for page in [await deliveries(client, limit=500)] for d in page}
+    assert statuses == {"delivered"}
+    senders = set()
+    for delivery in (await deliveries(client, limit=500))[:count]:
+        senders.update(a["actor"] for a in await attempts(client, delivery["id"]))
+    assert len(senders) > 1, "the work was not shared between the workers"
