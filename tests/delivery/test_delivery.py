@@ -110,13 +110,13 @@ class TestDelivery:
         assert sink.keys_received() == {"customer:C-100:1": 2}
 
     async def test_a_permanent_failure_goes_to_the_dlq_at_once(self, client, sink):
-        sink.answer(Answer(422, body="field 'name' is too long"))
+        sink.answer(Answer(400, body="field 'name' is too long"))
         await add_system(client, sink)
         await ingest(client, message(1))
         assert (await run_pass(client))["dead_lettered"] == 1
         [entry] = (await client.get("/api/v1/dlq?system=billing")).json()["items"]
         assert entry["classification"] == "permanent" and entry["status"] == "open"
-        assert "422" in entry["reason"] and "too long" in entry["reason"]
+        assert "HTTP 400" in entry["reason"] and "too long" in entry["reason"]
         assert len(sink.received) == 1
 
     async def test_retries_exhausted_go_to_the_dlq(self, client, sink, clock):
