@@ -40,6 +40,9 @@ class TestClassification:
         (SendResult(status=409), Classification.PERMANENT, "4xx"),
         (SendResult(status=422), Classification.PERMANENT, "4xx"),
         (SendResult(status=501), Classification.PERMANENT, "other:501"),
+        (SendResult(status=505), Classification.PERMANENT, "other:505"),
+        (SendResult(status=520), Classification.TRANSIENT, "transient:5xx"),
+        (SendResult(status=599), Classification.TRANSIENT, "transient:5xx"),
         (SendResult(status=302), Classification.PERMANENT, "other:302"),
         (SendResult(failure=Failure.MAYBE_SENT), Classification.AMBIGUOUS, "maybe_sent"),
     ])
@@ -65,10 +68,11 @@ class TestBackoff:
             delay = backoff_s(attempt, 1.0, 30.0, rng)
             assert ceiling / 2 <= delay <= ceiling
 
-    def test_honours_retry_after_up_to_the_maximum(self):
+    def test_honours_retry_after_even_beyond_the_backoff_maximum_up_to_a_day(self):
         rng = random.Random(1)
         assert backoff_s(1, 1.0, 30.0, rng, retry_after_s=12) == 12
-        assert backoff_s(1, 1.0, 30.0, rng, retry_after_s=3600) == 30
+        assert backoff_s(1, 1.0, 30.0, rng, retry_after_s=3600) == 3600
+        assert backoff_s(1, 1.0, 30.0, rng, retry_after_s=10**9) == 86_400
 
 
 class TestNextStep:

@@ -34,6 +34,10 @@ class SendResult:
 
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# 5xx answers that say the request itself will never work; other 5xx (proxies' and CDNs'
+# 520-599 included) are the server's trouble and are retried.
+PERMANENT_5XX = frozenset({501, 505})
+MAX_RETRY_AFTER_S = 86_400.0
 
 
 def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Classification, str]:
@@ -53,6 +57,8 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
         return Classification.SUCCESS, "2xx"
     if result.status in TRANSIENT_STATUSES:
         return Classification.TRANSIENT, f"transient:{result.status}"
+    if 500 <= result.status < 600 and result.status not in PERMANENT_5XX:
+        return Classification.TRANSIENT, "transient:5xx"
     if 400 <= result.status < 500:
         return Classification.PERMANENT, "4xx"
     return Classification.PERMANENT, f"other:{result.status}"
@@ -63,11 +69,11 @@ def backoff_s(
     retry_after_s: float | None = None,
 ) -> float:
     """Delay before the next try: base * 2**(n-1), capped at max, with jitter in [1/2, 1] of it;
-    never shorter than the server's Retry-After (itself capped at max)."""
+    never shorter than the server's Retry-After (honoured up to a day)."""
     ceiling = min(base_s * 2 ** max(attempts_made - 1, 0), max_s)
     delay = ceiling * (0.5 + rng.random() / 2)
     if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, max_s))
+        delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
     return delay
 
 

@@ -23,6 +23,12 @@ def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 (raises for a port outside 0…65535)
+    except ValueError as error:
+        raise ValueError(f"has an invalid port: {error}") from error
+    if not value.isascii():
+        raise ValueError("must be ASCII (percent-encode other characters)")
     return value
 
 
@@ -31,6 +37,14 @@ HttpUrl = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00-\x
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000,
                                           pattern=r"^[^\x00]*$")]
 ClassificationWord = Literal["success", "transient", "permanent", "ambiguous"]
+
+
+def _unique(names: list[str] | None) -> list[str] | None:
+    """Subscribing twice to one entity type must not deliver its records twice."""
+    return None if names is None else list(dict.fromkeys(names))
+
+
+EntityTypes = Annotated[list[Name], AfterValidator(_unique)]
 
 
 class ClassificationOverride(BaseModel):
@@ -43,7 +57,7 @@ class ClassificationOverride(BaseModel):
 class Simulation(BaseModel):
     """For transport `simulated`: a deterministic stand-in for a real system."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(default=0, ge=0, le=2**31)
     outcomes: dict[ClassificationWord, float] = Field(
@@ -62,14 +76,14 @@ class Simulation(BaseModel):
 
 
 class SystemFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     url: HttpUrl | None = Field(default=None, description="POST target (transport http)")
     status_url: HttpUrl | None = Field(
         default=None, description="GET template with {key} and {version}: 200 applied, "
         "404 not applied")
-    entity_types: list[Name] | None = Field(default=None, max_length=200,
-                                            description="subscriptions")
+    entity_types: EntityTypes | None = Field(default=None, max_length=200,
+                                             description="subscriptions")
     timeout_s: float | None = Field(default=None, gt=0, le=300)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     backoff_base_s: float | None = Field(default=None, ge=0, le=3600,
@@ -86,7 +100,7 @@ class SystemFields(BaseModel):
 class SystemCreate(SystemFields):
     name: Name
     transport: Literal["http", "simulated"]
-    entity_types: list[Name] = Field(default_factory=list, max_length=200)
+    entity_types: EntityTypes = Field(default_factory=list, max_length=200)
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff_base_s: float = Field(default=1.0, ge=0, le=3600)
@@ -96,8 +110,16 @@ class SystemCreate(SystemFields):
                                                                    max_length=50)
 
 
+NULLABLE = frozenset({"url", "status_url", "simulation"})
+
+
 class SystemPatch(SystemFields):
-    pass
+    @model_validator(mode="after")
+    def only_nullable_fields_may_be_null(self) -> SystemPatch:
+        for name in self.model_fields_set - NULLABLE:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null; leave it out to keep its value")
+        return self
 
 
 class SystemRead(BaseModel):

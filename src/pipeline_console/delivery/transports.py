@@ -4,6 +4,7 @@ the result means (policy.classify does)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -64,10 +65,19 @@ def build_request(delivery: Any, attempt_number: int) -> DeliveryRequest:
     )
     headers = {
         "Content-Type": "application/json",
-        "Idempotency-Key": f"{delivery.idempotency_key}:{delivery.version}",
+        "Idempotency-Key": idempotency_header(delivery.idempotency_key, delivery.version),
     }
     return DeliveryRequest(delivery.id, attempt_number, delivery.idempotency_key,
                            delivery.version, body, headers)
+
+
+# Header values are ASCII. Printable ASCII other than '%' passes unchanged, so the usual
+# key "customer:C-100" is sent as is; anything else is percent-encoded (UTF-8).
+_HEADER_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
+
+
+def idempotency_header(key: str, version: int) -> str:
+    return f"{quote(key, safe=_HEADER_SAFE)}:{version}"
 
 
 def status_query_url(template: str, key: str, version: int) -> str:
@@ -96,10 +106,11 @@ class Transports:
             return simulate_status_query(system)
         assert system.status_url is not None
         try:
-            response = await self.client.get(
-                status_query_url(system.status_url, key, version), timeout=system.timeout_s
-            )
-        except httpx.HTTPError:
+            async with asyncio.timeout(total_deadline_s(system.timeout_s)):
+                response = await self.client.get(
+                    status_query_url(system.status_url, key, version),
+                    timeout=system.timeout_s)
+        except Exception:  # no answer of any kind: the outcome stays ambiguous
             return None
         return response.status_code
 
@@ -107,15 +118,23 @@ class Transports:
         assert system.url is not None
         started = time.perf_counter()
         try:
-            response = await self.client.post(system.url, content=request.body,
-                                              headers=request.headers, timeout=system.timeout_s)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+            # httpx's timeout bounds each phase; the deadline bounds the whole exchange, so a
+            # slowly dripping answer cannot outlive the delivery's lease.
+            async with asyncio.timeout(total_deadline_s(system.timeout_s)):
+                response = await self.client.post(system.url, content=request.body,
+                                                  headers=request.headers,
+                                                  timeout=system.timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
+                httpx.UnsupportedProtocol, httpx.InvalidURL) as error:
             return SendResult(failure=Failure.NOT_SENT, error=_describe(error),
                               latency_ms=_since(started))
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, TimeoutError) as error:
             # ReadTimeout, WriteTimeout, RemoteProtocolError, ReadError…: the request may have
             # arrived. Anything we cannot tell apart is treated the same way.
             return SendResult(failure=Failure.MAYBE_SENT, error=_describe(error),
+                              latency_ms=_since(started))
+        except Exception as error:  # a request that could not even be built: never sent
+            return SendResult(failure=Failure.NOT_SENT, error=_describe(error),
                               latency_ms=_since(started))
         body = response.content[:RESPONSE_EXCERPT_BYTES].decode("utf-8", errors="replace")
         return SendResult(status=response.status_code, body=body.replace("\x00", "\ufffd"),
@@ -131,14 +150,19 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
+def total_deadline_s(timeout_s: float) -> float:
+    return 2 * timeout_s + 1
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(moment.timestamp() - time.time(), 0.0)
 
