@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,3 +68,11 @@ async def ingest_one(database: Database, body: dict[str, Any], **kwargs: Any) ->
     [result] = await ingest(database, body, **kwargs)
     assert isinstance(result, Accepted), result
     return result
+
+
+async def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)

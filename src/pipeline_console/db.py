@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -26,6 +28,7 @@ from sqlalchemy.pool import NullPool
 from pipeline_console.config import Settings
 
 _BEGIN_OPTION = "pipeline_console_sqlite_begin"
+T = TypeVar("T")
 
 
 def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine:
@@ -94,8 +97,33 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
+    async def run_transaction(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 5
+    ) -> T:
+        """Run `work` in a write transaction; on PostgreSQL, run it again from the start if
+        the database chose it as a deadlock or serialization victim (nothing of the failed
+        try remains: it was rolled back)."""
+        for attempt in range(attempts):
+            try:
+                async with self.transaction() as session:
+                    return await work(session)
+            except DBAPIError as error:
+                if attempt == attempts - 1 or not is_retryable(error):
+                    raise
+                await asyncio.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+        raise AssertionError("unreachable")
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+
+
+def is_retryable(error: DBAPIError) -> bool:
+    original = getattr(error, "orig", None)
+    state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    return state in RETRYABLE_SQLSTATES
 
 
 def insert_for(dialect: str) -> Any:

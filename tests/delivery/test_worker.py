@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 from tests.delivery.test_delivery import add_system, attempts, deliveries, ingest, run_pass
 from tests.sink import Answer
-from tests.support import message
+from tests.support import message, wait_for
 
 
 def start_worker(database_url: str, log_path, **settings: object) -> subprocess.Popen:
@@ -22,13 +21,6 @@ def start_worker(database_url: str, log_path, **settings: object) -> subprocess.
               for name, value in settings.items()}}
     return subprocess.Popen([sys.executable, "-m", "pipeline_console.cli", "worker"], env=env,
                             stdout=log_path.open("a"), stderr=subprocess.STDOUT)
-
-
-async def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_worker_killed_mid_send_leaves_the_delivery_ambiguous(

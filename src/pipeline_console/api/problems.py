@@ -9,9 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from pipeline_console.db import is_retryable
 from pipeline_console.errors import (
     Conflict,
     DomainError,
@@ -123,6 +125,16 @@ def install_problem_handlers(app: FastAPI) -> None:
         response = problem(503, "every database connection is busy; retry shortly")
         response.headers["Retry-After"] = "1"
         return response
+
+    @app.exception_handler(DBAPIError)
+    async def on_database_error(request: Request, error: DBAPIError) -> JSONResponse:
+        if is_retryable(error):
+            response = problem(503, "the request collided with concurrent work and was rolled "
+                               "back; retry it")
+            response.headers["Retry-After"] = "1"
+            return response
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return problem(500, "an unexpected error occurred; it has been logged")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -122,7 +122,8 @@ async def query_ambiguous_status(deliverer: Deliverer, ambiguous_id: int, *,
     return AmbiguousAction(ambiguous_id, "open", None, status)
 
 
-async def query_open_ambiguous(deliverer: Deliverer, *, limit: int = 100) -> dict[str, int]:
+async def query_open_ambiguous(deliverer: Deliverer, *, actor: str,
+                               limit: int = 100) -> dict[str, int]:
     """The query_ambiguous job: ask every system that can answer about its open outcomes."""
     async with deliverer.database.read() as session:
         rows = (await session.execute(
@@ -137,7 +138,7 @@ async def query_open_ambiguous(deliverer: Deliverer, *, limit: int = 100) -> dic
             counts["no_status_query"] += 1
             continue
         try:
-            action = await query_ambiguous_status(deliverer, ambiguous_id, actor="system")
+            action = await query_ambiguous_status(deliverer, ambiguous_id, actor=actor)
         except Conflict:  # resolved meanwhile by someone else
             continue
         counts["queried"] += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry
@@ -44,26 +44,43 @@ async def apply_event(
     circuit.state = after.state.value
     circuit.changed_at = now
     circuit.reason = reason
-    circuit.trial_delivery_id = None
-    if after.state is CircuitState.HALF_OPEN:
-        # One held delivery goes back to the queue to be the trial.
-        oldest = await session.scalar(
-            select(func.min(Delivery.id)).where(Delivery.system == circuit.system,
-                                                Delivery.status == "held"))
-        if oldest is not None:
-            await session.execute(update(Delivery).where(Delivery.id == oldest).values(
-                status="pending", next_attempt_at=now, updated_at=now))
+    if event in (CircuitEvent.HEALTHY, CircuitEvent.FAILURE):
+        # An outcome ends the trial. An operator's force-open or reset does not: a trial
+        # still being sent keeps the slot, so a reset can never start a second one.
+        circuit.trial_delivery_id = None
+    if after.state is CircuitState.HALF_OPEN and circuit.trial_delivery_id is None:
+        await release_held(session, circuit.system, now, only_oldest=True)
     if after.state is CircuitState.CLOSED:
         # The trial went through: what waited behind the open circuit may go now.
-        await session.execute(
-            update(Delivery)
-            .where(Delivery.system == circuit.system, Delivery.status == "held")
-            .values(status="pending", next_attempt_at=now, updated_at=now)
-        )
+        await release_held(session, circuit.system, now)
     return [AuditEntry(f"circuit.{after.state.value}", "circuit", circuit.system,
                        {"from": before.state.value, "to": after.state.value,
                         "event": event.value, "reason": reason,
                         "consecutive_failures": after.consecutive_failures})]
+
+
+async def release_held(session: AsyncSession, system: str, now: datetime, *,
+                       only_oldest: bool = False) -> None:
+    """Held deliveries of a system go back to the queue (locked in id order)."""
+    query = (select(Delivery.id).where(Delivery.system == system, Delivery.status == "held")
+             .order_by(Delivery.id).with_for_update())
+    if only_oldest:
+        query = query.limit(1)
+    ids = list((await session.execute(query)).scalars())
+    if ids:
+        await session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
+            status="pending", next_attempt_at=now, updated_at=now))
+
+
+async def free_trial(session: AsyncSession, circuit: Circuit, delivery_id: int,
+                     now: datetime) -> None:
+    """The trial ended without an outcome (superseded, or its claim was lost): let the next
+    held delivery be the trial, so a half-open circuit never waits for nothing."""
+    if circuit.trial_delivery_id != delivery_id:
+        return
+    circuit.trial_delivery_id = None
+    if circuit.state == "half_open":
+        await release_held(session, circuit.system, now, only_oldest=True)
 
 
 async def operator_transition(

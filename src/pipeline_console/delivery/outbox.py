@@ -1,11 +1,13 @@
 """The transactional outbox: promotion writes one delivery per subscribed system in the same
 transaction, so a crash can never lose a delivery.
 
-A newer version supersedes older deliveries of the same record to the same system that have
+A newer promotion supersedes the deliveries of the same record to the same system that have
 not been sent yet (pending or held): the newer payload is the entity's full state, so the
 older one would only be overwritten. Deliveries already in flight are left alone; the
-canonical delivery function refuses to send a version older than one already queued or
-delivered, so an older version never reaches a system after a newer one.
+canonical delivery function refuses to send a delivery when a newer one (a higher version,
+or a later promotion of the same version) exists, and a newer version is not claimed while
+an older one of the same record is in flight, so an older payload never reaches a system
+after a newer one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.models import Delivery, DownstreamSystem
@@ -30,7 +32,7 @@ async def enqueue_deliveries(
     for name, entity_types in (
         await session.execute(select(DownstreamSystem.name, DownstreamSystem.entity_types))
     ).all():
-        for entity_type in entity_types:
+        for entity_type in set(entity_types):
             subscriptions.setdefault(entity_type, []).append(name)
     rows = [
         {
@@ -53,22 +55,21 @@ async def enqueue_deliveries(
     if not rows:
         return 0
     table = Delivery.__table__
-    await session.execute(
-        update(table)
-        .where(
-            and_(
-                table.c.system == bindparam("target_system"),
-                table.c.idempotency_key == bindparam("key"),
-                table.c.version < bindparam("newer"),
-                # (an IN list cannot be used with executemany)
-                or_(table.c.status == "pending", table.c.status == "held"),
-            )
-        )
-        .values(status="superseded", updated_at=now,
-                last_error=bindparam("why")),
-        [{"target_system": row["system"], "key": row["idempotency_key"],
-          "newer": row["version"], "why": f"superseded by version {row['version']}"}
-         for row in rows],
-    )
+    # Every unsent delivery of these records to these systems is older than (or, after an
+    # anomaly resolution, the same version as, but a different payload from) the new one.
+    # Rows are locked in id order, like every other statement that locks several deliveries,
+    # so that concurrent transactions cannot deadlock.
+    pairs = sorted({(row["system"], row["idempotency_key"]) for row in rows})
+    stale = list((await session.execute(
+        select(table.c.id).where(
+            tuple_(table.c.system, table.c.idempotency_key).in_(pairs),
+            table.c.status.in_(("pending", "held")),
+        ).order_by(table.c.id).with_for_update()
+    )).scalars())
+    if stale:
+        await session.execute(
+            update(table).where(table.c.id.in_(stale)).values(
+                status="superseded", updated_at=now,
+                last_error="superseded by a newer promotion of the same record"))
     await session.execute(insert(table), rows)
     return len(rows)

@@ -42,8 +42,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         log.info("worker %s started", deliverer.worker_id)
         try:
             while not stop.is_set():
-                counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
-                                           concurrency=settings.worker_concurrency)
+                try:
+                    counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
+                                               concurrency=settings.worker_concurrency)
+                except Exception:  # the database went away, say: keep going, loudly
+                    log.exception("a delivery pass failed; trying again")
+                    counts = {"claimed": 0}
                 if counts["claimed"] == 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), settings.worker_poll_interval_s)

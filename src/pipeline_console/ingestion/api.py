@@ -110,8 +110,8 @@ async def post_message(
             item = parse_message(
                 candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth
             )
-    async with database.transaction() as session:
-        [result] = await ingest_messages(session, [item], now=now, actor=actor.name)
+    [result] = await database.run_transaction(
+        lambda session: ingest_messages(session, [item], now=now, actor=actor.name))
     if isinstance(result, Rejected):
         return _rejection_problem(result)
     return _result_dict(result)
@@ -166,10 +166,9 @@ async def post_batch(
                 candidates = messages
 
     if whole_body_rejection is not None:
-        async with database.transaction() as session:
-            [result] = await ingest_messages(
-                session, [whole_body_rejection], now=now, actor=actor.name
-            )
+        [result] = await database.run_transaction(
+            lambda session: ingest_messages(session, [whole_body_rejection], now=now,
+                                            actor=actor.name))
         assert isinstance(result, Rejected)
         return _rejection_problem(result)
 
@@ -179,8 +178,8 @@ async def post_batch(
         if isinstance(item, RejectedMessage):
             item = replace(item, raw_body=excerpt_of(candidate, excerpt_bytes))
         items.append(item)
-    async with database.transaction() as session:
-        results = await ingest_messages(session, items, now=now, actor=actor.name)
+    results = await database.run_transaction(
+        lambda session: ingest_messages(session, items, now=now, actor=actor.name))
     out: list[dict[str, Any]] = []
     for index, result in enumerate(results):
         if isinstance(result, Rejected):

@@ -33,8 +33,8 @@ async def _deliver_due(deliverer: Deliverer, settings: Settings, actor: str) -> 
 
 
 async def _query_ambiguous(deliverer: Deliverer, _settings: Settings,
-                           _actor: str) -> dict[str, Any]:
-    return await query_open_ambiguous(deliverer)
+                           actor: str) -> dict[str, Any]:
+    return await query_open_ambiguous(deliverer, actor=actor)
 
 
 JOBS: dict[str, Job] = {
