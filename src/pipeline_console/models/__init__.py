@@ -19,6 +19,7 @@ from pipeline_console.models.records import (
     RecordState,
     StagingRecord,
 )
+from pipeline_console.models.replay import ReplayExecution, ReplayItem, ReplayRequest
 
 __all__ = [
     "AmbiguousOutcome",
@@ -35,5 +36,8 @@ __all__ = [
     "IngestionAttempt",
     "ProductionRecord",
     "RecordState",
+    "ReplayExecution",
+    "ReplayItem",
+    "ReplayRequest",
     "StagingRecord",
 ]
