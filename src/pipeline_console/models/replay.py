@@ -53,7 +53,8 @@ class ReplayItem(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     request_id: Mapped[int] = mapped_column(ForeignKey("replay_requests.id"))
     position: Mapped[int] = mapped_column(Integer)
-    dlq_id: Mapped[int | None] = mapped_column(ForeignKey("dead_letters.id"), nullable=True)
+    # What was asked for, which may not exist (a refused item says so): no foreign key.
+    dlq_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(KEY_LENGTH), nullable=True)
     system: Mapped[str | None] = mapped_column(String(NAME_LENGTH), nullable=True)
     version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

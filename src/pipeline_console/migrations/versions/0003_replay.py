@@ -71,7 +71,7 @@ def upgrade() -> None:
             "request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
         ),
         sa.Column("position", sa.Integer(), nullable=False),
-        sa.Column("dlq_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
+        sa.Column("dlq_id", sa.BigInteger(), nullable=True),
         sa.Column("idempotency_key", sa.String(length=321), nullable=True),
         sa.Column("system", sa.String(length=64), nullable=True),
         sa.Column("version", sa.BigInteger(), nullable=True),
@@ -81,9 +81,6 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "status IN ('pending', 'executing', 'executed', 'refused')",
             name=op.f("ck_replay_items_status"),
-        ),
-        sa.ForeignKeyConstraint(
-            ["dlq_id"], ["dead_letters.id"], name=op.f("fk_replay_items_dlq_id_dead_letters")
         ),
         sa.ForeignKeyConstraint(
             ["request_id"],

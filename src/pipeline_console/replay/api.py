@@ -1,0 +1,187 @@
+"""Operator replay (API.md, "Replay")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
+from pipeline_console.api.problems import problem, problem_responses
+from pipeline_console.delivery.api import DelivererDep
+from pipeline_console.delivery.schemas import Reason
+from pipeline_console.ingestion.schemas import Name
+from pipeline_console.models import ReplayRequest
+from pipeline_console.pagination import MAX_ID, fetch_page
+from pipeline_console.replay import service
+from pipeline_console.replay.service import MAX_ITEMS, Target
+
+router = APIRouter(tags=["replay"])
+
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+class ItemIn(BaseModel):
+    """Either {"dlq_id"} or {"key", "system"}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dlq_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    key: str | None = Field(default=None, min_length=3, max_length=321,
+                            pattern=r"^[^\x00-\x1f\x7f]+$")
+    system: Name | None = None
+
+    @model_validator(mode="after")
+    def one_kind(self) -> ItemIn:
+        if (self.dlq_id is None) == (self.key is None and self.system is None):
+            raise ValueError('give either "dlq_id", or "key" and "system"')
+        if self.dlq_id is None and (self.key is None or self.system is None):
+            raise ValueError('"key" and "system" go together')
+        return self
+
+
+class FilterIn(BaseModel):
+    """Every open dead letter of a system, optionally by reason text and time."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    system: Name
+    reason_contains: str | None = Field(default=None, max_length=200,
+                                        pattern=r"^[^\x00]*$")
+    since: AwareDatetime | None = Field(default=None, alias="from")
+    until: AwareDatetime | None = Field(default=None, alias="to")
+
+
+class ReplayCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason
+    items: list[ItemIn] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
+    filter: FilterIn | None = None
+    allow_delivered: bool = Field(default=False, description="send again what was delivered")
+
+    @model_validator(mode="after")
+    def items_or_filter(self) -> ReplayCreate:
+        if (self.items is None) == (self.filter is None):
+            raise ValueError('give either "items" or "filter"')
+        return self
+
+
+class ItemRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    position: int
+    dlq_id: int | None
+    key: str | None = Field(validation_alias="idempotency_key")
+    system: str | None
+    version: int | None
+    eligible: bool
+    reason: str
+    status: Literal["pending", "executing", "executed", "refused"]
+
+
+class ExecutionRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    item_id: int
+    delivery_id: int
+    delivery_attempt_id: int
+    outcome: str
+    executed_by: str
+    executed_at: datetime
+
+
+class ReplayRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    status: Literal["validated", "rejected", "executing", "completed", "failed"]
+    reason: str
+    selection: dict[str, Any]
+    allow_delivered: bool
+    requested_by: str
+    created_at: datetime
+    executed_by: str | None
+    executed_at: datetime | None
+    finished_at: datetime | None
+    items: list[ItemRead] = []
+    executions: list[ExecutionRead] = []
+
+
+class ReplayPage(BaseModel):
+    items: list[ReplayRead]
+    next_cursor: str | None
+
+
+async def _read(session: Any, request: ReplayRequest) -> ReplayRead:
+    items, executions = await service.items_and_executions(session, request.id)
+    return ReplayRead.model_validate(request).model_copy(update={
+        "items": [ItemRead.model_validate(item) for item in items],
+        "executions": [ExecutionRead.model_validate(row) for row in executions]})
+
+
+@router.post(
+    "/replays", response_model=ReplayRead, status_code=201,
+    responses=problem_responses(409, 422),
+    summary="Validate a replay request (all-or-nothing)",
+    description="201 with status `validated` when every item is eligible. Otherwise 409: the "
+    "problem's `items` give each item's `eligible` and `reason`, the request is stored as "
+    "`rejected` and nothing is sent.",
+)
+async def create_replay(database: DatabaseDep, body: ReplayCreate, now: NowDep,
+                        actor: ActorDep) -> Any:
+    async with database.transaction() as session:
+        if body.filter is not None:
+            targets = await service.expand_filter(
+                session, body.filter.system, body.filter.reason_contains, body.filter.since,
+                body.filter.until)
+        else:
+            targets = [Target(dlq_id=item.dlq_id, key=item.key, system=item.system)
+                       for item in body.items or []]
+        request, _ = await service.create_replay(
+            session, targets, reason=body.reason,
+            selection=body.model_dump(mode="json", by_alias=True, exclude={"reason"}),
+            allow_delivered=body.allow_delivered, actor=actor.name, now=now)
+        read = await _read(session, request)
+    if read.status == "rejected":
+        refused = sum(1 for item in read.items if not item.eligible)
+        return problem(
+            409, f"{refused} of {len(read.items)} items are not eligible; the request is "
+            f"stored as rejected (replay {read.id}) and nothing was sent",
+            replay_id=read.id,
+            items=[item.model_dump(mode="json") for item in read.items])
+    return JSONResponse(read.model_dump(mode="json"), status_code=201)
+
+
+@router.post("/replays/{replay_id}/execute", response_model=ReplayRead,
+             responses=problem_responses(404, 409),
+             summary="Send every item through the canonical delivery path (once)")
+async def execute(deliverer: DelivererDep, database: DatabaseDep, replay_id: Id,
+                  actor: ActorDep) -> Any:
+    request = await service.execute_replay(deliverer, replay_id, actor=actor.name)
+    async with database.read() as session:
+        return await _read(session, request)
+
+
+@router.get("/replays", response_model=ReplayPage, summary="Replay requests, oldest first")
+async def list_replays(database: DatabaseDep, page: IdPage,
+                       status: Literal["validated", "rejected", "executing", "completed",
+                                       "failed"] | None = None) -> Any:
+    async with database.read() as session:
+        result = await fetch_page(session, ReplayRequest.id, page,
+                                  equal=[(ReplayRequest.status, status)])
+        return {"items": [await _read(session, request) for request in result.items],
+                "next_cursor": result.next_cursor}
+
+
+@router.get("/replays/{replay_id}", response_model=ReplayRead,
+            responses=problem_responses(404),
+            summary="A replay: its items with eligibility, and the execution log")
+async def get_replay(database: DatabaseDep, replay_id: Id) -> Any:
+    async with database.read() as session:
+        return await _read(session, await service.get_replay(session, replay_id))

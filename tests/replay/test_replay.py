@@ -1,0 +1,203 @@
+"""Replay end to end against a real HTTP server, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from pipeline_console.db import Database, create_engine
+from pipeline_console.delivery.service import Deliverer
+from pipeline_console.delivery.transports import Transports
+from pipeline_console.replay.service import execute_replay
+from tests.delivery.test_delivery import add_system, attempts, deliveries, ingest, run_pass
+from tests.sink import Answer
+from tests.support import message
+
+
+async def dead_letter(client, sink, *entity_ids: str, **system_settings) -> list[dict]:
+    """Deliveries that the system refused (400): open DLQ entries."""
+    sink.answer(Answer(400, body="nope"))
+    await add_system(client, sink, **system_settings)
+    await ingest(client, *[message(1, {"n": e}, entity_id=e) for e in entity_ids])
+    await run_pass(client)
+    return (await client.get("/api/v1/dlq?status=open")).json()["items"]
+
+
+async def replay(client, **body):
+    return await client.post("/api/v1/replays", json={"reason": "billing fixed it", **body})
+
+
+class TestValidation:
+    async def test_a_mixed_batch_is_refused_whole_stored_as_rejected_and_sends_nothing(
+            self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        sent = len(sink.received)
+        response = await replay(client, items=[{"dlq_id": entry["id"]}, {"dlq_id": 999},
+                                               {"key": "customer:NOPE", "system": "billing"}])
+        assert response.status_code == 409
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert [item["eligible"] for item in problem["items"]] == [True, False, False]
+        assert "dead letter 999 does not exist" in problem["items"][1]["reason"]
+        assert "not in production" in problem["items"][2]["reason"]
+        stored = (await client.get(f"/api/v1/replays/{problem['replay_id']}")).json()
+        assert stored["status"] == "rejected"
+        executed = await client.post(f"/api/v1/replays/{problem['replay_id']}/execute")
+        assert executed.status_code == 409
+        assert len(sink.received) == sent
+
+    async def test_a_replay_into_an_open_circuit_is_refused(self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        await client.post("/api/v1/circuits/billing/open", json={"reason": "maintenance"})
+        response = await replay(client, items=[{"dlq_id": entry["id"]}])
+        assert response.status_code == 409
+        assert "circuit of billing is open" in response.json()["items"][0]["reason"]
+
+    async def test_an_older_version_is_never_replayed(self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        sink.answer(Answer(200))
+        await ingest(client, message(2, {"n": "A2"}, entity_id="A"))
+        response = await replay(client, items=[{"dlq_id": entry["id"]}])
+        assert "not the current production version (2)" in response.json()["items"][0]["reason"]
+
+    async def test_a_delivered_version_is_replayed_only_when_asked_explicitly(self, client,
+                                                                              sink):
+        await add_system(client, sink)
+        await ingest(client, message(1))
+        await run_pass(client)
+        item = {"key": "customer:C-100", "system": "billing"}
+        refused = await replay(client, items=[item])
+        assert "set allow_delivered" in refused.json()["items"][0]["reason"]
+        accepted = await replay(client, items=[item], allow_delivered=True)
+        assert accepted.status_code == 201
+        done = (await client.post(f"/api/v1/replays/{accepted.json()['id']}/execute")).json()
+        assert done["status"] == "completed"
+        assert sink.keys_received() == {"customer:C-100:1": 2}
+
+    async def test_a_filter_is_expanded_to_items_and_shown_back(self, client, sink):
+        await dead_letter(client, sink, "A", "B", "C")
+        response = await replay(client, filter={"system": "billing",
+                                                "reason_contains": "HTTP 400"})
+        assert response.status_code == 201
+        body = response.json()
+        assert body["status"] == "validated"
+        assert sorted(item["key"] for item in body["items"]) == [
+            "customer:A", "customer:B", "customer:C"]
+        assert body["selection"]["filter"]["system"] == "billing"
+
+    @pytest.mark.parametrize("body", [
+        {"items": [{"dlq_id": 1}]},  # no reason
+        {"reason": "x"},  # neither items nor filter
+        {"reason": "x", "items": [{"key": "customer:A"}]},  # key without system
+        {"reason": "x", "items": [{"dlq_id": 1, "key": "customer:A", "system": "b"}]},
+    ])
+    async def test_malformed_requests_are_422(self, client, body):
+        assert (await client.post("/api/v1/replays", json=body)).status_code == 422
+
+
+class TestExecution:
+    async def test_a_dead_letter_replayed_after_the_fix_is_delivered_and_closed(self, client,
+                                                                               sink):
+        [entry] = await dead_letter(client, sink, "A")
+        sink.answer(Answer(200))
+        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        done = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert done["status"] == "completed"
+        [execution] = done["executions"]
+        assert execution["outcome"] == "delivered"
+        [closed] = (await client.get("/api/v1/dlq")).json()["items"]
+        assert closed["status"] == "closed"
+        [delivery] = await deliveries(client)
+        original, replayed = await attempts(client, delivery["id"])
+        assert replayed["id"] == execution["delivery_attempt_id"]
+        assert (replayed["trigger"], replayed["actor"]) == ("replay", "anonymous")
+        # the very same request an original delivery carries: same headers, same body
+        assert replayed["request"] == original["request"]
+        assert sink.received[0].body == sink.received[1].body
+        assert sink.received[0].headers["Idempotency-Key"] == sink.received[1].headers[
+            "Idempotency-Key"]
+
+    async def test_executing_twice_sends_once(self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        sink.answer(Answer(200))
+        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        first = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        second = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert first["executions"] == second["executions"]
+        assert len(sink.received) == 2  # the original try and one replay
+
+    async def test_executing_at_the_same_time_from_two_processes_sends_once(
+            self, client, sink, settings):
+        entries = await dead_letter(client, sink, "A", "B", "C", "D")
+        sink.answer(Answer(200, delay_s=0.1))
+        created = (await replay(client, items=[{"dlq_id": e["id"]} for e in entries])).json()
+        databases = [Database(create_engine(settings)) for _ in range(2)]
+        try:
+            async with httpx.AsyncClient() as http:
+                runs = [execute_replay(Deliverer(db, Transports(http), client.app.state.clock,
+                                                 worker_id=f"process-{n}"),
+                                       created["id"], actor="operator")
+                        for n, db in enumerate(databases)]
+                await asyncio.gather(*runs)
+        finally:
+            for db in databases:
+                await db.dispose()
+        done = (await client.get(f"/api/v1/replays/{created['id']}")).json()
+        assert done["status"] == "completed" and len(done["executions"]) == 4
+        assert sink.keys_received() == {f"customer:{e}:1": 2 for e in "ABCD"}
+
+    async def test_a_replay_that_fails_again_lands_back_in_the_dlq_through_the_normal_path(
+            self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        done = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert done["status"] == "failed"
+        assert done["executions"][0]["outcome"] == "dead_lettered"
+        entries = (await client.get("/api/v1/dlq")).json()["items"]
+        assert [e["status"] for e in entries] == ["open", "open"]  # a new entry, by the path
+
+    async def test_eligibility_is_checked_again_at_execution(self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        await client.post("/api/v1/circuits/billing/open", json={"reason": "maintenance"})
+        done = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert done["status"] == "failed" and done["executions"] == []
+        assert done["items"][0]["reason"].startswith("at execution: the circuit")
+
+
+class TestTheExecutionLogIsProof:
+    async def test_every_execution_row_references_exactly_one_replay_attempt(self, client,
+                                                                            sink, database):
+        entries = await dead_letter(client, sink, "A", "B")
+        sink.answer(Answer(200))
+        created = (await replay(client, items=[{"dlq_id": e["id"]} for e in entries])).json()
+        await client.post(f"/api/v1/replays/{created['id']}/execute")
+        async with database.read() as session:
+            rows = (await session.execute(text(
+                "SELECT e.id, a.trigger, a.delivery_id, e.delivery_id AS expected "
+                "FROM replay_executions e JOIN delivery_attempts a "
+                "ON a.id = e.delivery_attempt_id"))).all()
+        assert len(rows) == 2
+        assert all(row.trigger == "replay" and row.delivery_id == row.expected for row in rows)
+
+    @pytest.mark.parametrize("attempt", ["NULL", "scheduled"])
+    async def test_the_database_refuses_an_execution_without_a_replay_attempt(
+            self, client, sink, database, attempt):
+        [entry] = await dead_letter(client, sink, "A")
+        sink.answer(Answer(200))
+        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        [delivery] = await deliveries(client)
+        [scheduled] = await attempts(client, delivery["id"])
+        attempt_id = "NULL" if attempt == "NULL" else str(scheduled["id"])
+        trigger = "'replay'"  # even claiming the trigger does not help: the pair must exist
+        with pytest.raises(IntegrityError):
+            async with database.transaction() as session:
+                await session.execute(text(
+                    "INSERT INTO replay_executions (request_id, item_id, delivery_id, "
+                    "delivery_attempt_id, attempt_trigger, outcome, executed_by, executed_at) "
+                    f"VALUES ({created['id']}, {created['items'][0]['id']}, {delivery['id']}, "
+                    f"{attempt_id}, {trigger}, 'delivered', 'forger', CURRENT_TIMESTAMP)"))
