@@ -27,6 +27,8 @@ CONTRACT_PATHS = [
     ("get", "/api/v1/ambiguous"), ("post", "/api/v1/ambiguous/{ambiguous_id}/query-status"),
     ("post", "/api/v1/ambiguous/{ambiguous_id}/resolve"), ("get", "/api/v1/circuits"),
     ("post", "/api/v1/circuits/{system}/reset"), ("post", "/api/v1/circuits/{system}/open"),
+    ("post", "/api/v1/replays"), ("get", "/api/v1/replays"),
+    ("get", "/api/v1/replays/{replay_id}"), ("post", "/api/v1/replays/{replay_id}/execute"),
 ]
 
 
