@@ -23,6 +23,8 @@ OK = ItemFacts(target="dead letter 5", from_dead_letter=True, dead_letter_status
     ({"busy_status": "in_flight"}, "is in_flight; resolve that first"),
     ({"busy_status": "ambiguous"}, "is ambiguous; resolve that first"),
     ({"repeated": True}, "appears earlier"),
+    ({"payload_current": False}, "no longer production's"),
+    ({"validated_version": 2}, "moved from version 2 to 3 since validation"),
     ({"from_dead_letter": False, "latest_status": "pending"}, "already queued"),
     ({"from_dead_letter": False, "latest_status": "held"}, "already queued"),
     ({"from_dead_letter": False, "latest_status": "delivered"}, "set allow_delivered"),

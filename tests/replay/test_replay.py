@@ -158,7 +158,9 @@ class TestExecution:
         assert done["status"] == "failed"
         assert done["executions"][0]["outcome"] == "dead_lettered"
         entries = (await client.get("/api/v1/dlq")).json()["items"]
-        assert [e["status"] for e in entries] == ["open", "open"]  # a new entry, by the path
+        # a new entry, written by the normal path; it replaces (closes) the replayed one
+        assert [e["status"] for e in entries] == ["closed", "open"]
+        assert entries[1]["attempt_id"] == done["executions"][0]["delivery_attempt_id"]
 
     async def test_eligibility_is_checked_again_at_execution(self, client, sink):
         [entry] = await dead_letter(client, sink, "A")
@@ -184,15 +186,24 @@ class TestTheExecutionLogIsProof:
         assert len(rows) == 2
         assert all(row.trigger == "replay" and row.delivery_id == row.expected for row in rows)
 
-    @pytest.mark.parametrize("attempt", ["NULL", "scheduled"])
+    @pytest.mark.parametrize("attempt", ["NULL", "scheduled", "another_deliverys"])
     async def test_the_database_refuses_an_execution_without_a_replay_attempt(
             self, client, sink, database, attempt):
-        [entry] = await dead_letter(client, sink, "A")
+        entries = await dead_letter(client, sink, "A", "B")
         sink.answer(Answer(200))
-        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
-        [delivery] = await deliveries(client)
-        [scheduled] = await attempts(client, delivery["id"])
-        attempt_id = "NULL" if attempt == "NULL" else str(scheduled["id"])
+        other = (await replay(client, items=[{"dlq_id": entries[1]["id"]}])).json()
+        await client.post(f"/api/v1/replays/{other['id']}/execute")  # B's replay attempt
+        created = (await replay(client, items=[{"dlq_id": entries[0]["id"]}])).json()
+        a_delivery = next(d for d in await deliveries(client)
+                          if d["idempotency_key"] == "customer:A")
+        [scheduled] = await attempts(client, a_delivery["id"])
+        b_delivery = next(d for d in await deliveries(client)
+                          if d["idempotency_key"] == "customer:B")
+        b_replay = (await attempts(client, b_delivery["id"]))[-1]
+        assert b_replay["trigger"] == "replay"
+        attempt_id = {"NULL": "NULL", "scheduled": str(scheduled["id"]),
+                      "another_deliverys": str(b_replay["id"])}[attempt]
+        delivery = a_delivery
         trigger = "'replay'"  # even claiming the trigger does not help: the pair must exist
         with pytest.raises(IntegrityError):
             async with database.transaction() as session:
@@ -201,3 +212,96 @@ class TestTheExecutionLogIsProof:
                     "delivery_attempt_id, attempt_trigger, outcome, executed_by, executed_at) "
                     f"VALUES ({created['id']}, {created['items'][0]['id']}, {delivery['id']}, "
                     f"{attempt_id}, {trigger}, 'delivered', 'forger', CURRENT_TIMESTAMP)"))
+
+
+class TestReviewFindings:
+    async def test_a_dead_letter_whose_payload_was_corrected_since_is_not_replayed(
+            self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        conflict = (await ingest(client, message(1, {"n": "fixed"}, entity_id="A",
+                                                 source_system="crm")))[0]
+        await client.post(f"/api/v1/anomalies/{conflict['anomaly_id']}/resolve",
+                          json={"resolution": "accept_incoming", "note": "crm is right"})
+        response = await replay(client, items=[{"dlq_id": entry["id"]}])
+        assert response.status_code == 409
+        assert "no longer production's" in response.json()["items"][0]["reason"]
+
+    async def test_a_dead_letter_replayed_by_two_requests_is_sent_once(self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        sink.answer(Answer(200))
+        first = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        second = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        assert (await client.post(f"/api/v1/replays/{first['id']}/execute")).json()[
+            "status"] == "completed"
+        again = (await client.post(f"/api/v1/replays/{second['id']}/execute")).json()
+        assert again["status"] == "failed"
+        assert "closed, not open" in again["items"][0]["reason"]
+        assert sink.keys_received() == {"customer:A:1": 2}
+
+    async def test_a_key_never_queued_for_the_system_is_sent_once(self, client, sink):
+        await ingest(client, message(1))
+        await add_system(client, sink)  # subscribed after the promotion: no delivery yet
+        created = (await replay(client, items=[{"key": "customer:C-100",
+                                                "system": "billing"}])).json()
+        assert (await run_pass(client))["claimed"] == 0
+        done = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert done["status"] == "completed"
+        assert (await run_pass(client))["claimed"] == 0
+        assert sink.keys_received() == {"customer:C-100:1": 1}
+
+    async def test_all_or_nothing_holds_at_execution(self, client, sink):
+        entries = await dead_letter(client, sink, "A", "B")
+        created = (await replay(client, items=[{"dlq_id": e["id"]} for e in entries])).json()
+        sink.answer(Answer(200))
+        await ingest(client, message(2, {"n": "B2"}, entity_id="B"))
+        sent = len(sink.received)
+        done = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert done["status"] == "failed" and done["executions"] == []
+        assert {item["status"] for item in done["items"]} == {"refused"}
+        assert len(sink.received) == sent
+
+    async def test_filters_work_after_a_failed_replay_and_ignore_case(self, client, sink):
+        await dead_letter(client, sink, "A")
+        first = (await replay(client, filter={"system": "billing"})).json()
+        await client.post(f"/api/v1/replays/{first['id']}/execute")  # fails again: 400
+        again = await replay(client, filter={"system": "billing", "reason_contains": "http 400"})
+        assert again.status_code == 201 and len(again.json()["items"]) == 1
+
+    async def test_an_empty_filter_is_refused_and_stored(self, client, sink):
+        await add_system(client, sink)
+        response = await replay(client, filter={"system": "billing"})
+        assert response.status_code == 409
+        assert "selects nothing" in response.json()["detail"]
+        stored = (await client.get(f"/api/v1/replays/{response.json()['replay_id']}")).json()
+        assert stored["status"] == "rejected"
+
+    @pytest.mark.parametrize("bound", [{"from": "0001-01-01T00:00:00+01:00"},
+                                       {"to": "9999-12-31T23:59:59-01:00"}])
+    async def test_filter_times_without_a_utc_equivalent_are_422(self, client, sink, bound):
+        await add_system(client, sink)
+        response = await replay(client, filter={"system": "billing", **bound})
+        assert response.status_code == 422
+
+    async def test_an_interrupted_execution_is_finished_from_the_attempt_log(
+            self, client, sink, database):
+        [entry] = await dead_letter(client, sink, "A")
+        sink.answer(Answer(200))
+        created = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        from pipeline_console.replay import service as replay_service
+
+        real_log = replay_service._log_execution
+
+        async def crash(*_args, **_kwargs):
+            raise RuntimeError("the process died after sending")
+
+        replay_service._log_execution = crash
+        try:
+            stuck = (await client.post(f"/api/v1/replays/{created['id']}/execute",
+                                       )).json()
+        finally:
+            replay_service._log_execution = real_log
+        assert stuck["status"] == "executing"  # sent, but not yet in the execution log
+        done = (await client.post(f"/api/v1/replays/{created['id']}/execute")).json()
+        assert done["status"] == "completed"
+        assert done["executions"][0]["outcome"] == "delivered"
+        assert sink.keys_received() == {"customer:A:1": 2}

@@ -175,39 +175,47 @@ async def claim_one(
     """Claim one named delivery for an operator action (deliver now, resolution, replay)."""
 
     async def work(session: AsyncSession) -> None:
-        now = deliverer.clock()
-        system = await session.scalar(select(Delivery.system).where(Delivery.id == delivery_id))
-        if system is None:
-            raise NotFound(f"delivery {delivery_id} does not exist")
-        circuit = await lock_circuit(session, system)
-        delivery = await _lock_delivery(session, delivery_id)
-        if delivery.status not in allowed:
-            raise Conflict(f"delivery {delivery_id} is {delivery.status}; "
-                           f"this action needs it {' or '.join(allowed)}")
-        if circuit.state == "open":
-            raise Conflict(f"the circuit of {system} is open; nothing is sent until "
-                           "an operator resets it")
-        if circuit.state == "half_open":
-            if circuit.trial_delivery_id not in (None, delivery_id):
-                raise Conflict(f"the circuit of {system} is half-open and its trial "
-                               f"delivery {circuit.trial_delivery_id} is under way")
-            circuit.trial_delivery_id = delivery_id
-        in_flight = await session.scalar(
-            select(Delivery.id).where(Delivery.system == system,
-                                      Delivery.idempotency_key == delivery.idempotency_key,
-                                      Delivery.status == "in_flight").limit(1))
-        if in_flight is not None:
-            raise Conflict(f"delivery {in_flight} of the same record to {system} is being "
-                           "sent; try again when it has an outcome")
-        timeout = await session.scalar(
-            select(DownstreamSystem.timeout_s).where(DownstreamSystem.name == system))
-        delivery.status = "in_flight"
-        delivery.claimed_by = deliverer.worker_id
-        delivery.claim_trigger = trigger
-        delivery.lease_expires_at = _lease(now, timeout, deliverer.lease_margin_s)
-        delivery.updated_at = now
+        await claim_in(session, deliverer, delivery_id, trigger=trigger, allowed=allowed)
 
     await deliverer.database.run_transaction(work)
+
+
+async def claim_in(session: AsyncSession, deliverer: Deliverer, delivery_id: int, *,
+                   trigger: str, allowed: tuple[str, ...]) -> None:
+    """claim_one inside the caller's transaction, so that a caller can check something and
+    claim in one atomic step (replay does)."""
+    now = deliverer.clock()
+    system = await session.scalar(select(Delivery.system).where(Delivery.id == delivery_id))
+    if system is None:
+        raise NotFound(f"delivery {delivery_id} does not exist")
+    circuit = await lock_circuit(session, system)
+    delivery = await _lock_delivery(session, delivery_id)
+    if delivery.status not in allowed:
+        raise Conflict(f"delivery {delivery_id} is {delivery.status}; "
+                       f"this action needs it {' or '.join(allowed)}")
+    if circuit.state == "open":
+        raise Conflict(f"the circuit of {system} is open; nothing is sent until "
+                       "an operator resets it")
+    if circuit.state == "half_open":
+        if circuit.trial_delivery_id not in (None, delivery_id):
+            raise Conflict(f"the circuit of {system} is half-open and its trial "
+                           f"delivery {circuit.trial_delivery_id} is under way")
+        circuit.trial_delivery_id = delivery_id
+    in_flight = await session.scalar(
+        select(Delivery.id).where(Delivery.system == system,
+                                  Delivery.idempotency_key == delivery.idempotency_key,
+                                  Delivery.status == "in_flight").limit(1))
+    if in_flight is not None:
+        raise Conflict(f"delivery {in_flight} of the same record to {system} is being "
+                       "sent; try again when it has an outcome")
+    timeout = await session.scalar(
+        select(DownstreamSystem.timeout_s).where(DownstreamSystem.name == system))
+    delivery.status = "in_flight"
+    delivery.claimed_by = deliverer.worker_id
+    delivery.claim_trigger = trigger
+    delivery.lease_expires_at = _lease(now, timeout, deliverer.lease_margin_s)
+    delivery.updated_at = now
+    await session.flush()
 
 
 async def deliver(deliverer: Deliverer, delivery_id: int, *, trigger: str,
@@ -332,10 +340,7 @@ async def _apply_step(
     if step is Step.DELIVERED:
         delivery.status = "delivered"
         delivery.delivered_at = now
-        await session.execute(
-            update(DeadLetter).where(DeadLetter.delivery_id == delivery.id,
-                                     DeadLetter.status == "open")
-            .values(status="closed", closed_at=now))
+        await _close_dead_letters(session, delivery.id, now)
         return Outcome.DELIVERED
     if step is Step.RETRY:
         delivery.status = "pending"
@@ -349,6 +354,7 @@ async def _apply_step(
         else:
             reason = f"retries_exhausted: {delivery.attempts} attempts, last {attempt.rule}"
         delivery.status = "dead_lettered"
+        await _close_dead_letters(session, delivery.id, now)  # the new entry replaces them
         session.add(DeadLetter(delivery_id=delivery.id, system=delivery.system,
                                idempotency_key=key, reason=reason,
                                classification=attempt.classification, attempt_id=attempt.id,
@@ -368,6 +374,13 @@ async def _apply_step(
     return Outcome.AMBIGUOUS
 
 
+async def _close_dead_letters(session: AsyncSession, delivery_id: int, now: datetime) -> None:
+    await session.execute(
+        update(DeadLetter).where(DeadLetter.delivery_id == delivery_id,
+                                 DeadLetter.status == "open")
+        .values(status="closed", closed_at=now))
+
+
 async def _supersede(session: AsyncSession, delivery: Delivery, newer: int,
                      now: datetime) -> None:
     delivery.status = "superseded"
@@ -376,6 +389,7 @@ async def _supersede(session: AsyncSession, delivery: Delivery, newer: int,
     delivery.updated_at = now
     delivery.last_error = (f"superseded by a newer delivery (version {newer}); an older "
                            "payload is never sent after a newer one")
+    await _close_dead_letters(session, delivery.id, now)
     circuit = (await session.execute(select(Circuit).where(Circuit.system == delivery.system)
                                      .with_for_update())).scalar_one()
     await free_trial(session, circuit, delivery.id, now)

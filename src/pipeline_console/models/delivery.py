@@ -128,8 +128,8 @@ class DeliveryAttempt(Base):
         CheckConstraint(_in("classification", CLASSIFICATIONS), name="classification"),
         Index(None, "delivery_id", "id"),
         Index(None, "system", "started_at"),
-        # The target of replay_executions' composite foreign key (id, trigger).
-        Index(None, "id", "trigger", unique=True),
+        # The target of replay_executions' composite foreign key.
+        Index(None, "id", "delivery_id", "trigger", unique=True),
     )
 
 

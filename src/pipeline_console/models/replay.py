@@ -61,6 +61,9 @@ class ReplayItem(Base):
     eligible: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
+    # The delivery an execution took (set with status `executing`), so that an execution
+    # interrupted by a crash can be finished from the attempt log.
+    delivery_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'executing', 'executed', 'refused')",
@@ -72,8 +75,9 @@ class ReplayItem(Base):
 
 class ReplayExecution(Base):
     """Proof that a replay took the canonical path: each row names the delivery attempt it
-    produced. The composite foreign key to (delivery_attempts.id, trigger) together with the
-    check on attempt_trigger makes a row without a real replay attempt impossible."""
+    produced. The composite foreign key to delivery_attempts (id, delivery_id, trigger), the
+    check on attempt_trigger and the uniqueness of the attempt make a row impossible unless a
+    real replay attempt of this very delivery exists, and no attempt backs two rows."""
 
     __tablename__ = "replay_executions"
 
@@ -88,9 +92,12 @@ class ReplayExecution(Base):
     executed_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (
-        ForeignKeyConstraint(["delivery_attempt_id", "attempt_trigger"],
-                             ["delivery_attempts.id", "delivery_attempts.trigger"]),
+        ForeignKeyConstraint(
+            ["delivery_attempt_id", "delivery_id", "attempt_trigger"],
+            ["delivery_attempts.id", "delivery_attempts.delivery_id", "delivery_attempts.trigger"],
+        ),
         CheckConstraint("attempt_trigger = 'replay'", name="replay_attempt"),
         UniqueConstraint("item_id"),
+        UniqueConstraint("delivery_attempt_id"),
         Index(None, "request_id", "id"),
     )

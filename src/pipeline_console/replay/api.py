@@ -7,13 +7,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
 from pipeline_console.api.problems import problem, problem_responses
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.delivery.schemas import Reason
-from pipeline_console.ingestion.schemas import Name
+from pipeline_console.ingestion.schemas import Name, UtcDatetime
 from pipeline_console.models import ReplayRequest
 from pipeline_console.pagination import MAX_ID, fetch_page
 from pipeline_console.replay import service
@@ -51,8 +51,8 @@ class FilterIn(BaseModel):
     system: Name
     reason_contains: str | None = Field(default=None, max_length=200,
                                         pattern=r"^[^\x00]*$")
-    since: AwareDatetime | None = Field(default=None, alias="from")
-    until: AwareDatetime | None = Field(default=None, alias="to")
+    since: UtcDatetime | None = Field(default=None, alias="from")
+    until: UtcDatetime | None = Field(default=None, alias="to")
 
 
 class ReplayCreate(BaseModel):
@@ -150,9 +150,11 @@ async def create_replay(database: DatabaseDep, body: ReplayCreate, now: NowDep,
         read = await _read(session, request)
     if read.status == "rejected":
         refused = sum(1 for item in read.items if not item.eligible)
+        detail = (f"{refused} of {len(read.items)} items are not eligible" if read.items
+                  else "the request selects nothing to replay")
         return problem(
-            409, f"{refused} of {len(read.items)} items are not eligible; the request is "
-            f"stored as rejected (replay {read.id}) and nothing was sent",
+            409, f"{detail}; the request is stored as rejected (replay {read.id}) and "
+            "nothing was sent",
             replay_id=read.id,
             items=[item.model_dump(mode="json") for item in read.items])
     return JSONResponse(read.model_dump(mode="json"), status_code=201)

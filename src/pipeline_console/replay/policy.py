@@ -25,6 +25,8 @@ class ItemFacts:
     busy_status: str | None  # a delivery of the record to the system in_flight or ambiguous
     latest_status: str | None  # the status of the newest delivery of `version` to the system
     repeated: bool  # the same target appears earlier in the request
+    payload_current: bool = True  # the delivery's payload is production's current payload
+    validated_version: int | None = None  # at execution: the version checked at validation
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,15 @@ def eligibility(facts: ItemFacts, *, allow_delivered: bool) -> Eligibility:
         return no(f"{facts.system} does not subscribe to {facts.entity_type}")
     if facts.production_version is None:
         return no("the record is not in production")
+    if facts.validated_version is not None and facts.validated_version != facts.production_version:
+        return no(f"production moved from version {facts.validated_version} to "
+                  f"{facts.production_version} since validation")
     if facts.version != facts.production_version:
         return no(f"version {facts.version} is not the current production version "
                   f"({facts.production_version}); an older version is never pushed downstream")
+    if not facts.payload_current:
+        return no(f"this delivery's payload is no longer production's: a correction of version "
+                  f"{facts.version} was accepted since; replay the record by key instead")
     if facts.circuit_state == "open":
         return no(f"the circuit of {facts.system} is open; reset it first")
     if facts.busy_status is not None:

@@ -5,20 +5,25 @@ function wrote (a NOT NULL composite foreign key; see models/replay.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.delivery.service import Deliverer, claim_one, deliver
+from pipeline_console.delivery.service import Deliverer, claim_in, deliver
 from pipeline_console.errors import Conflict, NotFound
+from pipeline_console.ingestion.policy import payload_hash
 from pipeline_console.models import (
     Circuit,
     DeadLetter,
     Delivery,
+    DeliveryAttempt,
     DownstreamSystem,
     ProductionRecord,
     ReplayExecution,
@@ -28,6 +33,7 @@ from pipeline_console.models import (
 from pipeline_console.replay.policy import ItemFacts, eligibility
 
 MAX_ITEMS = 500
+log = logging.getLogger("pipeline_console.replay")
 
 
 @dataclass(frozen=True)
@@ -39,19 +45,27 @@ class Target:
 
 async def expand_filter(session: AsyncSession, system: str, reason_contains: str | None,
                         since: datetime | None, until: datetime | None) -> list[Target]:
+    """Every open dead letter of the system that matches; more than MAX_ITEMS is refused."""
     query = (select(DeadLetter.id).where(DeadLetter.system == system,
                                          DeadLetter.status == "open")
-             .order_by(DeadLetter.id).limit(MAX_ITEMS))
+             .order_by(DeadLetter.id).limit(MAX_ITEMS + 1))
     if reason_contains:
-        query = query.where(DeadLetter.reason.contains(reason_contains, autoescape=True))
+        # lower() on both sides: case-insensitive on SQLite and PostgreSQL alike
+        query = query.where(func.lower(DeadLetter.reason).contains(reason_contains.lower(),
+                                                                   autoescape=True))
     if since is not None:
         query = query.where(DeadLetter.created_at >= since)
     if until is not None:
         query = query.where(DeadLetter.created_at < until)
-    return [Target(dlq_id=dlq_id) for dlq_id in (await session.execute(query)).scalars()]
+    targets = [Target(dlq_id=dlq_id) for dlq_id in (await session.execute(query)).scalars()]
+    if len(targets) > MAX_ITEMS:
+        raise Conflict(f"the filter matches more than {MAX_ITEMS} dead letters; narrow it "
+                       "(from, to, reason_contains) and replay in several requests")
+    return targets
 
 
 async def _facts(session: AsyncSession, target: Target, seen: set[tuple[str, str, int]],
+                 validated_version: int | None = None,
                  ) -> tuple[ItemFacts, Delivery | None, dict[str, Any]]:
     """What is true about one item now; also the delivery it would resend, if one exists."""
     dead_letter = delivery = None
@@ -97,6 +111,9 @@ async def _facts(session: AsyncSession, target: Target, seen: set[tuple[str, str
         production_version=production.version if production else None,
         version=version, circuit_state=circuit_state, busy_status=busy,
         latest_status=latest, repeated=signature in seen,
+        payload_current=(delivery is None or production is None
+                         or payload_hash(delivery.payload) == production.payload_hash),
+        validated_version=validated_version,
     )
     seen.add(signature)
     where = {"idempotency_key": key, "system": system_name, "version": version}
@@ -108,8 +125,6 @@ async def create_replay(session: AsyncSession, targets: list[Target], *, reason:
                         now: datetime) -> tuple[ReplayRequest, list[ReplayItem]]:
     """Validate every item and store the request either way: `validated` when every item is
     eligible, otherwise `rejected` (all-or-nothing), with each item's reason."""
-    if not targets:
-        raise Conflict("the request selects nothing to replay")
     if len(targets) > MAX_ITEMS:
         raise Conflict(f"at most {MAX_ITEMS} items per replay request")
     seen: set[tuple[str, str, int]] = set()
@@ -117,7 +132,7 @@ async def create_replay(session: AsyncSession, targets: list[Target], *, reason:
     for target in targets:
         facts, _, where = await _facts(session, target, seen)
         verdicts.append((target, where, eligibility(facts, allow_delivered=allow_delivered)))
-    accepted = all(verdict.eligible for _, _, verdict in verdicts)
+    accepted = bool(verdicts) and all(verdict.eligible for _, _, verdict in verdicts)
     request = ReplayRequest(status="validated" if accepted else "rejected", reason=reason,
                             selection=selection, allow_delivered=allow_delivered,
                             requested_by=actor, created_at=now)
@@ -140,29 +155,77 @@ async def create_replay(session: AsyncSession, targets: list[Target], *, reason:
     return request, items
 
 
-async def execute_replay(deliverer: Deliverer, request_id: int, *, actor: str) -> ReplayRequest:
+async def execute_replay(deliverer: Deliverer, request_id: int, *, actor: str,
+                         wait_s: float = 60.0) -> ReplayRequest:
     """Send every item through the canonical path, once. Executing again (also at the same
-    time, from another process) sends nothing more: each item is claimed before it is sent."""
+    time, from another process) sends nothing more: each item is checked and claimed in one
+    transaction, and only a `pending` item can be taken. An execution interrupted by a crash
+    is finished by the next one, from the delivery attempt log."""
 
-    async def start(session: AsyncSession) -> bool:
+    async def start(session: AsyncSession) -> str:
         request = await _lock_request(session, request_id)
         if request.status == "rejected":
             raise Conflict(f"replay {request_id} was rejected at validation; nothing is sent")
         if request.status in ("completed", "failed"):
-            return False
-        if request.status == "validated":
-            request.status, request.executed_by = "executing", actor
-            request.executed_at = deliverer.clock()
-        return True
+            return "done"
+        first = request.status == "validated"
+        request.status = "executing"
+        if first:
+            request.executed_by, request.executed_at = actor, deliverer.clock()
+            if not await _all_still_eligible(session, request):
+                return "refused"
+        return "run"
 
-    if await deliverer.database.run_transaction(start):
-        item_ids = await _item_ids(deliverer, request_id)
-        for item_id in item_ids:
-            await _execute_item(deliverer, request_id, item_id, actor)
+    mode = await deliverer.database.run_transaction(start)
+    if mode == "run":
+        for item_id in await _item_ids(deliverer, request_id):
+            try:
+                await _recover_interrupted(deliverer, request_id, item_id, actor)
+                await _execute_item(deliverer, request_id, item_id, actor)
+            except Exception:  # one item's trouble never stops the others; it is recoverable
+                log.exception("replay %s: item %s failed; it will be finished later",
+                              request_id, item_id)
+    if mode != "done":
         await deliverer.database.run_transaction(
             lambda session: _finish(session, request_id, actor, deliverer.clock()))
-    async with deliverer.database.read() as session:
-        return await get_replay(session, request_id)
+    deadline = time.monotonic() + wait_s
+    while True:  # another execution may still be sending some items: wait for its result
+        async with deliverer.database.read() as session:
+            request = await get_replay(session, request_id)
+            sending = await session.scalar(
+                select(func.count()).select_from(ReplayItem)
+                .join(Delivery, Delivery.id == ReplayItem.delivery_id)
+                .where(ReplayItem.request_id == request_id, ReplayItem.status == "executing",
+                       Delivery.status == "in_flight"))
+        if request.status != "executing" or not sending or time.monotonic() > deadline:
+            return request
+        await asyncio.sleep(0.1)
+
+
+async def _all_still_eligible(session: AsyncSession, request: ReplayRequest) -> bool:
+    """All-or-nothing holds at execution too: if any item became ineligible since
+    validation, nothing is sent and every item says why."""
+    items = list((await session.execute(select(ReplayItem).where(
+        ReplayItem.request_id == request.id).order_by(ReplayItem.position)
+        .with_for_update())).scalars())
+    seen: set[tuple[str, str, int]] = set()
+    verdicts = []
+    for item in items:
+        facts, _, _ = await _facts(session, _target(item), seen,
+                                   None if item.dlq_id is not None else item.version)
+        verdicts.append(eligibility(facts, allow_delivered=request.allow_delivered))
+    if all(verdict.eligible for verdict in verdicts):
+        return True
+    for item, verdict in zip(items, verdicts, strict=True):
+        item.status = "refused"
+        item.reason = (f"at execution: {verdict.reason}" if not verdict.eligible else
+                       "at execution: not sent, because another item became ineligible")
+    request.status, request.finished_at = "failed", request.executed_at
+    return False
+
+
+def _target(item: ReplayItem) -> Target:
+    return Target(dlq_id=item.dlq_id, key=item.idempotency_key, system=item.system)
 
 
 async def _item_ids(deliverer: Deliverer, request_id: int) -> list[int]:
@@ -175,44 +238,84 @@ async def _item_ids(deliverer: Deliverer, request_id: int) -> list[int]:
 async def _execute_item(deliverer: Deliverer, request_id: int, item_id: int, actor: str) -> None:
     async def take(session: AsyncSession) -> int | None:
         item = (await session.execute(select(ReplayItem).where(ReplayItem.id == item_id)
-                                      .with_for_update())).scalar_one()
+                                      .with_for_update()
+                                      .execution_options(populate_existing=True))).scalar_one()
         if item.status != "pending":
-            return None  # another execution has it
+            return None  # done, refused, or another execution has it
         request = await session.get(ReplayRequest, request_id)
-        target = Target(dlq_id=item.dlq_id, key=item.idempotency_key, system=item.system)
-        facts, delivery, _ = await _facts(session, target, set())
+        facts, delivery, _ = await _facts(session, _target(item), set(),
+                                          None if item.dlq_id is not None else item.version)
         verdict = eligibility(facts, allow_delivered=request.allow_delivered)
         if not verdict.eligible:
             item.status, item.reason = "refused", f"at execution: {verdict.reason}"
             return None
-        if delivery is None:
-            delivery = await _new_delivery(session, item, deliverer.clock())
-        item.status = "executing"
+        try:
+            # Check and claim in one transaction: nothing can send it in between. A new
+            # delivery lives in a savepoint, so a refused claim leaves no pending row behind.
+            async with session.begin_nested():
+                if delivery is None:
+                    delivery = await _new_delivery(session, item, deliverer.clock())
+                await claim_in(session, deliverer, delivery.id, trigger="replay",
+                               allowed=(delivery.status,))
+        except Conflict as refusal:
+            item.status, item.reason = "refused", f"at execution: {refusal.detail}"
+            return None
+        item.status, item.delivery_id = "executing", delivery.id
         return delivery.id
 
     delivery_id = await deliverer.database.run_transaction(take)
     if delivery_id is None:
         return
-    try:
-        await claim_one(deliverer, delivery_id, trigger="replay",
-                        allowed=("pending", "dead_lettered", "delivered"))
-    except Conflict as refusal:
-        await _refuse(deliverer, item_id, f"at execution: {refusal.detail}")
-        return
     result = await deliver(deliverer, delivery_id, trigger="replay", actor=actor)
-    if result.attempt_id is None:
-        await _refuse(deliverer, item_id, f"at execution: the delivery was {result.outcome}")
+    await deliverer.database.run_transaction(
+        lambda session: _log_execution(session, request_id, item_id, delivery_id,
+                                       result.attempt_id, result.outcome.value, actor,
+                                       deliverer.clock()))
+
+
+async def _log_execution(session: AsyncSession, request_id: int, item_id: int,
+                         delivery_id: int, attempt_id: int | None, outcome: str, actor: str,
+                         now: datetime) -> None:
+    item = await session.get(ReplayItem, item_id, with_for_update=True,
+                             populate_existing=True)
+    if item.status != "executing":
         return
+    if attempt_id is None:
+        item.status, item.reason = "refused", f"at execution: the delivery was {outcome}"
+        return
+    item.status = "executed"
+    session.add(ReplayExecution(
+        request_id=request_id, item_id=item_id, delivery_id=delivery_id,
+        delivery_attempt_id=attempt_id, attempt_trigger="replay", outcome=outcome,
+        executed_by=actor, executed_at=now))
 
-    async def log(session: AsyncSession) -> None:
-        item = await session.get(ReplayItem, item_id, with_for_update=True)
-        item.status = "executed"
-        session.add(ReplayExecution(
-            request_id=request_id, item_id=item_id, delivery_id=delivery_id,
-            delivery_attempt_id=result.attempt_id, attempt_trigger="replay",
-            outcome=result.outcome.value, executed_by=actor, executed_at=deliverer.clock()))
 
-    await deliverer.database.run_transaction(log)
+async def _recover_interrupted(deliverer: Deliverer, request_id: int, item_id: int,
+                               actor: str) -> None:
+    """An item left `executing` by an execution that died: finish it from the attempt log."""
+
+    async def work(session: AsyncSession) -> None:
+        item = await session.get(ReplayItem, item_id, with_for_update=True,
+                                 populate_existing=True)
+        if item.status != "executing" or item.delivery_id is None:
+            return
+        delivery = await session.get(Delivery, item.delivery_id, populate_existing=True)
+        if delivery.status == "in_flight":
+            return  # still being sent (or its lease has not run out yet)
+        used = select(ReplayExecution.delivery_attempt_id)
+        attempt = (await session.execute(
+            select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery.id,
+                                          DeliveryAttempt.trigger == "replay",
+                                          DeliveryAttempt.id.not_in(used))
+            .order_by(DeliveryAttempt.id.desc()).limit(1))).scalar_one_or_none()
+        outcome = {"delivered": "delivered", "dead_lettered": "dead_lettered",
+                   "ambiguous": "ambiguous", "pending": "retry"}.get(delivery.status,
+                                                                    delivery.status)
+        await _log_execution(session, request_id, item_id, delivery.id,
+                             attempt.id if attempt else None, outcome, actor,
+                             deliverer.clock())
+
+    await deliverer.database.run_transaction(work)
 
 
 async def _new_delivery(session: AsyncSession, item: ReplayItem, now: datetime) -> Delivery:
@@ -243,7 +346,7 @@ async def _finish(session: AsyncSession, request_id: int, actor: str, now: datet
     items = list((await session.execute(select(ReplayItem).where(
         ReplayItem.request_id == request_id))).scalars())
     if any(item.status in ("pending", "executing") for item in items):
-        return  # another execution is still working on it; it will finish the request
+        return  # still being sent (by this or another execution); the last one finishes it
     outcomes = {row.item_id: row.outcome for row in (await session.execute(
         select(ReplayExecution).where(ReplayExecution.request_id == request_id))).scalars()}
     succeeded = all(outcomes.get(item.id) == "delivered" for item in items)

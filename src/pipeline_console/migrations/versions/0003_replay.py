@@ -23,7 +23,9 @@ def upgrade() -> None:
     # The composite foreign key of replay_executions needs this unique index to exist first.
     with op.batch_alter_table("delivery_attempts", schema=None) as batch_op:
         batch_op.create_index(
-            batch_op.f("ix_delivery_attempts_id_trigger"), ["id", "trigger"], unique=True
+            batch_op.f("ix_delivery_attempts_id_delivery_id_trigger"),
+            ["id", "delivery_id", "trigger"],
+            unique=True,
         )
     op.create_table(
         "replay_requests",
@@ -78,6 +80,7 @@ def upgrade() -> None:
         sa.Column("eligible", sa.Boolean(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("delivery_id", sa.BigInteger(), nullable=True),
         sa.CheckConstraint(
             "status IN ('pending', 'executing', 'executed', 'refused')",
             name=op.f("ck_replay_items_status"),
@@ -123,9 +126,12 @@ def upgrade() -> None:
             "attempt_trigger = 'replay'", name=op.f("ck_replay_executions_replay_attempt")
         ),
         sa.ForeignKeyConstraint(
-            ["delivery_attempt_id", "attempt_trigger"],
-            ["delivery_attempts.id", "delivery_attempts.trigger"],
+            ["delivery_attempt_id", "delivery_id", "attempt_trigger"],
+            ["delivery_attempts.id", "delivery_attempts.delivery_id", "delivery_attempts.trigger"],
             name=op.f("fk_replay_executions_delivery_attempt_id_delivery_attempts"),
+        ),
+        sa.UniqueConstraint(
+            "delivery_attempt_id", name=op.f("uq_replay_executions_delivery_attempt_id")
         ),
         sa.ForeignKeyConstraint(
             ["delivery_id"],
@@ -166,6 +172,6 @@ def downgrade() -> None:
 
     op.drop_table("replay_requests")
     with op.batch_alter_table("delivery_attempts", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_delivery_attempts_id_trigger"))
+        batch_op.drop_index(batch_op.f("ix_delivery_attempts_id_delivery_id_trigger"))
 
     # ### end Alembic commands ###
