@@ -29,6 +29,7 @@ from pipeline_console.delivery.worker import worker_identity
 from pipeline_console.entity_types.api import router as entity_types_router
 from pipeline_console.ingestion.api import router as ingestion_router
 from pipeline_console.ingestion.schemas import BatchIn, MessageIn
+from pipeline_console.inspector.api import router as inspector_router
 from pipeline_console.jobs.api import router as jobs_router
 from pipeline_console.records.api import router as records_router
 from pipeline_console.replay.api import router as replay_router
@@ -70,7 +71,8 @@ def create_app(
 
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
-                   audit_router, delivery_router, replay_router, jobs_router):
+                   audit_router, delivery_router, replay_router, inspector_router,
+                   jobs_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())

@@ -1,0 +1,102 @@
+"""inspect_record: one record's whole history from every table, in a fixed number of
+queries (one per section, whatever the history's length). Each list keeps its newest
+`limit` rows and reports its total, so a long history is capped, never silently cut."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.errors import NotFound
+from pipeline_console.inspector import timeline
+from pipeline_console.models import (
+    AmbiguousOutcome,
+    Anomaly,
+    AuditEvent,
+    Circuit,
+    Correlation,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    IngestionAttempt,
+    ProductionRecord,
+    RecordState,
+    ReplayExecution,
+    ReplayItem,
+    ReplayRequest,
+    StagingRecord,
+)
+
+SECTIONS = ("attempts", "staging", "correlations", "anomalies", "deliveries",
+            "delivery_attempts", "dlq", "ambiguous", "circuits", "replays",
+            "replay_executions", "audit")
+
+
+@dataclass
+class Inspection:
+    state: RecordState
+    production: ProductionRecord | None
+    sections: dict[str, list[Any]] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    timeline: list[timeline.Entry] = field(default_factory=list)
+
+
+async def _newest(session: AsyncSession, entity: Any, order: Any, limit: int,
+                  *where: Any) -> tuple[list[Any], int]:
+    """The newest `limit` rows, oldest first, and how many there are in all (one query)."""
+    total = func.count().over().label("total")
+    rows = (await session.execute(
+        select(entity, total).where(*where).order_by(order.desc()).limit(limit))).all()
+    return [row[0] for row in reversed(rows)], (rows[0].total if rows else 0)
+
+
+async def inspect_record(session: AsyncSession, key: str, *, limit: int) -> Inspection:
+    state = await session.get(RecordState, key)
+    if state is None:
+        raise NotFound(f"no record has the key {key!r}")
+    found = Inspection(state=state, production=await session.get(ProductionRecord, key))
+    deliveries_of_key = select(Delivery.id).where(Delivery.idempotency_key == key)
+    events_of_key = select(Correlation.correlation_id).where(Correlation.idempotency_key == key)
+    items_of_key = select(ReplayItem.id).where(ReplayItem.idempotency_key == key)
+    queries = {
+        "attempts": (IngestionAttempt, IngestionAttempt.id,
+                     IngestionAttempt.idempotency_key == key),
+        "staging": (StagingRecord, StagingRecord.id, StagingRecord.idempotency_key == key),
+        # the record's business events, with every sibling record of each
+        "correlations": (Correlation, Correlation.id,
+                         Correlation.correlation_id.in_(events_of_key)),
+        "anomalies": (Anomaly, Anomaly.id, Anomaly.idempotency_key == key),
+        "deliveries": (Delivery, Delivery.id, Delivery.idempotency_key == key),
+        "delivery_attempts": (DeliveryAttempt, DeliveryAttempt.id,
+                              DeliveryAttempt.delivery_id.in_(deliveries_of_key)),
+        "dlq": (DeadLetter, DeadLetter.id, DeadLetter.idempotency_key == key),
+        "ambiguous": (AmbiguousOutcome, AmbiguousOutcome.id,
+                      AmbiguousOutcome.idempotency_key == key),
+        "circuits": (Circuit, Circuit.system, Circuit.system.in_(
+            select(Delivery.system).where(Delivery.idempotency_key == key))),
+        "replay_executions": (ReplayExecution, ReplayExecution.id,
+                              ReplayExecution.item_id.in_(items_of_key)),
+        "audit": (AuditEvent, AuditEvent.id, AuditEvent.idempotency_key == key),
+    }
+    for name, (entity, order, condition) in queries.items():
+        found.sections[name], found.totals[name] = await _newest(session, entity, order,
+                                                                 limit, condition)
+    replay_rows = (await session.execute(
+        select(ReplayRequest, ReplayItem, func.count().over().label("total"))
+        .join(ReplayItem, ReplayItem.request_id == ReplayRequest.id)
+        .where(ReplayItem.idempotency_key == key)
+        .order_by(ReplayItem.id.desc()).limit(limit))).all()
+    found.sections["replays"] = [(row[0], row[1]) for row in reversed(replay_rows)]
+    found.totals["replays"] = replay_rows[0].total if replay_rows else 0
+
+    found.timeline = timeline.merge(
+        [timeline.attempt_entry(row) for row in found.sections["attempts"]],
+        [timeline.audit_entry(row) for row in found.sections["audit"]
+         if row.action not in ("replay.validated", "replay.rejected")],
+        [timeline.delivery_attempt_entry(row) for row in found.sections["delivery_attempts"]],
+        [timeline.replay_entry(request, item) for request, item in found.sections["replays"]],
+    )
+    return found

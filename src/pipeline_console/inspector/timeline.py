@@ -1,0 +1,77 @@
+"""The inspector's timeline: one sentence per event saying what happened and why. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    at: datetime
+    kind: str
+    summary: str
+    ref: dict[str, Any]
+
+
+def attempt_entry(row: Any) -> Entry:
+    where = f" (message {row.message_id})" if row.message_id else ""
+    if row.decision == "rejected":
+        fields = ", ".join(error.get("field", "?") for error in row.errors or [])
+        summary = f"rejected{where}: {row.reason.removeprefix('rejected: ')} ({fields})"
+    else:
+        summary = f"{row.decision}{where}: {row.reason}"
+        if row.staging_status:
+            summary += f"; staged as {row.staging_status}"
+    return Entry(row.received_at, f"ingestion.{row.decision}", summary,
+                 {"attempt_id": row.id})
+
+
+def delivery_attempt_entry(row: Any) -> Entry:
+    answer = (f"HTTP {row.response_status}" if row.response_status is not None
+              else row.error or "no answer")
+    summary = (f"delivery {row.delivery_id} to {row.system}, try {row.attempt_number} "
+               f"({row.trigger}, by {row.actor}): {row.classification} by rule {row.rule} "
+               f"— {answer}")
+    return Entry(row.started_at, f"delivery.{row.classification}", summary,
+                 {"delivery_attempt_id": row.id, "delivery_id": row.delivery_id})
+
+
+_AUDIT_SENTENCES = {
+    "record.accepted": "version {version} accepted ({decision}) from {source_system}",
+    "record.promoted": "version {version} promoted to production",
+    "record.staged_partial": "version {version} staged as partial: it does not satisfy the "
+                             "entity type's schema yet",
+    "anomaly.opened": "anomaly opened: {incoming_source_system} and {current_source_system} "
+                      "disagree about version {version} ({differing_fields} fields differ)",
+    "anomaly.resolved": "anomaly resolved ({resolution}): {note}",
+    "delivery.dead_lettered": "delivery to {system} dead-lettered: {reason}",
+    "delivery.ambiguous": "delivery to {system} is ambiguous: {reason}",
+    "ambiguous.resolved": "ambiguous delivery to {system} resolved as {resolution}: {note}",
+}
+
+
+def audit_entry(row: Any) -> Entry:
+    template = _AUDIT_SENTENCES.get(row.action)
+    try:
+        sentence = template.format(**row.details) if template else None
+    except (KeyError, IndexError):
+        sentence = None
+    sentence = sentence or f"{row.action}: {row.details}"
+    return Entry(row.occurred_at, f"audit.{row.action}", f"{sentence} (by {row.actor})",
+                 {"audit_id": row.id})
+
+
+def replay_entry(request: Any, item: Any) -> Entry:
+    return Entry(request.created_at, "replay.requested",
+                 f"replay {request.id} requested by {request.requested_by} ({request.reason}): "
+                 f"this record {'eligible' if item.eligible else 'ineligible'} — {item.reason}; "
+                 f"request {request.status}", {"replay_id": request.id})
+
+
+def merge(*groups: list[Entry]) -> list[Entry]:
+    """Oldest first; at the same instant, ingestion before audit before delivery."""
+    order = {"ingestion": 0, "audit": 1, "replay": 2, "delivery": 3}
+    entries = [entry for group in groups for entry in group]
+    return sorted(entries, key=lambda e: (e.at, order.get(e.kind.split(".")[0], 9)))
