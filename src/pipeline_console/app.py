@@ -21,6 +21,7 @@ from pipeline_console.api.problems import install_problem_handlers, problem, pro
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
+from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.api import router as delivery_router
 from pipeline_console.delivery.service import Deliverer
@@ -72,7 +73,7 @@ def create_app(
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
-                   jobs_router):
+                   dashboard_router, jobs_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())

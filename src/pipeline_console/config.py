@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     max_payload_depth: int = Field(default=32, ge=1, description="nesting depth of a payload")
     rejected_body_excerpt_bytes: int = Field(default=4096, ge=0)
 
+    # The dashboard.
+    stale_partial_after_s: float = Field(
+        default=3600.0, gt=0, description="a partial record waiting longer needs attention")
+
     # The delivery worker.
     worker_batch_size: int = Field(default=50, ge=1, le=1000, description="claimed per pass")
     worker_concurrency: int = Field(default=10, ge=1, le=500, description="sends at once")

@@ -1,0 +1,127 @@
+"""The attention dashboard: what needs a person now. Every figure is one aggregate query over
+an indexed status column, so it stays cheap on a large database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.models import (
+    AmbiguousOutcome,
+    Anomaly,
+    Circuit,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    IngestionAttempt,
+    ReplayRequest,
+    StagingRecord,
+)
+
+
+@dataclass(frozen=True)
+class AttentionItem:
+    name: str
+    title: str
+    count: int
+    oldest_at: datetime | None
+    oldest_age_s: float | None
+    severity: str  # ok, warning, critical
+    path: str
+    system: str | None = None
+
+
+def _item(name: str, title: str, count: int, oldest: datetime | None, now: datetime,
+          severity_when_any: str, path: str, system: str | None = None) -> AttentionItem:
+    return AttentionItem(name, title, count, oldest,
+                         (now - oldest).total_seconds() if oldest else None,
+                         severity_when_any if count else "ok", path, system)
+
+
+def lag_severity(lag_s: float | None) -> str:
+    if lag_s is None or lag_s < 300:
+        return "ok"
+    return "warning" if lag_s < 3600 else "critical"
+
+
+async def attention(session: AsyncSession, *, now: datetime,
+                    stale_partial_after_s: float) -> list[AttentionItem]:
+    items: list[AttentionItem] = []
+    count, oldest = (await session.execute(
+        select(func.count(), func.min(Anomaly.opened_at)).where(Anomaly.status == "open"))).one()
+    items.append(_item("open_anomalies", "Same-version conflicts waiting for a decision",
+                       count, oldest, now, "warning", "/api/v1/anomalies?status=open"))
+
+    for system, count, oldest in (await session.execute(
+            select(DeadLetter.system, func.count(), func.min(DeadLetter.created_at))
+            .where(DeadLetter.status == "open").group_by(DeadLetter.system)
+            .order_by(DeadLetter.system))).all():
+        items.append(_item("dead_letters", f"Dead letters for {system}", count, oldest, now,
+                           "critical", f"/api/v1/dlq?system={system}&status=open", system))
+    if not any(item.name == "dead_letters" for item in items):
+        items.append(_item("dead_letters", "Dead letters", 0, None, now, "critical",
+                           "/api/v1/dlq?status=open"))
+
+    count, oldest = (await session.execute(
+        select(func.count(), func.min(AmbiguousOutcome.created_at))
+        .where(AmbiguousOutcome.status == "open"))).one()
+    items.append(_item("ambiguous_outcomes", "Deliveries that may or may not have arrived",
+                       count, oldest, now, "critical", "/api/v1/ambiguous?status=open"))
+
+    for state, severity in (("open", "critical"), ("half_open", "warning")):
+        count, oldest = (await session.execute(
+            select(func.count(), func.min(Circuit.changed_at))
+            .where(Circuit.state == state))).one()
+        items.append(_item(f"{state}_circuits", f"Circuits {state.replace('_', '-')}", count,
+                           oldest, now, severity, "/api/v1/circuits"))
+
+    stale_before = now - timedelta(seconds=stale_partial_after_s)
+    count, oldest = (await session.execute(
+        select(func.count(), func.min(StagingRecord.staged_at))
+        .where(StagingRecord.status == "partial",
+               StagingRecord.staged_at < stale_before))).one()
+    items.append(_item("stale_partials",
+                       f"Partial records waiting longer than {stale_partial_after_s:.0f} s",
+                       count, oldest, now, "warning", "/api/v1/staging?status=partial"))
+
+    for system, count, oldest in (await session.execute(
+            select(Delivery.system, func.count(), func.min(Delivery.created_at))
+            .where(Delivery.status.in_(("pending", "held", "in_flight")))
+            .group_by(Delivery.system).order_by(Delivery.system))).all():
+        lag = (now - oldest).total_seconds() if oldest else None
+        items.append(AttentionItem("delivery_backlog", f"Deliveries waiting for {system}",
+                                   count, oldest, lag, lag_severity(lag),
+                                   f"/api/v1/deliveries?system={system}&status=pending",
+                                   system))
+
+    since = now - timedelta(hours=24)
+    count, oldest = (await session.execute(
+        select(func.count(), func.min(ReplayRequest.created_at))
+        .where(ReplayRequest.status.in_(("rejected", "failed")),
+               ReplayRequest.created_at >= since))).one()
+    items.append(_item("unsuccessful_replays", "Replays rejected or failed in the last 24 h",
+                       count, oldest, now, "warning", "/api/v1/replays?status=failed"))
+    return items
+
+
+async def rates(session: AsyncSession, *, now: datetime) -> dict[str, Any]:
+    """Messages decided and delivery attempts made in the last 5 minutes and the last hour."""
+    figures: dict[str, Any] = {}
+    for window, delta in (("last_5_min", timedelta(minutes=5)), ("last_hour", timedelta(hours=1))):
+        start = now - delta
+        ingested = dict((await session.execute(
+            select(IngestionAttempt.decision, func.count())
+            .where(IngestionAttempt.received_at >= start)
+            .group_by(IngestionAttempt.decision))).all())
+        delivered = dict((await session.execute(
+            select(DeliveryAttempt.classification, func.count())
+            .where(DeliveryAttempt.started_at >= start)
+            .group_by(DeliveryAttempt.classification))).all())
+        figures[window] = {"ingestion": ingested, "delivery": delivered,
+                           "ingested_per_s": round(sum(ingested.values())
+                                                   / delta.total_seconds(), 3)}
+    return figures
