@@ -189,11 +189,12 @@ class TestTheExecutionLogIsProof:
     @pytest.mark.parametrize("attempt", ["NULL", "scheduled", "another_deliverys"])
     async def test_the_database_refuses_an_execution_without_a_replay_attempt(
             self, client, sink, database, attempt):
-        entries = await dead_letter(client, sink, "A", "B")
+        entries = {entry["idempotency_key"]: entry
+                   for entry in await dead_letter(client, sink, "A", "B")}
         sink.answer(Answer(200))
-        other = (await replay(client, items=[{"dlq_id": entries[1]["id"]}])).json()
+        other = (await replay(client, items=[{"dlq_id": entries["customer:B"]["id"]}])).json()
         await client.post(f"/api/v1/replays/{other['id']}/execute")  # B's replay attempt
-        created = (await replay(client, items=[{"dlq_id": entries[0]["id"]}])).json()
+        created = (await replay(client, items=[{"dlq_id": entries["customer:A"]["id"]}])).json()
         a_delivery = next(d for d in await deliveries(client)
                           if d["idempotency_key"] == "customer:A")
         [scheduled] = await attempts(client, a_delivery["id"])
