@@ -69,8 +69,8 @@ async def test_a_corrected_payload_at_the_same_version_supersedes_the_unsent_one
 
 async def test_an_answer_that_arrives_after_the_lease_expired_settles_the_outcome(
         client, sink, clock):
-    sink.answer(Answer(200, delay_s=1.0))
-    await add_system(client, sink)
+    sink.answer(Answer(200, delay_s=2.0))  # room to recover the claim while it is sent
+    await add_system(client, sink, timeout_s=10)
     await ingest(client, message(1))
     deliverer = client.app.state.deliverer
     [delivery_id] = await claim_due(deliverer, 10)
@@ -88,8 +88,8 @@ async def test_an_answer_that_arrives_after_the_lease_expired_settles_the_outcom
 
 
 async def test_a_superseded_trial_hands_the_slot_to_the_next_held_delivery(client, sink, clock):
-    sink.answer(Answer(503, delay_s=0.5), Answer(200))
-    await add_system(client, sink, failure_threshold=1, max_attempts=10)
+    sink.answer(Answer(503, delay_s=2.0), Answer(200))  # room to ingest v2 meanwhile
+    await add_system(client, sink, failure_threshold=1, max_attempts=10, timeout_s=10)
     await ingest(client, message(1, {"v": 1}))
     first_pass = asyncio.create_task(run_pass(client))
     await wait_for(lambda: sink.received, 10, "the request to arrive")
@@ -109,8 +109,8 @@ async def test_a_superseded_trial_hands_the_slot_to_the_next_held_delivery(clien
 
 
 async def test_forcing_open_during_a_trial_keeps_its_slot(client, sink, clock):
-    sink.answer(Answer(503), Answer(200, delay_s=0.5))
-    await add_system(client, sink, failure_threshold=1, max_attempts=10)
+    sink.answer(Answer(503), Answer(200, delay_s=2.0))  # room for open and reset meanwhile
+    await add_system(client, sink, failure_threshold=1, max_attempts=10, timeout_s=10)
     await ingest(client, message(1, entity_id="A"), message(1, entity_id="B"))
     await run_pass(client)
     assert (await circuit(client))["state"] == "open"
