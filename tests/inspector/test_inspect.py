@@ -124,3 +124,30 @@ async def test_a_long_history_is_capped_with_its_total(client):
     body = (await inspect(client, limit=5)).json()
     assert [a["version"] for a in body["attempts"]] == [8, 9, 10, 11, 12]
     assert body["totals"]["attempts"] == 12 and body["limit"] == 5
+
+
+async def test_inspect_by_correlation_id_shows_the_business_event(client):
+    await ingest(client, message(1, entity_id="C-1", correlation_id="evt-9", message_id="e-1"),
+                 message(1, {"total": 3}, entity_type="order", entity_id="O-1",
+                         source_system="shop", correlation_id="evt-9"),
+                 message(1, entity_id="C-2", correlation_id="other"))
+    body = (await client.get("/api/v1/inspect?correlation_id=evt-9")).json()
+    assert [r["idempotency_key"] for r in body["records"]] == ["customer:C-1", "order:O-1"]
+    assert sorted(p["idempotency_key"] for p in body["production"]) == [
+        "customer:C-1", "order:O-1"]
+    assert len(body["attempts"]) == 2
+    assert any("accept_new (message e-1)" in e["summary"] for e in body["timeline"])
+
+
+async def test_inspect_by_message_id_finds_every_attempt_that_carried_it(client):
+    await ingest(client, message(1, message_id="m-7"), message(1, message_id="m-7"),
+                 message(1, entity_id="X", message_id="m-8"))
+    body = (await client.get("/api/v1/inspect?message_id=m-7")).json()
+    assert [a["decision"] for a in body["attempts"]] == ["accept_new", "skip_duplicate"]
+    assert [r["idempotency_key"] for r in body["records"]] == ["customer:C-100"]
+
+
+async def test_inspect_by_reference_needs_exactly_one_and_an_unknown_one_is_404(client):
+    assert (await client.get("/api/v1/inspect")).status_code == 422
+    assert (await client.get("/api/v1/inspect?correlation_id=a&message_id=b")).status_code == 422
+    assert (await client.get("/api/v1/inspect?correlation_id=nope")).status_code == 404

@@ -13,7 +13,8 @@ from pipeline_console.api.dependencies import DatabaseDep
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.audit.api import AuditEventRead
 from pipeline_console.delivery import schemas as delivery
-from pipeline_console.inspector.service import inspect_record
+from pipeline_console.errors import FieldError, InvalidInput
+from pipeline_console.inspector.service import inspect_event, inspect_record
 from pipeline_console.records.schemas import AttemptRead, ProductionRead, StagingRead
 from pipeline_console.replay.api import ExecutionRead, ItemRead, ReplayRead
 
@@ -70,6 +71,47 @@ class InspectRead(BaseModel):
     timeline: list[TimelineEntry]
     totals: dict[str, int]
     limit: int
+
+
+class EventInspectRead(BaseModel):
+    correlation_id: str | None
+    message_id: str | None
+    records: list[StateRead]
+    production: list[ProductionRead]
+    attempts: list[AttemptRead]
+    timeline: list[TimelineEntry]
+    totals: dict[str, int]
+    limit: int
+
+
+Ref = Annotated[str | None, Query(min_length=1, max_length=256)]
+
+
+@router.get(
+    "/inspect", response_model=EventInspectRead, responses=problem_responses(404, 422),
+    summary="Inspect by correlation id (the business event) or by message id",
+    description="Give exactly one of `correlation_id` and `message_id`. The answer lists the "
+    "records involved (each can be opened with /inspect/{key}), their attempts, and one "
+    "timeline.",
+)
+async def inspect_by_reference(database: DatabaseDep, correlation_id: Ref = None,
+                               message_id: Ref = None,
+                               limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> Any:
+    if (correlation_id is None) == (message_id is None):
+        raise InvalidInput("give exactly one of correlation_id and message_id", [
+            FieldError(field="correlation_id", location="query",
+                       message="give exactly one of correlation_id and message_id")])
+    async with database.read() as session:
+        found = await inspect_event(session, correlation_id=correlation_id,
+                                    message_id=message_id, limit=limit)
+        return EventInspectRead(
+            correlation_id=correlation_id, message_id=message_id,
+            records=[StateRead.model_validate(r, from_attributes=True) for r in found.states],
+            production=[ProductionRead.model_validate(r) for r in found.production],
+            attempts=[AttemptRead.model_validate(r) for r in found.attempts],
+            timeline=[TimelineEntry(at=e.at, kind=e.kind, summary=e.summary, ref=e.ref)
+                      for e in found.timeline],
+            totals=found.totals, limit=limit)
 
 
 @router.get(

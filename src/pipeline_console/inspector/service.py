@@ -100,3 +100,46 @@ async def inspect_record(session: AsyncSession, key: str, *, limit: int) -> Insp
         [timeline.replay_entry(request, item) for request, item in found.sections["replays"]],
     )
     return found
+
+
+@dataclass
+class EventInspection:
+    states: list[RecordState]
+    production: list[ProductionRecord]
+    attempts: list[IngestionAttempt]
+    totals: dict[str, int]
+    timeline: list[timeline.Entry]
+
+
+async def inspect_event(session: AsyncSession, *, correlation_id: str | None,
+                        message_id: str | None, limit: int) -> EventInspection:
+    """The business-event view (every record of a correlation id) or the message view (every
+    attempt that carried a message id, and its records), in a fixed number of queries."""
+    if correlation_id is not None:
+        keys_query = select(Correlation.idempotency_key).where(
+            Correlation.correlation_id == correlation_id)
+        attempt_filter = IngestionAttempt.idempotency_key.in_(keys_query)
+        what = f"correlation id {correlation_id!r}"
+    else:
+        keys_query = select(IngestionAttempt.idempotency_key).where(
+            IngestionAttempt.message_id == message_id)
+        attempt_filter = IngestionAttempt.message_id == message_id
+        what = f"message id {message_id!r}"
+    states, total_states = await _newest(session, RecordState, RecordState.idempotency_key,
+                                         limit, RecordState.idempotency_key.in_(keys_query))
+    attempts, total_attempts = await _newest(session, IngestionAttempt, IngestionAttempt.id,
+                                             limit, attempt_filter)
+    if not states and not attempts:
+        raise NotFound(f"nothing was received with the {what}")
+    production = list((await session.execute(select(ProductionRecord).where(
+        ProductionRecord.idempotency_key.in_(keys_query)))).scalars())
+    audit, total_audit = await _newest(session, AuditEvent, AuditEvent.id, limit,
+                                       AuditEvent.idempotency_key.in_(keys_query))
+    return EventInspection(
+        states=states, production=production, attempts=attempts,
+        totals={"records": total_states, "attempts": total_attempts, "audit": total_audit},
+        timeline=timeline.merge(
+            [timeline.attempt_entry(row) for row in attempts],
+            [timeline.audit_entry(row) for row in audit
+             if row.action in ("record.promoted", "anomaly.opened", "anomaly.resolved")]),
+    )

@@ -13,6 +13,7 @@ class ORM(BaseModel):
 
 
 class ProductionRead(ORM):
+    idempotency_key: str
     version: int
     payload: dict[str, Any]
     payload_hash: str
