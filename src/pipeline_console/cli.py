@@ -95,14 +95,17 @@ def run_job_command(name: str) -> None:
             deliverer = Deliverer(database, Transports(client), system_clock,
                                   worker_id=f"cli:{worker_identity()}",
                                   lease_margin_s=settings.lease_margin_s)
-            return await run_job(deliverer, settings, name, actor=CLI_ACTOR)
+            record = await run_job(deliverer, settings, name, actor=CLI_ACTOR, trigger="cli")
+            return record.__dict__
 
     try:
         result = _with_database(work)
     except NotFound as error:
         typer.echo(error.detail, err=True)
         raise typer.Exit(2) from error
-    typer.echo(json.dumps({"job": name, "status": "succeeded", "result": result}))
+    typer.echo(json.dumps(result))
+    if result["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 @audit_app.command("verify")

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(default=50, ge=1, le=1000, description="claimed per pass")
     worker_concurrency: int = Field(default=10, ge=1, le=500, description="sends at once")
     worker_poll_interval_s: float = Field(default=1.0, gt=0, description="idle wait")
+    promote_staging_interval_s: float = Field(
+        default=60.0, ge=0, description="how often the worker runs promote_staging (0: never)")
+    query_ambiguous_interval_s: float = Field(
+        default=30.0, ge=0, description="how often the worker runs query_ambiguous (0: never)")
     lease_margin_s: float = Field(
         default=30.0, ge=0,
         description="a claimed delivery whose worker is silent this long after the system's "

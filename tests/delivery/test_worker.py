@@ -93,3 +93,5 @@ async def test_several_workers_deliver_every_delivery_exactly_once(
     for delivery in (await deliveries(client, limit=500))[:count]:
         senders.update(a["actor"] for a in await attempts(client, delivery["id"]))
     assert len(senders) > 1, "the work was not shared between the workers"
+    scheduled = (await client.get("/api/v1/jobs/runs?job=promote_staging")).json()["items"]
+    assert {run["trigger"] for run in scheduled} == {"worker"}  # the workers' schedule

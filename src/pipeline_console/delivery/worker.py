@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import httpx
 
@@ -20,6 +21,7 @@ from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.delivery.transports import Transports
+from pipeline_console.jobs.registry import run_job
 
 log = logging.getLogger("pipeline_console.worker")
 
@@ -40,8 +42,19 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                               worker_id=f"worker:{worker_identity()}",
                               lease_margin_s=settings.lease_margin_s)
         log.info("worker %s started", deliverer.worker_id)
+        schedule = {"promote_staging": settings.promote_staging_interval_s,
+                    "query_ambiguous": settings.query_ambiguous_interval_s}
+        next_run = dict.fromkeys(schedule, 0.0)
         try:
             while not stop.is_set():
+                for job, interval in schedule.items():
+                    if interval > 0 and time.monotonic() >= next_run[job]:
+                        next_run[job] = time.monotonic() + interval
+                        try:
+                            await run_job(deliverer, settings, job, actor=deliverer.worker_id,
+                                          trigger="worker")
+                        except Exception:
+                            log.exception("scheduled job %s could not start", job)
                 try:
                     counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
                                                concurrency=settings.worker_concurrency)

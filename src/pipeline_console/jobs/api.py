@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict
 
-from pipeline_console.api.dependencies import ActorDep, SettingsDep
+from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, SettingsDep
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.jobs.registry import JOBS, run_job
+from pipeline_console.models import JobRun
+from pipeline_console.pagination import fetch_page
 
 router = APIRouter(tags=["jobs"])
 
@@ -26,9 +29,22 @@ class JobList(BaseModel):
 
 
 class JobRunRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
     job: str
-    status: str
-    result: dict[str, Any]
+    trigger: Literal["api", "cli", "worker"]
+    actor: str
+    status: Literal["running", "succeeded", "failed"]
+    started_at: datetime
+    finished_at: datetime | None
+    result: dict[str, Any] | None
+    error: str | None
+
+
+class JobRunPage(BaseModel):
+    items: list[JobRunRead]
+    next_cursor: str | None
 
 
 @router.get("/jobs", response_model=JobList)
@@ -37,9 +53,23 @@ async def list_jobs() -> JobList:
                           for job in JOBS.values()])
 
 
+@router.get("/jobs/runs", response_model=JobRunPage, summary="The job run history")
+async def list_runs(database: DatabaseDep, page: IdPage,
+                    job: Annotated[str | None, Query(max_length=64)] = None,
+                    status: Literal["running", "succeeded", "failed"] | None = None) -> Any:
+    async with database.read() as session:
+        result = await fetch_page(session, JobRun.id, page,
+                                  equal=[(JobRun.job, job), (JobRun.status, status)])
+        return {"items": [JobRunRead.model_validate(run) for run in result.items],
+                "next_cursor": result.next_cursor}
+
+
 @router.post("/jobs/{name}/run", response_model=JobRunRead, responses=problem_responses(404),
-             summary="Run one pass of a job now, in this process")
-async def run(name: str, deliverer: DelivererDep, settings: SettingsDep,
-              actor: ActorDep) -> JobRunRead:
-    result = await run_job(deliverer, settings, name, actor=actor.name)
-    return JobRunRead(job=name, status="succeeded", result=result)
+             summary="Run one pass of a job now, in this process; the run is recorded",
+             description="A job that fails is answered with its run, status `failed` and the "
+             "error; the run history keeps it.")
+async def run(name: str, deliverer: DelivererDep, database: DatabaseDep, settings: SettingsDep,
+              actor: ActorDep) -> Any:
+    record = await run_job(deliverer, settings, name, actor=actor.name, trigger="api")
+    async with database.read() as session:
+        return JobRunRead.model_validate(await session.get(JobRun, record.id))

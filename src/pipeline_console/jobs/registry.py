@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.config import Settings
 from pipeline_console.delivery.ambiguous import query_open_ambiguous
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.errors import NotFound
+from pipeline_console.models import JobRun
 from pipeline_console.records.staging_sweep import promote_staging
 
 
@@ -37,6 +41,8 @@ async def _query_ambiguous(deliverer: Deliverer, _settings: Settings,
     return await query_open_ambiguous(deliverer, actor=actor)
 
 
+log = logging.getLogger("pipeline_console.jobs")
+
 JOBS: dict[str, Job] = {
     job.name: job
     for job in (
@@ -51,9 +57,43 @@ JOBS: dict[str, Job] = {
 }
 
 
-async def run_job(deliverer: Deliverer, settings: Settings, name: str, *,
-                  actor: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    job: str
+    status: str
+    result: dict[str, Any] | None
+    error: str | None
+
+
+async def run_job(deliverer: Deliverer, settings: Settings, name: str, *, actor: str,
+                  trigger: str) -> RunRecord:
+    """Run one pass of a job and record it in the run history (start, end, outcome, result
+    or error). A failing job is recorded as failed and reported, not raised."""
     job = JOBS.get(name)
     if job is None:
         raise NotFound(f"no job is named {name!r}; jobs: {', '.join(sorted(JOBS))}")
-    return await job.run(deliverer, settings, actor)
+
+    async def start(session: AsyncSession) -> int:
+        run = JobRun(job=name, trigger=trigger, actor=actor, status="running",
+                     started_at=deliverer.clock())
+        session.add(run)
+        await session.flush()
+        return run.id
+
+    run_id = await deliverer.database.run_transaction(start)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        result = await job.run(deliverer, settings, actor)
+    except Exception as failure:
+        log.exception("job %s (run %s) failed", name, run_id)
+        error = f"{type(failure).__name__}: {failure}"[:2000]
+
+    async def finish(session: AsyncSession) -> None:
+        run = await session.get(JobRun, run_id, with_for_update=True)
+        run.status = "failed" if error else "succeeded"
+        run.finished_at, run.result, run.error = deliverer.clock(), result, error
+
+    await deliverer.database.run_transaction(finish)
+    return RunRecord(run_id, name, "failed" if error else "succeeded", result, error)

@@ -10,6 +10,7 @@ from pipeline_console.models.delivery import (
     DeliveryAttempt,
     DownstreamSystem,
 )
+from pipeline_console.models.jobs import JobRun
 from pipeline_console.models.records import (
     Anomaly,
     Correlation,
@@ -34,6 +35,7 @@ __all__ = [
     "DownstreamSystem",
     "EntityType",
     "IngestionAttempt",
+    "JobRun",
     "ProductionRecord",
     "RecordState",
     "ReplayExecution",
