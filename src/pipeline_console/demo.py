@@ -4,7 +4,7 @@ conflict, a business event spanning three systems, and a rejected malformed mess
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -74,13 +74,18 @@ SCENARIO: list[tuple[str, dict[str, Any]]] = [
 async def load_demo(database: Database, *, now: datetime) -> list[str]:
     async with database.transaction() as session:
         for name, schema in SCHEMAS.items():
-            await put_entity_type(session, name, schema, actor=DEMO_ACTOR, now=now)
+            await put_entity_type(session, name, schema, actor=DEMO_ACTOR,
+                                  now=now - timedelta(seconds=len(SCENARIO) + 1))
     lines = []
-    for what, body in SCENARIO:
+    # One second apart, ending now, so that timelines read in the order things happened.
+    start = now - timedelta(seconds=len(SCENARIO))
+    for position, (what, body) in enumerate(SCENARIO):
         raw = excerpt(orjson.dumps(body), 4096)
         item = parse_message(body, raw, max_depth=32)
         async with database.transaction() as session:
-            [result] = await ingest_messages(session, [item], now=now, actor=DEMO_ACTOR)
+            [result] = await ingest_messages(session, [item],
+                                             now=start + timedelta(seconds=position),
+                                             actor=DEMO_ACTOR)
         key = f"{body['entity_type']}:{body['entity_id']}"
         if isinstance(result, Accepted):
             staged = f", staging {result.staging_status}" if result.staging_status else ""
