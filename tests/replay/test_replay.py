@@ -306,3 +306,27 @@ class TestReviewFindings:
         assert done["status"] == "completed"
         assert done["executions"][0]["outcome"] == "delivered"
         assert sink.keys_received() == {"customer:A:1": 2}
+
+
+async def test_listing_replays_costs_the_same_queries_for_one_or_many(client, sink, database):
+    from sqlalchemy import event
+
+    entries = await dead_letter(client, sink, "A", "B", "C", "D")
+
+    async def count_queries() -> int:
+        seen = []
+        listener = lambda *_args, **_kwargs: seen.append(1)  # noqa: E731
+        event.listen(database.engine.sync_engine, "before_cursor_execute", listener)
+        try:
+            assert (await client.get("/api/v1/replays")).status_code == 200
+        finally:
+            event.remove(database.engine.sync_engine, "before_cursor_execute", listener)
+        return len(seen)
+
+    await replay(client, items=[{"dlq_id": entries[0]["id"]}])
+    one = await count_queries()
+    for entry in entries[1:]:
+        await replay(client, items=[{"dlq_id": entry["id"]}])
+    assert await count_queries() == one
+    listed = (await client.get("/api/v1/replays")).json()["items"]
+    assert [len(r["items"]) for r in listed] == [1, 1, 1, 1]

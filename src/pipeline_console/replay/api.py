@@ -120,6 +120,10 @@ class ReplayPage(BaseModel):
 
 async def _read(session: Any, request: ReplayRequest) -> ReplayRead:
     items, executions = await service.items_and_executions(session, request.id)
+    return _assemble(request, items, executions)
+
+
+def _assemble(request: ReplayRequest, items: list[Any], executions: list[Any]) -> ReplayRead:
     return ReplayRead.model_validate(request).model_copy(update={
         "items": [ItemRead.model_validate(item) for item in items],
         "executions": [ExecutionRead.model_validate(row) for row in executions]})
@@ -177,7 +181,9 @@ async def list_replays(database: DatabaseDep, page: IdPage,
     async with database.read() as session:
         result = await fetch_page(session, ReplayRequest.id, page,
                                   equal=[(ReplayRequest.status, status)])
-        return {"items": [await _read(session, request) for request in result.items],
+        found = await service.items_and_executions_of(
+            session, [request.id for request in result.items])
+        return {"items": [_assemble(request, *found[request.id]) for request in result.items],
                 "next_cursor": result.next_cursor}
 
 

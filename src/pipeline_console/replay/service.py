@@ -379,8 +379,21 @@ async def get_replay(session: AsyncSession, request_id: int) -> ReplayRequest:
 
 async def items_and_executions(session: AsyncSession, request_id: int,
                                ) -> tuple[list[ReplayItem], list[ReplayExecution]]:
-    items = list((await session.execute(select(ReplayItem).where(
-        ReplayItem.request_id == request_id).order_by(ReplayItem.position))).scalars())
-    executions = list((await session.execute(select(ReplayExecution).where(
-        ReplayExecution.request_id == request_id).order_by(ReplayExecution.id))).scalars())
+    [(items, executions)] = (await items_and_executions_of(session, [request_id])).values()
     return items, executions
+
+
+async def items_and_executions_of(
+    session: AsyncSession, request_ids: list[int],
+) -> dict[int, tuple[list[ReplayItem], list[ReplayExecution]]]:
+    """Items and executions of several requests in two queries (for a page of replays)."""
+    found: dict[int, tuple[list[ReplayItem], list[ReplayExecution]]] = {
+        request_id: ([], []) for request_id in request_ids}
+    for item in (await session.execute(select(ReplayItem).where(
+            ReplayItem.request_id.in_(request_ids))
+            .order_by(ReplayItem.request_id, ReplayItem.position))).scalars():
+        found[item.request_id][0].append(item)
+    for row in (await session.execute(select(ReplayExecution).where(
+            ReplayExecution.request_id.in_(request_ids)).order_by(ReplayExecution.id))).scalars():
+        found[row.request_id][1].append(row)
+    return found
