@@ -34,6 +34,7 @@ from pipeline_console.inspector.api import router as inspector_router
 from pipeline_console.jobs.api import router as jobs_router
 from pipeline_console.records.api import router as records_router
 from pipeline_console.replay.api import router as replay_router
+from pipeline_console.reports.api import router as reports_router
 from pipeline_console.schema import current_revision, head_revision
 
 DESCRIPTION = """An idempotent integration pipeline: every message gets an explicit, stored
@@ -73,7 +74,7 @@ def create_app(
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
-                   dashboard_router, jobs_router):
+                   dashboard_router, jobs_router, reports_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())

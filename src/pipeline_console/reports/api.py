@@ -1,0 +1,97 @@
+"""GET /api/v1/reports and /api/v1/reports/{name}: JSON by default, CSV with format=csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+
+from pipeline_console.api.dependencies import DatabaseDep, NowDep
+from pipeline_console.api.problems import problem_responses
+from pipeline_console.errors import FieldError, InvalidInput, NotFound
+from pipeline_console.ingestion.schemas import UtcDatetime
+from pipeline_console.reports.service import REPORTS, Report
+
+router = APIRouter(tags=["reports"])
+
+DEFAULT_RANGE = timedelta(hours=24)
+CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
+
+
+class ReportRead(BaseModel):
+    name: str
+    title: str
+    start: datetime = Field(serialization_alias="from")
+    end: datetime = Field(serialization_alias="to")
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+
+class ReportList(BaseModel):
+    items: list[str]
+
+
+@router.get("/reports", response_model=ReportList, summary="The names of the reports")
+async def list_reports() -> ReportList:
+    return ReportList(items=list(REPORTS))
+
+
+@router.get(
+    "/reports/{name}", response_model=ReportRead, response_model_by_alias=True,
+    responses={**problem_responses(404),
+               200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                     "description": "The report; CSV (with a filename) when format=csv"}},
+    summary="A report over [from, to): ingestion, delivery, anomalies or replays",
+    description="`from` and `to` are ISO 8601 with a time zone; the default range is the 24 "
+    "hours up to now. `format=csv` answers the same rows as `text/csv` with a filename.")
+async def get_report(
+    name: str, database: DatabaseDep, now: NowDep,
+    start: Annotated[UtcDatetime | None, Query(alias="from")] = None,
+    end: Annotated[UtcDatetime | None, Query(alias="to")] = None,
+    format: Literal["json", "csv"] = "json",
+) -> Any:
+    build = REPORTS.get(name)
+    if build is None:
+        raise NotFound(f"no report is named {name!r}; reports: {', '.join(REPORTS)}")
+    end = end or now
+    start = start or end - DEFAULT_RANGE
+    if start >= end:
+        raise InvalidInput("the range is empty: `from` must be before `to`",
+                           [FieldError("from", f"{start.isoformat()} is not before "
+                                       f"{end.isoformat()}", "query")])
+    async with database.read() as session:
+        report = await build(session, start, end)
+    if format == "csv":
+        return Response(to_csv(report), media_type=CSV_MEDIA_TYPE,
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="{csv_filename(report)}"'})
+    return ReportRead(**report.__dict__)
+
+
+def csv_filename(report: Report) -> str:
+    return f"{report.name}-report_{report.start:%Y%m%dT%H%M%SZ}_{report.end:%Y%m%dT%H%M%SZ}.csv"
+
+
+def csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        value = "; ".join(f"{key}={count}" for key, count in value.items())
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        # A source system's name is untrusted: never let a spreadsheet run it as a formula.
+        return "'" + value
+    return value
+
+
+def to_csv(report: Report) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(report.columns)
+    for row in report.rows:
+        writer.writerow([csv_cell(row[column]) for column in report.columns])
+    return out.getvalue()
