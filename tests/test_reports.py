@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
 
 import pytest
 
@@ -11,6 +13,7 @@ from pipeline_console.reports.api import csv_cell
 from tests.delivery.test_delivery import add_system, attempts, deliveries, ingest, run_pass
 from tests.sink import Answer
 from tests.support import message
+from tests.test_operations import run_cli
 
 DAY = "from=2026-11-23T10:00:00Z&to=2026-11-24T10:30:00Z"
 
@@ -170,6 +173,21 @@ class TestReplaysReport:
 
     async def test_csv(self, client, history):
         await assert_csv_matches_json(client, "replays")
+
+
+async def test_the_cli_prints_the_same_report(client, history, database_url):
+    document = await report(client, "ingestion")
+    args = ["reports", "show", "ingestion", "--from", "2026-11-23T10:00:00Z",
+            "--to", "2026-11-24T10:30:00Z"]
+    result = await asyncio.to_thread(run_cli, database_url, *args)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == document
+    result = await asyncio.to_thread(run_cli, database_url, *args, "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    _, rows = await report_csv(client, "ingestion")
+    assert list(csv.DictReader(io.StringIO(result.stdout))) == rows
+    refused = await asyncio.to_thread(run_cli, database_url, "reports", "show", "nope")
+    assert refused.returncode == 2 and "ingestion" in refused.stderr
 
 
 class TestErrors:

@@ -21,7 +21,9 @@ app = typer.Typer(help="Integration Pipeline Console", no_args_is_help=True,
 jobs_app = typer.Typer(help="Run jobs on demand", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+reports_app = typer.Typer(help="Reports over a time range", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(reports_app, name="reports")
 
 CLI_ACTOR = "cli"
 T = TypeVar("T")
@@ -106,6 +108,55 @@ def run_job_command(name: str) -> None:
     typer.echo(json.dumps(result))
     if result["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+@reports_app.command("show")
+def reports_show(
+    name: Annotated[str, typer.Argument(help="ingestion, delivery, anomalies or replays")],
+    since: Annotated[str | None, typer.Option("--from", help="ISO 8601 with a zone; "
+                                              "default: 24 hours before --to")] = None,
+    until: Annotated[str | None, typer.Option("--to", help="ISO 8601 with a zone; "
+                                              "default: now")] = None,
+    output: Annotated[str, typer.Option("--format", help="json or csv")] = "json",
+) -> None:
+    """Print a report, the same as GET /api/v1/reports/NAME."""
+    from datetime import datetime, timedelta
+
+    from pipeline_console.reports.api import ReportRead, to_csv
+    from pipeline_console.reports.service import REPORTS
+
+    def moment(value: str | None, option: str) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError as error:
+            raise typer.BadParameter(f"{value!r} is not an ISO 8601 time",
+                                     param_hint=option) from error
+        if parsed.tzinfo is None:
+            raise typer.BadParameter(f"{value!r} has no time zone", param_hint=option)
+        return parsed
+
+    build = REPORTS.get(name)
+    if build is None:
+        raise typer.BadParameter(f"no report is named {name!r}; reports: {', '.join(REPORTS)}",
+                                 param_hint="NAME")
+    if output not in ("json", "csv"):
+        raise typer.BadParameter("json or csv", param_hint="--format")
+    end = moment(until, "--to") or system_clock()
+    start = moment(since, "--from") or end - timedelta(hours=24)
+    if start >= end:
+        raise typer.BadParameter("must be before --to", param_hint="--from")
+
+    async def work(database: Database) -> Any:
+        async with database.read() as session:
+            return await build(session, start, end)
+
+    report = _with_database(work)
+    if output == "csv":
+        typer.echo(to_csv(report), nl=False)
+    else:
+        typer.echo(ReportRead(**report.__dict__).model_dump_json(by_alias=True, indent=2))
 
 
 @audit_app.command("verify")
