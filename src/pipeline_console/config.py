@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="how often the worker runs promote_staging (0: never)")
     query_ambiguous_interval_s: float = Field(
         default=30.0, ge=0, description="how often the worker runs query_ambiguous (0: never)")
+    stale_partial_sweep_interval_s: float = Field(
+        default=300.0, ge=0,
+        description="how often the worker runs stale_partial_sweep (0: never)")
+    daily_report_at_utc: str = Field(
+        default="00:05", pattern=r"^$|^([01][0-9]|2[0-3]):[0-5][0-9]$",
+        description="when (HH:MM, UTC) the worker runs daily_report for the day before "
+        "('' : never)")
     lease_margin_s: float = Field(
         default=30.0, ge=0,
         description="a claimed delivery whose worker is silent this long after the system's "

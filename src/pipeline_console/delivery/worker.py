@@ -22,8 +22,31 @@ from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.delivery.transports import Transports
 from pipeline_console.jobs.registry import run_job
+from pipeline_console.jobs.schedule import Scheduled, claim_scheduled_run, worker_schedule
 
 log = logging.getLogger("pipeline_console.worker")
+
+
+# However far off the shared schedule says a job is, look again at least this often (an
+# operator may change the schedule, or another worker may have a shorter interval).
+MAX_SCHEDULE_WAIT_S = 60.0
+
+
+async def _run_if_due(deliverer: Deliverer, settings: Settings, scheduled: Scheduled) -> float:
+    """Run the job if its shared schedule says so and this worker claimed the run; return
+    when (time.time()) to look again."""
+    try:
+        claimed, due = await claim_scheduled_run(deliverer.database, scheduled,
+                                                 now=deliverer.clock(),
+                                                 worker=deliverer.worker_id)
+        if claimed:
+            await run_job(deliverer, settings, scheduled.job, actor=deliverer.worker_id,
+                          trigger="worker")
+    except Exception:
+        log.exception("scheduled job %s could not start", scheduled.job)
+        return time.time() + 5
+    wait = (due - deliverer.clock()).total_seconds()
+    return time.time() + min(max(wait, 0.0), MAX_SCHEDULE_WAIT_S)
 
 
 def worker_identity() -> str:
@@ -42,19 +65,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                               worker_id=f"worker:{worker_identity()}",
                               lease_margin_s=settings.lease_margin_s)
         log.info("worker %s started", deliverer.worker_id)
-        schedule = {"promote_staging": settings.promote_staging_interval_s,
-                    "query_ambiguous": settings.query_ambiguous_interval_s}
-        next_run = dict.fromkeys(schedule, 0.0)
+        schedule = worker_schedule(settings)
+        next_check = dict.fromkeys((scheduled.job for scheduled in schedule), 0.0)
         try:
             while not stop.is_set():
-                for job, interval in schedule.items():
-                    if interval > 0 and time.monotonic() >= next_run[job]:
-                        next_run[job] = time.monotonic() + interval
-                        try:
-                            await run_job(deliverer, settings, job, actor=deliverer.worker_id,
-                                          trigger="worker")
-                        except Exception:
-                            log.exception("scheduled job %s could not start", job)
+                for scheduled in schedule:
+                    if time.time() >= next_check[scheduled.job]:
+                        next_check[scheduled.job] = await _run_if_due(deliverer, settings,
+                                                                      scheduled)
                 try:
                     counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
                                                concurrency=settings.worker_concurrency)

@@ -43,6 +43,8 @@ _AUDIT_SENTENCES = {
     "record.promoted": "version {version} promoted to production",
     "record.staged_partial": "version {version} staged as partial: it does not satisfy the "
                              "entity type's schema yet",
+    "record.partial_stale": "version {version} from {source_system} is still partial after "
+                            "{waiting_s} s, missing: {missing}",
     "anomaly.opened": "anomaly opened: {incoming_source_system} and {current_source_system} "
                       "disagree about version {version} ({differing_fields} fields differ)",
     "anomaly.resolved": "anomaly resolved ({resolution}): {note}",

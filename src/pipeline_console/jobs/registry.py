@@ -14,7 +14,8 @@ from pipeline_console.delivery.ambiguous import query_open_ambiguous
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.errors import NotFound
 from pipeline_console.models import JobRun
-from pipeline_console.records.staging_sweep import promote_staging
+from pipeline_console.records.staging_sweep import promote_staging, sweep_stale_partials
+from pipeline_console.reports.service import daily_summary
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,22 @@ async def _query_ambiguous(deliverer: Deliverer, _settings: Settings,
     return await query_open_ambiguous(deliverer, actor=actor)
 
 
+async def _stale_partial_sweep(deliverer: Deliverer, settings: Settings,
+                               actor: str) -> dict[str, Any]:
+    async with deliverer.database.transaction() as session:
+        report = await sweep_stale_partials(session, now=deliverer.clock(), actor=actor,
+                                            stale_after_s=settings.stale_partial_after_s)
+    return report.as_dict()
+
+
+async def _daily_report(deliverer: Deliverer, _settings: Settings,
+                        _actor: str) -> dict[str, Any]:
+    async with deliverer.database.read() as session:
+        summary = await daily_summary(session, now=deliverer.clock())
+    log.info("daily report for %s: %s", summary["day"], summary["reports"])
+    return summary
+
+
 log = logging.getLogger("pipeline_console.jobs")
 
 JOBS: dict[str, Job] = {
@@ -53,6 +70,11 @@ JOBS: dict[str, Job] = {
             _promote_staging),
         Job("query_ambiguous", "ask systems with a status query about open ambiguous "
             "outcomes: 200 delivered, 404 send again", _query_ambiguous),
+        Job("stale_partial_sweep", "mark partial records waiting longer than "
+            "STALE_PARTIAL_AFTER_S as stale, once each, with an audit event naming what they "
+            "miss", _stale_partial_sweep),
+        Job("daily_report", "the totals of every report for the UTC day before, with the "
+            "path of each full report; kept in the job run history", _daily_report),
     )
 }
 

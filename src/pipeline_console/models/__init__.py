@@ -10,7 +10,7 @@ from pipeline_console.models.delivery import (
     DeliveryAttempt,
     DownstreamSystem,
 )
-from pipeline_console.models.jobs import JobRun
+from pipeline_console.models.jobs import JobRun, JobSchedule
 from pipeline_console.models.records import (
     Anomaly,
     Correlation,
@@ -36,6 +36,7 @@ __all__ = [
     "EntityType",
     "IngestionAttempt",
     "JobRun",
+    "JobSchedule",
     "ProductionRecord",
     "RecordState",
     "ReplayExecution",

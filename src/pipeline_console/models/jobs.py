@@ -28,3 +28,16 @@ class JobRun(Base):
         Index(None, "job", "id"),
         Index(None, "status", "id"),
     )
+
+
+class JobSchedule(Base):
+    """When each scheduled job runs next, shared by every worker: a worker runs a job only
+    after moving its next_run_at forward in one conditional UPDATE, so with several workers
+    each scheduled run still happens once."""
+
+    __tablename__ = "job_schedules"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

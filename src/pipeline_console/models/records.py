@@ -81,6 +81,8 @@ class StagingRecord(Base):
     staged_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set once by the stale_partial_sweep job when a partial record has waited too long.
+    stale_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
         CheckConstraint(

@@ -40,6 +40,7 @@ class StagingRead(ORM):
     staged_at: datetime
     updated_at: datetime
     promoted_at: datetime | None
+    stale_since: datetime | None = None  # set by stale_partial_sweep
 
 
 class RecordRead(BaseModel):

@@ -1,12 +1,13 @@
-"""The promote_staging job: re-check staged records that are not yet promoted (for example
-after an entity type's schema changed) and promote those that are now complete."""
+"""Two jobs over staging. promote_staging re-checks staged records that are not yet promoted
+(for example after an entity type's schema changed) and promotes those that are now complete.
+stale_partial_sweep marks partial records that have waited too long."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
@@ -120,3 +121,51 @@ def _may_promote(row: StagingRecord, production_version: int | None) -> bool:
         return True
     return row.anomaly_id is not None and row.version == production_version
 
+
+
+@dataclass(frozen=True)
+class StaleReport:
+    newly_stale: int
+    stale_total: int
+    oldest_staged_at: datetime | None
+    remaining: bool  # more newly stale rows were waiting than one run takes
+
+    def as_dict(self) -> dict[str, object]:
+        return {"newly_stale": self.newly_stale, "stale_total": self.stale_total,
+                "oldest_staged_at": self.oldest_staged_at.isoformat()
+                if self.oldest_staged_at else None, "remaining": self.remaining}
+
+
+async def sweep_stale_partials(
+    session: AsyncSession, *, now: datetime, actor: str, stale_after_s: float,
+    limit: int = 2000,
+) -> StaleReport:
+    """Mark partial records that have waited longer than `stale_after_s` as stale, once each,
+    with an audit event naming what they still miss. Nothing is deleted or changed otherwise:
+    a newer version can still complete them, and the dashboard lists them."""
+    before = now - timedelta(seconds=stale_after_s)
+    rows = list((await session.execute(
+        select(StagingRecord)
+        .where(StagingRecord.status == "partial", StagingRecord.staged_at < before,
+               StagingRecord.stale_since.is_(None))
+        .order_by(StagingRecord.id).limit(limit + 1).with_for_update(skip_locked=True)
+    )).scalars())
+    remaining = len(rows) > limit
+    rows = rows[:limit]
+    audit = []
+    for row in rows:
+        row.stale_since = now
+        missing = [str(error.get("message") or error.get("path") or "?")
+                   for error in row.validation_errors or []]
+        audit.append(AuditEntry(
+            "record.partial_stale", "record", row.idempotency_key,
+            {"version": row.version, "source_system": row.source_system,
+             "waiting_s": round((now - row.staged_at).total_seconds()),
+             "missing": "; ".join(missing) or "unknown"},
+            row.idempotency_key))
+    await session.flush()
+    await append_audit(session, audit, actor=actor, now=now)
+    stale_total, oldest = (await session.execute(
+        select(func.count(), func.min(StagingRecord.staged_at))
+        .where(StagingRecord.status == "partial", StagingRecord.staged_at < before))).one()
+    return StaleReport(len(rows), stale_total, oldest, remaining)

@@ -10,7 +10,7 @@ import math
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -235,3 +235,29 @@ REPORTS: dict[str, Callable[[AsyncSession, datetime, datetime], Awaitable[Report
     "anomalies": anomalies_report,
     "replays": replays_report,
 }
+
+
+def _z(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def daily_summary(session: AsyncSession, *, now: datetime) -> dict[str, Any]:
+    """The four reports' totals for the UTC day before `now`, with the path of each full
+    report, and per system the delivery figures an operator reads first."""
+    start = datetime.combine((now.astimezone(UTC) - timedelta(days=1)).date(), time(0), UTC)
+    end = start + timedelta(days=1)
+    summary: dict[str, Any] = {"day": start.date().isoformat(), "from": _z(start),
+                               "to": _z(end), "reports": {}}
+    for name, build in REPORTS.items():
+        report = await build(session, start, end)
+        entry: dict[str, Any] = {
+            "totals": report.totals,
+            "path": f"/api/v1/reports/{name}?from={_z(start)}&to={_z(end)}"}
+        if name == "delivery":
+            entry["systems"] = {
+                row["system"]: {column: row[column] for column in
+                                ("attempts", "success_rate", "p95_latency_ms",
+                                 "dead_lettered")}
+                for row in report.rows}
+        summary["reports"][name] = entry
+    return summary
