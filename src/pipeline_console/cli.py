@@ -61,10 +61,16 @@ def serve(
 
 @app.command()
 def demo() -> None:
-    """Load the demo scenario: every decision branch, a partial record, an anomaly."""
+    """Load the demo scenario into an empty database: three hours of an ERP, a CRM and a
+    shop, three downstream systems, every decision, queue and circuit state."""
     from pipeline_console.demo import load_demo
+    from pipeline_console.errors import Conflict
 
-    summary = _with_database(lambda database: load_demo(database, now=system_clock()))
+    try:
+        summary = _with_database(lambda database: load_demo(database, now=system_clock()))
+    except Conflict as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(1) from error
     for line in summary:
         typer.echo(line)
 

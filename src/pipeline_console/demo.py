@@ -1,96 +1,342 @@
-"""The demo scenario: a small, scripted set of messages that exercises all five branches,
-a partial record completed by a newer version, a record stuck partial, a same-version
-conflict, a business event spanning three systems, and a rejected malformed message."""
+"""The demo scenario: three hours of an ordinary bad day, replayed in simulated time so that it
+ends now. Deterministic: the same steps, the same seeds, the same results on every run.
+
+An ERP, a CRM and a web shop send customers, orders and invoices. Among them: retried POSTs
+(duplicates), a batch the shop sends twice, late stale copies, same-version conflicts, partial
+records (one completed later, one stuck), malformed messages. Three downstream systems receive
+the promoted records through the simulated transport (no network): `warehouse` is healthy,
+`crm-sync` is flaky and its circuit opens, `ledger` sometimes times out after sending and its
+status query never answers, so its ambiguous outcomes wait for a person. An operator resolves
+a conflict, replays dead letters (one request is refused as a whole, one executes), and takes
+`ledger` through a maintenance window, leaving its circuit half-open.
+
+Everything goes through the same service functions as the API and the worker."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 import orjson
+from sqlalchemy import select
 
+from pipeline_console.anomalies.service import resolve_anomaly
+from pipeline_console.audit.service import append_audit
+from pipeline_console.config import Settings
+from pipeline_console.dashboard.service import attention
 from pipeline_console.db import Database
+from pipeline_console.delivery.circuits import operator_transition
+from pipeline_console.delivery.policy import CircuitEvent
+from pipeline_console.delivery.schemas import SystemCreate
+from pipeline_console.delivery.service import Deliverer, deliver_due
+from pipeline_console.delivery.systems import create_system
+from pipeline_console.delivery.transports import Transports
 from pipeline_console.entity_types.service import put_entity_type
+from pipeline_console.errors import Conflict
 from pipeline_console.ingestion.intake import excerpt, parse_message
 from pipeline_console.ingestion.service import Accepted, ingest_messages
+from pipeline_console.jobs.registry import run_job
+from pipeline_console.models import Anomaly, DeadLetter, DownstreamSystem
+from pipeline_console.replay.service import Target, create_replay, execute_replay
 
 DEMO_ACTOR = "demo"
+OPERATOR = "demo-operator"
+DURATION = timedelta(hours=3)
+DELIVERY_TICK = timedelta(minutes=2)
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "customer": {
         "type": "object",
         "required": ["name", "country"],
-        "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+        "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                       "email": {"type": "string"}},
     },
     "order": {
         "type": "object",
-        "required": ["customer_id", "total"],
-        "properties": {"customer_id": {"type": "string"}, "total": {"type": "number"}},
+        "required": ["customer_id", "total", "currency"],
+        "properties": {"customer_id": {"type": "string"}, "total": {"type": "number"},
+                       "currency": {"type": "string"}},
+    },
+    "invoice": {
+        "type": "object",
+        "required": ["order_id", "amount", "due"],
+        "properties": {"order_id": {"type": "string"}, "amount": {"type": "number"},
+                       "due": {"type": "string"}},
     },
 }
 
+SYSTEMS: list[dict[str, Any]] = [
+    {"name": "warehouse", "transport": "simulated", "entity_types": ["customer", "order"],
+     "simulation": {"seed": 11, "outcomes": {"success": 1.0}, "latency_ms": 8}},
+    {"name": "crm-sync", "transport": "simulated", "entity_types": ["customer"],
+     "failure_threshold": 3, "max_attempts": 5, "backoff_base_s": 20, "backoff_max_s": 600,
+     "simulation": {"seed": 23, "latency_ms": 40,
+                    "outcomes": {"success": 0.4, "transient": 0.55, "permanent": 0.05}}},
+    {"name": "ledger", "transport": "simulated", "entity_types": ["invoice", "order"],
+     "failure_threshold": 50, "max_attempts": 4, "backoff_base_s": 30,
+     "simulation": {"seed": 7, "latency_ms": 120, "status_query": "unavailable",
+                    "outcomes": {"success": 0.6, "ambiguous": 0.25, "permanent": 0.15}}},
+]
 
-def _message(source: str, entity_type: str, entity_id: str, version: Any,
+CUSTOMERS = [("C-1001", "Acme GmbH", "DE"), ("C-1002", "Globex Ltd", "GB"),
+             ("C-1003", "Initech SARL", "FR"), ("C-1004", "Umbrella AG", "DE"),
+             ("C-1005", "Stark Industries", "US"), ("C-1006", "Wayne Enterprises", "US"),
+             ("C-1007", "Hooli BV", "NL"), ("C-1008", "Vandelay SpA", "IT"),
+             ("C-1009", "Soylent Oy", "FI"), ("C-1010", "Tyrell AB", "SE")]
+
+
+def customer(source: str, entity_id: str, version: int, name: str, country: str | None,
+             **extra: Any) -> dict[str, Any]:
+    payload = {"name": name, "email": f"ap@{name.split()[0].lower()}.example"}
+    if country is not None:
+        payload["country"] = country
+    return _message(source, "customer", entity_id, version, payload, **extra)
+
+
+def order(number: int, version: int = 1, total: float | None = None,
+          **extra: Any) -> dict[str, Any]:
+    customer_id = CUSTOMERS[number % len(CUSTOMERS)][0]
+    return _message("shop", "order", f"O-{5000 + number}", version,
+                    {"customer_id": customer_id, "total": total or 40.0 + 17.5 * number,
+                     "currency": "EUR"},
+                    correlation_id=f"evt-{5000 + number}",
+                    message_id=f"shop-{5000 + number}-v{version}", **extra)
+
+
+def invoice(number: int) -> dict[str, Any]:
+    return _message("erp", "invoice", f"INV-{9000 + number}", 1,
+                    {"order_id": f"O-{5000 + number}", "amount": 40.0 + 17.5 * number,
+                     "due": "2026-12-31"},
+                    correlation_id=f"evt-{5000 + number}", message_id=f"erp-inv-{number}")
+
+
+def _message(source: str, entity_type: str, entity_id: Any, version: Any,
              payload: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"source_system": source, "entity_type": entity_type, "entity_id": entity_id,
             "version": version, "payload": payload, **extra}
 
 
-# Each step: (what it shows, the message as a source system would POST it).
-SCENARIO: list[tuple[str, dict[str, Any]]] = [
-    ("a new customer from the ERP",
-     _message("erp", "customer", "C-100", 1, {"name": "Acme", "country": "DE"},
-              correlation_id="evt-1001", message_id="erp-1")),
-    ("the ERP retries the same POST",
-     _message("erp", "customer", "C-100", 1, {"country": "DE", "name": "Acme"},
-              correlation_id="evt-1001", message_id="erp-1")),
-    ("the ERP renames the customer",
-     _message("erp", "customer", "C-100", 2, {"name": "Acme GmbH", "country": "DE"},
-              message_id="erp-2")),
-    ("the CRM's older copy arrives late",
-     _message("crm", "customer", "C-100", 1, {"name": "ACME", "country": "DE"},
-              message_id="crm-7")),
-    ("the CRM claims something else for version 2",
-     _message("crm", "customer", "C-100", 2, {"name": "Acme Corporation", "country": "AT"},
-              message_id="crm-8")),
-    ("the shop places an order for the customer",
-     _message("shop", "order", "O-5001", 1, {"customer_id": "C-100", "total": 99.5},
-              correlation_id="evt-1001", message_id="shop-31")),
-    ("billing invoices the order",
-     _message("billing", "invoice", "INV-9001", 1, {"order_id": "O-5001", "amount": 99.5},
-              correlation_id="evt-1001", message_id="bill-4")),
-    ("the CRM sends a customer without a country",
-     _message("crm", "customer", "C-200", 1, {"name": "Globex"}, message_id="crm-9")),
-    ("the CRM completes it with a newer version",
-     _message("crm", "customer", "C-200", 2, {"name": "Globex", "country": "US"},
-              message_id="crm-10")),
-    ("the shop sends a customer that stays partial",
-     _message("shop", "customer", "C-300", 1, {"name": "Initech"}, message_id="shop-32")),
-    ("a broken message with a negative version",
-     _message("shop", "customer", "C-400", -1, {"name": "Umbrella"}, message_id="shop-33")),
-]
+@dataclass
+class DemoClock:
+    """Simulated time: the story runs from three hours ago up to now."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
-async def load_demo(database: Database, *, now: datetime) -> list[str]:
-    async with database.transaction() as session:
+@dataclass
+class Story:
+    database: Database
+    clock: DemoClock
+    start: datetime
+    deliverer: Deliverer
+    lines: list[str] = field(default_factory=list)
+    delivered_until: datetime | None = None
+
+    def say(self, line: str) -> None:
+        self.lines.append(f"{self.clock.now:%H:%M}  {line}")
+
+    async def deliver_until(self, minutes: float) -> None:
+        """Worker passes every DELIVERY_TICK of simulated time, one delivery at a time (so
+        the outcome of each send, and the order of circuit transitions, is the same on every
+        run), up to `minutes` after the start."""
+        target = self.start + timedelta(minutes=minutes)
+        moment = self.delivered_until or self.start
+        counts: dict[str, int] = {}
+        while moment + DELIVERY_TICK <= target:
+            moment += DELIVERY_TICK
+            self.clock.now = moment
+            while True:
+                result = await deliver_due(self.deliverer, limit=1, concurrency=1)
+                if not result["claimed"]:
+                    break
+                for outcome, count in result.items():
+                    if outcome not in ("claimed", "recovered_as_ambiguous") and count:
+                        counts[outcome] = counts.get(outcome, 0) + count
+        self.delivered_until = moment
+        self.clock.now = target
+        if counts:
+            self.say("deliveries: " + ", ".join(f"{n} {what}" for what, n in
+                                                sorted(counts.items())))
+
+    async def send(self, what: str, *bodies: dict[str, Any], at: float) -> None:
+        """Source systems post `bodies`, one transaction each, as the API would."""
+        await self.deliver_until(at)
+        decisions: dict[str, int] = {}
+        for body in bodies:
+            item = parse_message(body, excerpt(orjson.dumps(body), 4096), max_depth=32)
+            async with self.database.transaction() as session:
+                [result] = await ingest_messages(session, [item], now=self.clock(),
+                                                 actor=DEMO_ACTOR)
+            word = result.decision if isinstance(result, Accepted) else "rejected"
+            if isinstance(result, Accepted) and result.staging_status == "partial":
+                word += " (partial)"
+            decisions[word] = decisions.get(word, 0) + 1
+        self.say(f"{what} → " + ", ".join(f"{n} {word}" for word, n in decisions.items()))
+
+    async def job(self, name: str, settings: Settings) -> dict[str, Any] | None:
+        run = await run_job(self.deliverer, settings, name, actor=OPERATOR, trigger="cli")
+        self.say(f"job {name}: {run.status} {orjson.dumps(run.result).decode()}")
+        return run.result
+
+
+async def load_demo(database: Database, *, now: datetime,
+                    settings: Settings | None = None) -> list[str]:
+    """Load the scenario into an empty database; return what happened, one line per step."""
+    settings = settings or Settings()
+    async with database.read() as session:
+        if await session.scalar(select(DownstreamSystem.name).limit(1)) is not None:
+            raise Conflict("this database already has downstream systems; load the demo into "
+                           "an empty database (make demo starts from a fresh demo.db)")
+    start = now - DURATION
+    clock = DemoClock(start)
+    async with httpx.AsyncClient() as client:
+        deliverer = Deliverer(database, Transports(client), clock, worker_id="demo-worker",
+                              rng=random.Random(5))
+        story = Story(database, clock, start, deliverer)
+        await _setup(story)
+        await _traffic(story)
+        await _operators(story, settings)
+    return story.lines
+
+
+async def _setup(story: Story) -> None:
+    async with story.database.transaction() as session:
         for name, schema in SCHEMAS.items():
-            await put_entity_type(session, name, schema, actor=DEMO_ACTOR,
-                                  now=now - timedelta(seconds=len(SCENARIO) + 1))
-    lines = []
-    # One second apart, ending now, so that timelines read in the order things happened.
-    start = now - timedelta(seconds=len(SCENARIO))
-    for position, (what, body) in enumerate(SCENARIO):
-        raw = excerpt(orjson.dumps(body), 4096)
-        item = parse_message(body, raw, max_depth=32)
+            await put_entity_type(session, name, schema, actor=DEMO_ACTOR, now=story.clock())
+        for system in SYSTEMS:
+            await create_system(session, SystemCreate.model_validate(system), actor=DEMO_ACTOR,
+                                now=story.clock())
+    story.say("(times are UTC) entity types customer, order, invoice; downstream systems warehouse "
+              "(healthy), crm-sync (flaky), ledger (status query times out)")
+
+
+async def _traffic(story: Story) -> None:
+    send = story.send
+    await send("the ERP's morning sync: 10 customers",
+               *[customer("erp", cid, 1, name, country, message_id=f"erp-{cid}-v1")
+                 for cid, name, country in CUSTOMERS], at=1)
+    await send("the ERP retries two POSTs whose answers it never saw",
+               customer("erp", "C-1009", 1, "Soylent Oy", "FI", message_id="erp-C-1009-v1"),
+               customer("erp", "C-1010", 1, "Tyrell AB", "SE", message_id="erp-C-1010-v1"),
+               at=3)
+    await send("the shop: orders O-5001…O-5008, one business event each",
+               *[order(number) for number in range(1, 9)], at=5)
+    await send("the shop retries order O-5003", order(3), at=6)
+    await send("the ERP invoices orders O-5001…O-5006 (same business events)",
+               *[invoice(number) for number in range(1, 7)], at=8)
+    await send("the ERP moves Globex to Ireland (version 2)",
+               customer("erp", "C-1002", 2, "Globex Ltd", "IE", message_id="erp-C-1002-v2"),
+               at=9)
+    await send("the CRM's nightly export arrives: the same Initech, an old Globex, and two "
+               "customers it disagrees about",
+               customer("crm", "C-1003", 1, "Initech SARL", "FR", message_id="crm-77"),
+               customer("crm", "C-1002", 1, "Globex Ltd", "GB", message_id="crm-78"),
+               customer("crm", "C-1004", 1, "Umbrella AG", "AT", message_id="crm-79"),
+               customer("crm", "C-1005", 1, "Stark Industries Inc.", "US", message_id="crm-80"),
+               at=10)
+    await send("the shop registers two customers without a country",
+               customer("shop", "C-2001", 1, "Dunder Mifflin", None, message_id="shop-c-1"),
+               customer("shop", "C-2002", 1, "Prestige Worldwide", None,
+                        message_id="shop-c-2"), at=12)
+    await send("malformed: the shop sends a negative version, the CRM forgets the entity id",
+               order(9, version=-1),
+               {"source_system": "crm", "entity_type": "customer", "version": 1,
+                "payload": {"name": "Nobody"}, "message_id": "crm-81"}, at=20)
+    await send("the shop's integration restarts and sends its last batch again",
+               *[order(number) for number in range(1, 6)], at=30)
+    await send("the shop completes Prestige Worldwide (version 2)",
+               customer("shop", "C-2002", 2, "Prestige Worldwide", "US",
+                        message_id="shop-c-3"), at=40)
+    await send("the shop changes order O-5002 (version 2, a new total)",
+               order(2, version=2, total=99.0), at=45)
+    await send("the ERP updates Wayne Enterprises (version 2)",
+               customer("erp", "C-1006", 2, "Wayne Enterprises", "CA",
+                        message_id="erp-C-1006-v2"), at=50)
+    await send("the CRM's copy of Wayne Enterprises, version 1, arrives late",
+               customer("crm", "C-1006", 1, "Wayne Enterprises", "US", message_id="crm-90"),
+               at=60)
+    await send("the CRM insists on its Umbrella (the same conflict again)",
+               customer("crm", "C-1004", 1, "Umbrella AG", "AT", message_id="crm-91"), at=95)
+    await send("more orders and invoices",
+               order(7, version=2, total=310.0), invoice(7), invoice(8), at=120)
+    await story.deliver_until(148)
+
+
+async def _operators(story: Story, settings: Settings) -> None:
+    database = story.database
+    await story.deliver_until(150)
+    async with database.transaction() as session:
+        anomaly = await session.scalar(
+            select(Anomaly).where(Anomaly.idempotency_key == "customer:C-1005",
+                                  Anomaly.status == "open"))
+        if anomaly is not None:
+            await resolve_anomaly(session, anomaly.id, "keep_current",
+                                  "the ERP is the master for customer names", actor=OPERATOR,
+                                  now=story.clock())
+            story.say(f"an operator resolves anomaly {anomaly.id} (C-1005): keep_current")
+    await story.deliver_until(155)
+    await story.job("query_ambiguous", settings)
+
+    await story.deliver_until(160)
+    async with database.read() as session:
+        dead = list((await session.execute(
+            select(DeadLetter.id).where(DeadLetter.system == "ledger",
+                                        DeadLetter.status == "open",
+                                        DeadLetter.idempotency_key.like("invoice:%"))
+            .order_by(DeadLetter.id))).scalars())
+    if dead:
         async with database.transaction() as session:
-            [result] = await ingest_messages(session, [item],
-                                             now=start + timedelta(seconds=position),
-                                             actor=DEMO_ACTOR)
-        key = f"{body['entity_type']}:{body['entity_id']}"
-        if isinstance(result, Accepted):
-            staged = f", staging {result.staging_status}" if result.staging_status else ""
-            anomaly = f", anomaly {result.anomaly_id}" if result.anomaly_id else ""
-            lines.append(f"{what:48} {key:20} → {result.decision}{staged}{anomaly}")
-        else:
-            lines.append(f"{what:48} {key:20} → rejected (attempt {result.attempt_id})")
-    return lines
+            request, items = await create_replay(
+                session, [Target(dlq_id=dead[0]),
+                          Target(key="order:O-5001", system="warehouse")],
+                reason="ledger says it fixed its validation", selection={"demo": True},
+                allow_delivered=False, actor=OPERATOR, now=story.clock())
+        story.say(f"replay {request.id} (a dead letter and a delivered order) is "
+                  f"{request.status}: {items[-1].reason}")
+        await story.deliver_until(161)
+        async with database.transaction() as session:
+            request, _ = await create_replay(
+                session, [Target(dlq_id=dlq_id) for dlq_id in dead],
+                reason="ledger says it fixed its validation", selection={"demo": True},
+                allow_delivered=False, actor=OPERATOR, now=story.clock())
+        done = await execute_replay(story.deliverer, request.id, actor=OPERATOR)
+        story.say(f"replay {request.id} of the {len(dead)} open invoice dead letter(s) of "
+                  f"ledger: {done.status}")
+
+    await story.deliver_until(165)
+    await _circuit(story, "ledger", CircuitEvent.FORCE_OPEN,
+                   "ledger maintenance window, the vendor asked us to stop for 15 minutes")
+    await story.send("late traffic: a new customer and an order for it",
+                     customer("erp", "C-1011", 1, "Cyberdyne KK", "JP",
+                              message_id="erp-C-1011-v1"),
+                     order(11), at=176)
+    await story.deliver_until(178)
+    for job in ("promote_staging", "stale_partial_sweep"):
+        await story.job(job, settings)
+    await story.deliver_until(179)
+    await _circuit(story, "ledger", CircuitEvent.RESET,
+                   "maintenance over; one trial delivery will tell")
+    story.clock.now = story.start + DURATION  # now; the trial waits for a worker
+    async with database.read() as session:
+        items = await attention(session, now=story.clock(),
+                                stale_partial_after_s=settings.stale_partial_after_s)
+    story.say("the dashboard now: " + ", ".join(
+        f"{item.name}{f' ({item.system})' if item.system else ''} {item.count}"
+        for item in items if item.count))
+    story.say("try: /api/v1/inspect/customer:C-1004 (a conflict), customer:C-1006 (stale), "
+              "customer:C-2001 (stuck partial), /api/v1/inspect?correlation_id=evt-5002")
+
+
+async def _circuit(story: Story, system: str, event: CircuitEvent, reason: str) -> None:
+    async with story.database.transaction() as session:
+        circuit, entries = await operator_transition(session, system, event, reason,
+                                                     actor=OPERATOR, now=story.clock())
+        await append_audit(session, entries, actor=OPERATOR, now=story.clock())
+    story.say(f"an operator: {event.value} the circuit of {system} → {circuit.state} "
+              f"({reason})")

@@ -1,0 +1,94 @@
+"""The demo scenario leaves something in every area of the dashboard, every branch, every
+queue and every state, the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from pipeline_console.demo import load_demo
+from pipeline_console.errors import Conflict
+
+# The scenario is deterministic: the same steps and seeds give these counts on both databases.
+EXPECTED_ATTENTION = (
+    "open_anomalies 1, dead_letters (crm-sync) 1, dead_letters (ledger) 2, "
+    "ambiguous_outcomes 6, open_circuits 1, half_open_circuits 1, stale_partials 1, "
+    "delivery_backlog (crm-sync) 11, delivery_backlog (ledger) 1, "
+    "delivery_backlog (warehouse) 2, unsuccessful_replays 1")
+
+
+@pytest.fixture
+async def demo(database, client, clock, settings):
+    return await load_demo(database, now=clock.now, settings=settings)
+
+
+async def items(client, path):
+    response = await client.get(path)
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+async def test_the_dashboard_shows_every_area_non_zero(client, demo):
+    dashboard = (await client.get("/api/v1/dashboard")).json()
+    counts = Counter()
+    for item in dashboard["items"]:
+        counts[item["name"]] += item["count"]
+    assert set(counts) == {"open_anomalies", "dead_letters", "ambiguous_outcomes",
+                           "open_circuits", "half_open_circuits", "stale_partials",
+                           "delivery_backlog", "unsuccessful_replays"}
+    assert all(counts.values()), counts
+    for window in ("last_5_min", "last_hour"):
+        assert sum(dashboard["rates"][window]["ingestion"].values()), window
+    assert sum(dashboard["rates"]["last_hour"]["delivery"].values())
+    assert demo[-2].endswith("the dashboard now: " + EXPECTED_ATTENTION)
+
+
+async def test_every_branch_queue_and_state_is_there(client, demo):
+    decisions = {a["decision"] for a in await items(client, "/api/v1/attempts?limit=500")}
+    assert decisions == {"accept_new", "accept_supersede", "skip_duplicate", "quarantine",
+                         "skip_stale", "rejected"}
+    staging = {s["status"] for s in await items(client, "/api/v1/staging?limit=500")}
+    assert staging == {"partial", "promoted", "superseded"}
+    deliveries = {d["status"] for d in await items(client, "/api/v1/deliveries?limit=500")}
+    assert {"delivered", "dead_lettered", "ambiguous", "held", "pending",
+            "superseded"} <= deliveries
+    attempts = Counter()
+    for delivery in await items(client, "/api/v1/deliveries?limit=500"):
+        for attempt in await items(client, f"/api/v1/deliveries/{delivery['id']}/attempts"):
+            attempts[attempt["classification"]] += 1
+    assert set(attempts) == {"success", "transient", "permanent", "ambiguous"}
+    circuits = {c["system"]: c["state"] for c in await items(client, "/api/v1/circuits")}
+    assert circuits == {"warehouse": "closed", "crm-sync": "open", "ledger": "half_open"}
+    anomalies = {a["status"] for a in await items(client, "/api/v1/anomalies")}
+    assert anomalies == {"open", "resolved"}
+    replays = {r["status"] for r in await items(client, "/api/v1/replays")}
+    assert replays == {"rejected", "completed"}
+    ambiguous = await items(client, "/api/v1/ambiguous?status=open")
+    assert {a["last_query_result"] for a in ambiguous} == {"no answer"}
+    jobs = {r["job"] for r in await items(client, "/api/v1/jobs/runs")}
+    assert jobs == {"query_ambiguous", "promote_staging", "stale_partial_sweep"}
+    assert (await client.get("/api/v1/audit/verify")).json()["ok"] is True
+
+
+async def test_the_inspector_tells_the_conflict_and_the_business_event(client, demo):
+    conflict = (await client.get("/api/v1/inspect/customer:C-1004")).json()
+    kinds = [entry["kind"] for entry in conflict["timeline"]]
+    assert kinds.count("ingestion.quarantine") == 2 and "ingestion.accept_new" in kinds
+    assert [a["status"] for a in conflict["anomalies"]] == ["open"]
+    stamps = [entry["at"] for entry in conflict["timeline"]]
+    assert stamps == sorted(stamps)
+    event = (await client.get("/api/v1/inspect?correlation_id=evt-5002")).json()
+    keys = {record["idempotency_key"] for record in event["records"]}
+    assert keys == {"order:O-5002", "invoice:INV-9002"}
+
+
+async def test_every_report_has_rows(client, demo):
+    for name in ("ingestion", "delivery", "anomalies", "replays"):
+        report = (await client.get(f"/api/v1/reports/{name}")).json()
+        assert report["rows"], name
+
+
+async def test_the_demo_refuses_a_database_that_is_not_empty(database, clock, settings, demo):
+    with pytest.raises(Conflict, match="empty database"):
+        await load_demo(database, now=clock.now, settings=settings)
