@@ -1,4 +1,4 @@
-"""GET /metrics: process counters and database gauges, parsed
+"""GET /metrics and the worker's metrics port: process counters and database gauges, parsed
 as Prometheus parses them.
 
 Counters belong to the process and tests share it (one after another per xdist worker), so
@@ -7,6 +7,8 @@ counter tests compare a scrape before with a scrape after, and use names of thei
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 import uuid
 from datetime import UTC, datetime
 
@@ -20,8 +22,9 @@ from pipeline_console.app import create_app
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
 from tests.delivery.test_delivery import add_system, deliveries, ingest, run_pass
+from tests.delivery.test_worker import start_worker
 from tests.sink import Answer
-from tests.support import message
+from tests.support import message, wait_for
 from tests.test_operations import run_cli
 
 Samples = dict[tuple[str, frozenset], float]
@@ -247,3 +250,39 @@ class TestRequestDurations:
         assert "/metrics" in routes  # the earlier scrape, by its own template
         assert all(route == "unmatched" or route.startswith("/") for route in routes)
 
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_the_worker_serves_its_counters_on_its_metrics_port(
+        database_url, client, sink, clock, tmp_path):
+    clock.now = datetime.now(UTC)  # worker processes run on the real clock
+    await add_system(client, sink)
+    await ingest(client, message(1))
+    port = free_port()
+    worker = start_worker(database_url, tmp_path / "worker.log", worker_metrics_port=port)
+    url = f"http://127.0.0.1:{port}/metrics"
+    labels = {"system": "billing", "classification": "success"}
+
+    async def delivered_count() -> float:
+        try:
+            async with httpx.AsyncClient() as http:
+                return value(parse((await http.get(url, timeout=5)).text),
+                             "pipeline_delivery_attempts_total", **labels)
+        except httpx.TransportError:
+            return -1.0  # not listening yet
+
+    try:
+        await wait_for(lambda: len(sink.received) == 1, 30, "the worker's send")
+        deadline = asyncio.get_running_loop().time() + 30
+        while (count := await delivered_count()) != 1:
+            assert asyncio.get_running_loop().time() < deadline, f"count is {count}"
+            await asyncio.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text()
+    [delivery] = await deliveries(client)
+    assert delivery["status"] == "delivered"
