@@ -31,6 +31,7 @@ CONTRACT_PATHS = [
     ("get", "/api/v1/replays/{replay_id}"), ("post", "/api/v1/replays/{replay_id}/execute"),
     ("get", "/api/v1/inspect/{key}"), ("get", "/api/v1/inspect"), ("get", "/api/v1/dashboard"),
     ("get", "/api/v1/jobs/runs"), ("get", "/api/v1/reports"), ("get", "/api/v1/reports/{name}"),
+    ("get", "/metrics"),
 ]
 
 

@@ -4,13 +4,15 @@ never at import time."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sqlalchemy import text
 
@@ -18,6 +20,7 @@ from pipeline_console import __version__
 from pipeline_console.anomalies.api import router as anomalies_router
 from pipeline_console.api.guards import RefuseNulInUrls
 from pipeline_console.api.problems import install_problem_handlers, problem, problem_responses
+from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
@@ -32,6 +35,7 @@ from pipeline_console.ingestion.api import router as ingestion_router
 from pipeline_console.ingestion.schemas import BatchIn, MessageIn
 from pipeline_console.inspector.api import router as inspector_router
 from pipeline_console.jobs.api import router as jobs_router
+from pipeline_console.metrics import database_registry, render
 from pipeline_console.records.api import router as records_router
 from pipeline_console.replay.api import router as replay_router
 from pipeline_console.reports.api import router as reports_router
@@ -40,6 +44,8 @@ from pipeline_console.schema import current_revision, head_revision
 DESCRIPTION = """An idempotent integration pipeline: every message gets an explicit, stored
 decision (accept_new, accept_supersede, skip_duplicate, quarantine, skip_stale) before any
 write. Errors are RFC 9457 application/problem+json."""
+
+log = logging.getLogger("pipeline_console.app")
 
 
 def create_app(
@@ -70,6 +76,7 @@ def create_app(
         app.state.database = database
     install_problem_handlers(app)
     app.add_middleware(RefuseNulInUrls)
+    app.add_middleware(MeasureRequests)  # outermost: it times the refusals too
 
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
@@ -120,6 +127,21 @@ def _operations_router() -> APIRouter:
         body = Readiness(status="ready" if ready else "migrations pending", database="ok",
                          schema_revision=revision, expected_revision=expected)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @router.get("/metrics", response_class=Response,
+                summary="Prometheus metrics: this process's counters and the shared state, "
+                "read from the database now",
+                responses={200: {"description": "Prometheus text exposition format",
+                                 "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics(request: Request) -> Response:
+        database: Database = request.app.state.database
+        try:
+            async with database.read() as session:
+                registry = await database_registry(session)
+        except Exception:  # the counters are still worth a scrape without the database
+            log.warning("metrics: the database could not be read", exc_info=True)
+            registry = None
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
 

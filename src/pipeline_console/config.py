@@ -44,3 +44,8 @@ class Settings(BaseSettings):
         default=30.0, ge=0,
         description="a claimed delivery whose worker is silent this long after the system's "
         "timeout becomes ambiguous")
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="port on which a worker serves its Prometheus counters (0: it does not)")
+    worker_metrics_host: str = Field(
+        default="127.0.0.1", description="address the worker's metrics port listens on")

@@ -47,6 +47,7 @@ from pipeline_console.delivery.transports import (
     total_deadline_s,
 )
 from pipeline_console.errors import Conflict, NotFound
+from pipeline_console.metrics import count_delivery_attempt
 from pipeline_console.models import (
     AmbiguousOutcome,
     Circuit,
@@ -293,7 +294,10 @@ async def deliver(deliverer: Deliverer, delivery_id: int, *, trigger: str,
         await append_audit(session, audit, actor=actor, now=now)
         return DeliveryResult(delivery_id, outcome, attempt.id, classification.value)
 
-    return await deliverer.database.run_transaction(record)
+    recorded = await deliverer.database.run_transaction(record)
+    # Counted once the attempt row is committed, whichever of the outcomes above it had.
+    count_delivery_attempt(config.name, classification.value, result.latency_ms)
+    return recorded
 
 
 async def _late_answer_to(session: AsyncSession, delivery: Delivery, worker_id: str,
@@ -400,14 +404,14 @@ async def recover_expired_leases(deliverer: Deliverer, limit: int = 100) -> int:
     the request may have reached the system, so it is never simply sent again. (If that
     worker was only slow and its answer arrives after all, the answer settles the outcome.)"""
 
-    async def work(session: AsyncSession) -> int:
+    async def work(session: AsyncSession) -> list[str]:
         now = deliverer.clock()
         expired_where = (Delivery.status == "in_flight", Delivery.lease_expires_at < now)
         systems = sorted((await session.execute(
             select(Delivery.system).where(*expired_where).group_by(Delivery.system)
         )).scalars())
         if not systems:
-            return 0
+            return []
         circuits = {system: await lock_circuit(session, system) for system in systems}
         query = (select(Delivery).where(*expired_where, Delivery.system.in_(systems))
                  .order_by(Delivery.id).limit(limit))
@@ -443,9 +447,12 @@ async def recover_expired_leases(deliverer: Deliverer, limit: int = 100) -> int:
             await free_trial(session, circuit, delivery.id, now)
         await session.flush()
         await append_audit(session, audit, actor="system", now=now)
-        return len(expired)
+        return [delivery.system for delivery in expired]
 
-    return await deliverer.database.run_transaction(work)
+    recovered = await deliverer.database.run_transaction(work)
+    for system in recovered:  # attempt rows too (rule lease_expired), though nothing was timed
+        count_delivery_attempt(system, Classification.AMBIGUOUS.value)
+    return len(recovered)
 
 
 async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> DeliveryResult:

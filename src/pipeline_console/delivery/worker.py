@@ -13,8 +13,10 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 
 import httpx
+from prometheus_client import start_http_server
 
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
@@ -58,6 +60,29 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    with serve_metrics(settings):
+        await _deliver_until_stopped(settings, stop)
+
+
+@contextlib.contextmanager
+def serve_metrics(settings: Settings) -> Iterator[None]:
+    """With WORKER_METRICS_PORT set, serve this process's counters (its delivery attempts)
+    for Prometheus; the shared gauges are on the API's GET /metrics."""
+    if not settings.worker_metrics_port:
+        yield
+        return
+    server, _ = start_http_server(settings.worker_metrics_port,
+                                  addr=settings.worker_metrics_host)
+    log.info("worker metrics on http://%s:%d/metrics", settings.worker_metrics_host,
+             settings.worker_metrics_port)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> None:
     database = Database(create_engine(settings))
     limits = httpx.Limits(max_connections=settings.worker_concurrency * 2)
     async with httpx.AsyncClient(limits=limits) as client:

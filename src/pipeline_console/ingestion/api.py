@@ -26,6 +26,7 @@ from pipeline_console.ingestion.intake import (
 )
 from pipeline_console.ingestion.schemas import BatchOut, IngestResult
 from pipeline_console.ingestion.service import Accepted, Rejected, ingest_messages
+from pipeline_console.metrics import count_ingestion
 
 router = APIRouter(tags=["ingestion"])
 
@@ -112,6 +113,7 @@ async def post_message(
             )
     [result] = await database.run_transaction(
         lambda session: ingest_messages(session, [item], now=now, actor=actor.name))
+    count_ingestion([item], [result])  # committed: run_transaction has returned
     if isinstance(result, Rejected):
         return _rejection_problem(result)
     return _result_dict(result)
@@ -169,6 +171,7 @@ async def post_batch(
         [result] = await database.run_transaction(
             lambda session: ingest_messages(session, [whole_body_rejection], now=now,
                                             actor=actor.name))
+        count_ingestion([whole_body_rejection], [result])
         assert isinstance(result, Rejected)
         return _rejection_problem(result)
 
@@ -180,6 +183,7 @@ async def post_batch(
         items.append(item)
     results = await database.run_transaction(
         lambda session: ingest_messages(session, items, now=now, actor=actor.name))
+    count_ingestion(items, results)
     out: list[dict[str, Any]] = []
     for index, result in enumerate(results):
         if isinstance(result, Rejected):

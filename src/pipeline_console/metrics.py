@@ -1,0 +1,137 @@
+"""Prometheus metrics.
+
+Two kinds, rendered together by GET /metrics:
+- process counters (module-level, the default registry): what *this* process did. They are
+  incremented only after the transaction that stored the thing counted has committed.
+- gauges read from the database at scrape time (a fresh registry per scrape): the state every
+  API and worker process shares, so any process answers the same.
+
+Label values are bounded: decisions, classifications, methods and statuses are fixed words;
+system names are configured by an administrator; source system names come from untrusted
+input, so they are truncated and, past a cap of distinct names per process, counted as
+"other".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.ingestion.intake import RejectedMessage
+from pipeline_console.ingestion.planner import IncomingMessage
+from pipeline_console.ingestion.policy import REJECTED
+from pipeline_console.models import (
+    AmbiguousOutcome,
+    Anomaly,
+    Circuit,
+    DeadLetter,
+    Delivery,
+    StagingRecord,
+)
+
+SOURCE_LABEL_LENGTH = 64
+MAX_SOURCE_LABELS = 1000
+CIRCUIT_STATES = ("closed", "open", "half_open")
+BACKLOG_STATUSES = ("pending", "held", "in_flight")
+
+INGESTION_DECISIONS = Counter(
+    "pipeline_ingestion_decisions", "Messages decided (and committed) by this process",
+    ["decision", "source_system"])
+DELIVERY_ATTEMPTS = Counter(
+    "pipeline_delivery_attempts", "Delivery attempts recorded by this process",
+    ["system", "classification"])
+DELIVERY_LATENCY = Histogram(
+    "pipeline_delivery_latency_seconds", "Time a delivery's send took, as recorded",
+    ["system"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+HTTP_REQUEST_DURATION = Histogram(
+    "pipeline_http_request_duration_seconds",
+    "HTTP requests served by this process, by route template", ["method", "route", "status"])
+
+_source_labels: set[str] = set()
+
+
+def source_label(name: str | None) -> str:
+    """A source system's name as a label value: never empty, never long, never unbounded."""
+    if not name:
+        return "unknown"
+    label = name[:SOURCE_LABEL_LENGTH]
+    if label not in _source_labels:
+        if len(_source_labels) >= MAX_SOURCE_LABELS:
+            return "other"
+        _source_labels.add(label)
+    return label
+
+
+def count_ingestion(items: Sequence[IncomingMessage | RejectedMessage],
+                    results: Sequence[Any]) -> None:
+    """Count committed ingestion results; `results` are ingest_messages' answers to `items`."""
+    for item, result in zip(items, results, strict=True):
+        if isinstance(item, RejectedMessage):
+            decision, source = REJECTED, item.known.get("source_system")
+        else:
+            decision, source = result.decision, item.source_system
+        INGESTION_DECISIONS.labels(decision, source_label(source)).inc()
+
+
+def count_delivery_attempt(system: str, classification: str,
+                           latency_ms: float | None = None) -> None:
+    DELIVERY_ATTEMPTS.labels(system, classification).inc()
+    if latency_ms is not None:
+        DELIVERY_LATENCY.labels(system).observe(latency_ms / 1000)
+
+
+async def database_registry(session: AsyncSession) -> CollectorRegistry:
+    """The shared state as gauges, read now: one grouped count per queue, each on an indexed
+    status column."""
+    registry = CollectorRegistry(auto_describe=True)
+    circuit_state = Gauge("pipeline_circuit_state",
+                          "1 for the circuit's current state, 0 for the others",
+                          ["system", "state"], registry=registry)
+    depth = Gauge("pipeline_queue_depth", "Items waiting in each queue, read from the database",
+                  ["queue", "system"], registry=registry)
+
+    circuits = dict((await session.execute(select(Circuit.system, Circuit.state))).all())
+    for system, current in circuits.items():
+        for state in CIRCUIT_STATES:
+            circuit_state.labels(system, state).set(1 if state == current else 0)
+
+    depth.labels("open_anomalies", "").set(await session.scalar(
+        select(func.count()).where(Anomaly.status == "open")))
+    depth.labels("partial_staging", "").set(await session.scalar(
+        select(func.count()).where(StagingRecord.status == "partial")))
+
+    per_system: dict[str, dict[str, int]] = {
+        queue: dict.fromkeys(circuits, 0)
+        for queue in ("dead_letters", "ambiguous_outcomes",
+                      *(f"deliveries_{status}" for status in BACKLOG_STATUSES))}
+    for system, count in (await session.execute(
+            select(DeadLetter.system, func.count()).where(DeadLetter.status == "open")
+            .group_by(DeadLetter.system))).all():
+        per_system["dead_letters"][system] = count
+    for system, count in (await session.execute(
+            select(AmbiguousOutcome.system, func.count())
+            .where(AmbiguousOutcome.status == "open").group_by(AmbiguousOutcome.system))).all():
+        per_system["ambiguous_outcomes"][system] = count
+    for system, status, count in (await session.execute(
+            select(Delivery.system, Delivery.status, func.count())
+            .where(Delivery.status.in_(BACKLOG_STATUSES))
+            .group_by(Delivery.system, Delivery.status))).all():
+        per_system[f"deliveries_{status}"][system] = count
+    for queue, counts in per_system.items():
+        for system, count in counts.items():
+            depth.labels(queue, system).set(count)
+    return registry
+
+
+def render(database_registry: CollectorRegistry | None) -> bytes:
+    """This process's counters, then the database's gauges (or, when the database could not
+    be read, pipeline_database_up 0, so the counters still reach Prometheus)."""
+    registry = database_registry or CollectorRegistry(auto_describe=True)
+    Gauge("pipeline_database_up", "1 when the gauges below could be read from the database",
+          registry=registry).set(0 if database_registry is None else 1)
+    return generate_latest(REGISTRY) + generate_latest(registry)
