@@ -51,8 +51,11 @@ async def test_a_worker_killed_mid_send_leaves_the_delivery_ambiguous(
     assert attempt["actor"].startswith("worker:")
 
     # A new worker never sends it blindly: the operator (or a status query) decides.
-    restarted = start_worker(database_url, tmp_path / "worker.log")
+    restarted = start_worker(database_url, tmp_path / "restarted.log")
     try:
+        # SIGTERM is graceful once the worker runs (before that the process is only importing)
+        await wait_for(lambda: "started" in (tmp_path / "restarted.log").read_text(), 60,
+                       "the worker to start")
         await asyncio.sleep(2)
     finally:
         restarted.send_signal(signal.SIGTERM)
