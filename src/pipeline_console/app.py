@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -24,6 +25,11 @@ from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
+from pipeline_console.console.admin import router as console_admin
+from pipeline_console.console.overview import router as console_overview
+from pipeline_console.console.queues import router as console_queues
+from pipeline_console.console.templating import HERE as CONSOLE_HERE
+from pipeline_console.console.templating import html_error
 from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.api import router as delivery_router
@@ -46,6 +52,9 @@ decision (accept_new, accept_supersede, skip_duplicate, quarantine, skip_stale) 
 write. Errors are RFC 9457 application/problem+json."""
 
 log = logging.getLogger("pipeline_console.app")
+
+
+CONSOLE_STATIC = CONSOLE_HERE / "static"
 
 
 def create_app(
@@ -74,7 +83,7 @@ def create_app(
     app.state.clock = clock
     if database is not None:
         app.state.database = database
-    install_problem_handlers(app)
+    install_problem_handlers(app, html=html_error)
     app.add_middleware(RefuseNulInUrls)
     app.add_middleware(MeasureRequests)  # outermost: it times the refusals too
 
@@ -85,6 +94,9 @@ def create_app(
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
+    for router in (console_overview, console_queues, console_admin):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     _describe_hand_parsed_bodies(app, [MessageIn, BatchIn])
     return app
 
@@ -102,10 +114,6 @@ class Readiness(BaseModel):
 
 def _operations_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
-
-    @router.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
 
     @router.get("/healthz", response_model=Health, summary="The process is up")
     async def healthz() -> Health:

@@ -13,7 +13,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import event, text
+from sqlalchemy import event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -150,3 +150,11 @@ async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[in
         return sorted(result.scalars())
     highest = await session.scalar(text(f"SELECT coalesce(max(id), 0) FROM {table.name}"))
     return list(range(highest + 1, highest + 1 + count))
+
+
+def hour_bucket(column: Any, dialect: str) -> Any:
+    """The UTC hour of a timestamp column as text, 'YYYY-MM-DD HH', on both databases
+    (SQLite stores naive UTC text 'YYYY-MM-DD HH:MM:SS…')."""
+    if dialect == "postgresql":
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD HH24")
+    return func.substr(column, 1, 13)

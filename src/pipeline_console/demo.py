@@ -24,11 +24,10 @@ import orjson
 from sqlalchemy import select
 
 from pipeline_console.anomalies.service import resolve_anomaly
-from pipeline_console.audit.service import append_audit
 from pipeline_console.config import Settings
 from pipeline_console.dashboard.service import attention
 from pipeline_console.db import Database
-from pipeline_console.delivery.circuits import operator_transition
+from pipeline_console.delivery.circuits import operator_action
 from pipeline_console.delivery.policy import CircuitEvent
 from pipeline_console.delivery.schemas import SystemCreate
 from pipeline_console.delivery.service import Deliverer, deliver_due
@@ -335,8 +334,7 @@ async def _operators(story: Story, settings: Settings) -> None:
 
 async def _circuit(story: Story, system: str, event: CircuitEvent, reason: str) -> None:
     async with story.database.transaction() as session:
-        circuit, entries = await operator_transition(session, system, event, reason,
-                                                     actor=OPERATOR, now=story.clock())
-        await append_audit(session, entries, actor=OPERATOR, now=story.clock())
+        circuit = await operator_action(session, system, event, reason, actor=OPERATOR,
+                                        now=story.clock())
     story.say(f"an operator: {event.value} the circuit of {system} → {circuit.state} "
               f"({reason})")

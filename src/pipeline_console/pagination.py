@@ -77,10 +77,11 @@ async def fetch_page(
     page: PageRequest,
     *,
     equal: Iterable[tuple[InstrumentedAttribute[Any], Any]] = (),
+    where: Iterable[Any] = (),
 ) -> Page[Any]:
     """One page of the entity that owns `sort_column`, ordered by it, filtered by each
-    (column, value) pair whose value is not None."""
-    query = select(sort_column.class_).order_by(sort_column).limit(page.limit + 1)
+    (column, value) pair whose value is not None and by every condition in `where`."""
+    query = select(sort_column.class_).where(*where).order_by(sort_column).limit(page.limit + 1)
     for column, value in equal:
         if value is not None:
             query = query.where(column == value)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -93,14 +94,33 @@ def status_of(error: DomainError) -> int:
     return 400
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+MACHINE_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
+                    "/redoc", "/static/")
+HtmlErrors = Callable[[Request, int, str, list[FieldError]], Response]
+
+
+def is_for_machines(request: Request) -> bool:
+    """The API and operations endpoints answer problem+json; the console's pages answer HTML."""
+    return request.url.path.startswith(MACHINE_PREFIXES)
+
+
+def install_problem_handlers(app: FastAPI, html: HtmlErrors | None = None) -> None:
+    """Domain, validation and HTTP errors as problem+json, or, for a console page when `html`
+    is given, as an HTML page saying the same."""
+
+    def answer(request: Request, status: int, detail: str,
+               errors: list[FieldError] | None = None) -> Response:
+        if html is not None and not is_for_machines(request):
+            return html(request, status, detail, errors or [])
+        return problem(status, detail, errors=errors)
+
     @app.exception_handler(DomainError)
-    async def on_domain_error(_request: Request, error: DomainError) -> JSONResponse:
+    async def on_domain_error(request: Request, error: DomainError) -> Response:
         errors = error.errors if isinstance(error, InvalidInput) else None
-        return problem(status_of(error), error.detail, errors=errors)
+        return answer(request, status_of(error), error.detail, errors)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
         errors = []
         for item in error.errors():
             location = [str(part) for part in item.get("loc", ())]
@@ -109,13 +129,13 @@ def install_problem_handlers(app: FastAPI) -> None:
                                      message=str(item.get("msg", "invalid")),
                                      type=str(item.get("type", "invalid"))))
         names = ", ".join(sorted({e.field for e in errors}))
-        return problem(422, f"invalid input: {names}", errors=errors)
+        return answer(request, 422, f"invalid input: {names}", errors)
 
     @app.exception_handler(HTTPException)
-    async def on_http_error(_request: Request, error: HTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, error: HTTPException) -> Response:
         detail = error.detail if isinstance(error.detail, str) else _TITLES.get(error.status_code,
                                                                                  "Error")
-        response = problem(error.status_code, detail)
+        response = answer(request, error.status_code, detail)
         for name, value in (error.headers or {}).items():
             response.headers[name] = value
         return response

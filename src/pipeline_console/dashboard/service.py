@@ -4,12 +4,13 @@ an indexed status column, so it stays cheap on a large database."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.db import hour_bucket
 from pipeline_console.models import (
     AmbiguousOutcome,
     Anomaly,
@@ -125,3 +126,32 @@ async def rates(session: AsyncSession, *, now: datetime) -> dict[str, Any]:
                            "ingested_per_s": round(sum(ingested.values())
                                                    / delta.total_seconds(), 3)}
     return figures
+
+
+@dataclass(frozen=True)
+class HourlyActivity:
+    hours: list[str]  # 'YYYY-MM-DD HH', oldest first
+    ingestion: dict[str, dict[str, int]]  # hour -> decision -> count
+    delivery: dict[str, dict[str, int]]  # hour -> classification -> count
+
+
+async def hourly_activity(session: AsyncSession, *, now: datetime,
+                          hours: int = 24) -> HourlyActivity:
+    """Ingestion decisions and delivery outcomes per UTC hour over the last `hours` hours
+    (the current hour included): one grouped query each."""
+    end = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    labels = [f"{end - timedelta(hours=back):%Y-%m-%d %H}" for back in range(hours - 1, -1, -1)]
+    start = end - timedelta(hours=hours - 1)
+    dialect = session.bind.dialect.name
+    figures = []
+    for column, word in ((IngestionAttempt.received_at, IngestionAttempt.decision),
+                         (DeliveryAttempt.started_at, DeliveryAttempt.classification)):
+        bucket = hour_bucket(column, dialect)
+        counts: dict[str, dict[str, int]] = {label: {} for label in labels}
+        for hour, name, count in (await session.execute(
+                select(bucket, word, func.count()).where(column >= start)
+                .group_by(bucket, word))).all():
+            if hour in counts:
+                counts[hour][name] = count
+        figures.append(counts)
+    return HourlyActivity(labels, *figures)

@@ -8,14 +8,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, KeyPage, NowDep
 from pipeline_console.api.problems import problem_responses
-from pipeline_console.audit.service import append_audit
 from pipeline_console.delivery import schemas, systems
 from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_ambiguous
-from pipeline_console.delivery.circuits import operator_transition
+from pipeline_console.delivery.circuits import operator_action
 from pipeline_console.delivery.policy import CircuitEvent
 from pipeline_console.delivery.service import Deliverer, deliver_now
 from pipeline_console.errors import NotFound
-from pipeline_console.ingestion.schemas import Name
+from pipeline_console.ingestion.schemas import Name, UtcDatetime
 from pipeline_console.models import (
     AmbiguousOutcome,
     Circuit,
@@ -24,6 +23,7 @@ from pipeline_console.models import (
     DeliveryAttempt,
 )
 from pipeline_console.pagination import MAX_ID, fetch_page
+from pipeline_console.replay.service import dead_letter_conditions
 
 router = APIRouter(tags=["delivery"])
 
@@ -119,11 +119,18 @@ async def deliver_now_route(deliverer: DelivererDep, database: DatabaseDep, deli
 
 
 @router.get("/dlq", response_model=schemas.DeadLetterPage, summary="The dead-letter queue")
-async def list_dead_letters(database: DatabaseDep, page: IdPage, system: Name | None = None,
-                            status: Literal["open", "closed"] | None = None) -> Any:
+async def list_dead_letters(
+    database: DatabaseDep, page: IdPage, system: Name | None = None,
+    status: Literal["open", "closed"] | None = None,
+    reason_contains: Annotated[str | None, Query(max_length=200,
+                                                 description="case-insensitive")] = None,
+    since: Annotated[UtcDatetime | None, Query(alias="from")] = None,
+    until: Annotated[UtcDatetime | None, Query(alias="to")] = None,
+) -> Any:
     async with database.read() as session:
-        result = await fetch_page(session, DeadLetter.id, page, equal=[
-            (DeadLetter.system, system), (DeadLetter.status, status)])
+        result = await fetch_page(session, DeadLetter.id, page, where=dead_letter_conditions(
+            system=system, status=status, reason_contains=reason_contains, since=since,
+            until=until))
         return _page(schemas.DeadLetterRead, result)
 
 
@@ -171,9 +178,7 @@ async def list_circuits(database: DatabaseDep, page: KeyPage) -> Any:
 async def _operator(database: Any, system: str, event: CircuitEvent, reason: str, actor: str,
                     now: Any) -> schemas.CircuitRead:
     async with database.transaction() as session:
-        circuit, entries = await operator_transition(session, system, event, reason,
-                                                     actor=actor, now=now)
-        await append_audit(session, entries, actor=actor, now=now)
+        circuit = await operator_action(session, system, event, reason, actor=actor, now=now)
         return schemas.CircuitRead.model_validate(circuit)
 
 

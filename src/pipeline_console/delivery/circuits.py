@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pipeline_console.audit.service import AuditEntry
+from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.delivery.policy import (
     Breaker,
     CircuitEvent,
@@ -98,3 +98,12 @@ async def operator_transition(
         raise Conflict(str(error)) from error
     await session.flush()
     return circuit, entries
+
+
+async def operator_action(session: AsyncSession, system: str, event: CircuitEvent,
+                          reason: str, *, actor: str, now: datetime) -> Circuit:
+    """An operator's reset or force-open, audited: what the API and the console call."""
+    circuit, entries = await operator_transition(session, system, event, reason, actor=actor,
+                                                 now=now)
+    await append_audit(session, entries, actor=actor, now=now)
+    return circuit

@@ -143,3 +143,33 @@ async def inspect_event(session: AsyncSession, *, correlation_id: str | None,
             [timeline.audit_entry(row) for row in audit
              if row.action in ("record.promoted", "anomaly.opened", "anomaly.resolved")]),
     )
+
+
+@dataclass(frozen=True)
+class Found:
+    key: str
+    how: str  # "key", "entity id", "correlation id", "message id"
+
+
+async def find_records(session: AsyncSession, text: str, *, limit: int = 50) -> list[Found]:
+    """Records whose key, entity id, correlation id or message id is exactly `text`."""
+    text = text.strip()
+    if not text:
+        return []
+    found: dict[str, Found] = {}
+    lookups = (
+        ("key", select(RecordState.idempotency_key)
+         .where(RecordState.idempotency_key == text)),
+        ("entity id", select(RecordState.idempotency_key)
+         .where(RecordState.entity_id == text).order_by(RecordState.idempotency_key)),
+        ("correlation id", select(Correlation.idempotency_key)
+         .where(Correlation.correlation_id == text).order_by(Correlation.id)),
+        ("message id", select(IngestionAttempt.idempotency_key)
+         .where(IngestionAttempt.message_id == text,
+                IngestionAttempt.idempotency_key.is_not(None))
+         .order_by(IngestionAttempt.id)),
+    )
+    for how, query in lookups:
+        for key in (await session.execute(query.limit(limit))).scalars():
+            found.setdefault(key, Found(key, how))
+    return list(found.values())[:limit]

@@ -43,20 +43,35 @@ class Target:
     system: str | None = None
 
 
+def dead_letter_conditions(*, system: str | None = None, status: str | None = None,
+                           reason_contains: str | None = None, since: datetime | None = None,
+                           until: datetime | None = None) -> list[Any]:
+    """The WHERE of a dead-letter filter: the API's list, the console's list and a replay
+    request's "all matching" select the same rows."""
+    conditions: list[Any] = []
+    if system is not None:
+        conditions.append(DeadLetter.system == system)
+    if status is not None:
+        conditions.append(DeadLetter.status == status)
+    if reason_contains:
+        # lower() on both sides: case-insensitive on SQLite and PostgreSQL alike
+        conditions.append(func.lower(DeadLetter.reason).contains(reason_contains.lower(),
+                                                                 autoescape=True))
+    if since is not None:
+        conditions.append(DeadLetter.created_at >= since)
+    if until is not None:
+        conditions.append(DeadLetter.created_at < until)
+    return conditions
+
+
 async def expand_filter(session: AsyncSession, system: str, reason_contains: str | None,
                         since: datetime | None, until: datetime | None) -> list[Target]:
     """Every open dead letter of the system that matches; more than MAX_ITEMS is refused."""
-    query = (select(DeadLetter.id).where(DeadLetter.system == system,
-                                         DeadLetter.status == "open")
+    query = (select(DeadLetter.id)
+             .where(*dead_letter_conditions(system=system, status="open",
+                                            reason_contains=reason_contains, since=since,
+                                            until=until))
              .order_by(DeadLetter.id).limit(MAX_ITEMS + 1))
-    if reason_contains:
-        # lower() on both sides: case-insensitive on SQLite and PostgreSQL alike
-        query = query.where(func.lower(DeadLetter.reason).contains(reason_contains.lower(),
-                                                                   autoescape=True))
-    if since is not None:
-        query = query.where(DeadLetter.created_at >= since)
-    if until is not None:
-        query = query.where(DeadLetter.created_at < until)
     targets = [Target(dlq_id=dlq_id) for dlq_id in (await session.execute(query)).scalars()]
     if len(targets) > MAX_ITEMS:
         raise Conflict(f"the filter matches more than {MAX_ITEMS} dead letters; narrow it "

@@ -1,0 +1,153 @@
+"""Console pages around the queues: systems, deliveries, staging, reports, jobs, the audit
+log. Reads call the same services (or the same page helper) as the API; "run now" runs a job
+through run_job, like the API, the CLI and the worker."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import select
+
+from pipeline_console.api.dependencies import (
+    ActorDep,
+    DatabaseDep,
+    IdPage,
+    KeyPage,
+    NowDep,
+    SettingsDep,
+)
+from pipeline_console.console.templating import done, error_page, page
+from pipeline_console.delivery.api import DelivererDep
+from pipeline_console.delivery.systems import get_system, list_systems
+from pipeline_console.errors import DomainError, FieldError, InvalidInput
+from pipeline_console.ingestion.schemas import UtcDatetime
+from pipeline_console.jobs.registry import JOBS, run_job
+from pipeline_console.models import AuditEvent, Circuit, Delivery, JobRun, StagingRecord
+from pipeline_console.pagination import encode_cursor, fetch_page
+from pipeline_console.reports.api import DEFAULT_RANGE
+from pipeline_console.reports.service import REPORTS, delivery_report
+
+router = APIRouter(include_in_schema=False)
+Text = Annotated[str | None, Query(max_length=200)]
+DeliveryStatus = Literal["pending", "in_flight", "delivered", "dead_lettered", "ambiguous",
+                         "held", "superseded", "all"]
+
+
+@router.get("/systems", response_class=HTMLResponse)
+async def systems(request: Request, database: DatabaseDep, page_request: KeyPage) -> Response:
+    async with database.read() as session:
+        found = await list_systems(session, page_request)
+        circuits = {c.system: c for c in (await session.execute(select(Circuit))).scalars()}
+    return page(request, "systems.html", title="Systems", nav="/systems", systems=found.items,
+                next_cursor=found.next_cursor, circuits=circuits)
+
+
+@router.get("/systems/{name}", response_class=HTMLResponse)
+async def system(request: Request, name: str, database: DatabaseDep, now: NowDep) -> Response:
+    try:
+        async with database.read() as session:
+            found = await get_system(session, name)
+            circuit = await session.get(Circuit, name)
+            health = await delivery_report(session, now - timedelta(hours=24), now)
+            recent = list((await session.execute(
+                select(Delivery).where(Delivery.system == name)
+                .order_by(Delivery.id.desc()).limit(20))).scalars())
+    except DomainError as error:
+        return error_page(request, error)
+    row = next((row for row in health.rows if row["system"] == name), None)
+    return page(request, "system.html", title=name, nav="/systems", system=found,
+                circuit=circuit, health=row, recent=recent)
+
+
+@router.get("/deliveries", response_class=HTMLResponse)
+async def deliveries(request: Request, database: DatabaseDep, page_request: IdPage,
+                     system: Text = None, status: DeliveryStatus = "all") -> Response:
+    async with database.read() as session:
+        found = await fetch_page(session, Delivery.id, page_request, equal=[
+            (Delivery.system, system or None),
+            (Delivery.status, None if status == "all" else status)])
+    return page(request, "deliveries.html", title="Deliveries", nav="/systems",
+                deliveries=found.items, next_cursor=found.next_cursor, system=system or "",
+                status=status)
+
+
+@router.get("/staging", response_class=HTMLResponse)
+async def staging(request: Request, database: DatabaseDep, page_request: IdPage,
+                  settings: SettingsDep, now: NowDep,
+                  status: Literal["partial", "complete", "promoted", "superseded",
+                                  "all"] = "partial") -> Response:
+    async with database.read() as session:
+        found = await fetch_page(session, StagingRecord.id, page_request, equal=[
+            (StagingRecord.status, None if status == "all" else status)])
+    stale_before = now - timedelta(seconds=settings.stale_partial_after_s)
+    return page(request, "staging.html", title="Staging", nav="/staging", rows=found.items,
+                next_cursor=found.next_cursor, status=status, stale_before=stale_before)
+
+
+@router.get("/reports", response_class=HTMLResponse)
+async def reports(request: Request, database: DatabaseDep, now: NowDep,
+                  name: Literal["ingestion", "delivery", "anomalies", "replays"] = "ingestion",
+                  start: Annotated[UtcDatetime | None, Query(alias="from")] = None,
+                  end: Annotated[UtcDatetime | None, Query(alias="to")] = None) -> Response:
+    end = end or now
+    start = start or end - DEFAULT_RANGE
+    if start >= end:
+        return error_page(request, InvalidInput("the range is empty", [
+            FieldError("from", "must be before to", "query")]))
+    async with database.read() as session:
+        report = await REPORTS[name](session, start, end)
+    return page(request, "reports.html", title="Reports", nav="/reports", report=report,
+                names=list(REPORTS), start=start, end=end,
+                csv=f"/api/v1/reports/{name}?from={_z(start)}&to={_z(end)}&format=csv")
+
+
+def _z(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+async def jobs(request: Request, database: DatabaseDep, page_request: IdPage,
+               job: Text = None) -> Response:
+    async with database.read() as session:
+        runs = list((await session.execute(
+            select(JobRun).where(*([JobRun.job == job] if job else []))
+            .where(*([JobRun.id < page_request.after] if page_request.after else []))
+            .order_by(JobRun.id.desc()).limit(page_request.limit + 1))).scalars())
+    older = (encode_cursor(runs[page_request.limit - 1].id)
+             if len(runs) > page_request.limit else None)
+    return page(request, "jobs.html", title="Jobs", nav="/jobs", jobs=list(JOBS.values()),
+                runs=runs[:page_request.limit], older=older, job=job or "")
+
+
+@router.post("/jobs/{name}/run")
+async def run_now(request: Request, name: str, deliverer: DelivererDep, settings: SettingsDep,
+                  actor: ActorDep) -> Response:
+    try:
+        record = await run_job(deliverer, settings, name, actor=actor.name, trigger="api")
+    except DomainError as error:
+        return error_page(request, error)
+    outcome = record.error if record.error else record.result
+    return done("/jobs", f"Job {name} (run {record.id}) {record.status}: {outcome}")
+
+
+@router.get("/audit", response_class=HTMLResponse)
+async def audit(request: Request, database: DatabaseDep, page_request: IdPage,
+                action: Text = None, actor: Text = None) -> Response:
+    """The audit log, newest first."""
+    conditions = [AuditEvent.action == action] if action else []
+    conditions += [AuditEvent.actor == actor] if actor else []
+    if page_request.after:
+        conditions.append(AuditEvent.id < page_request.after)
+    async with database.read() as session:
+        events = list((await session.execute(
+            select(AuditEvent).where(*conditions).order_by(AuditEvent.id.desc())
+            .limit(page_request.limit + 1))).scalars())
+    older = (encode_cursor(events[page_request.limit - 1].id)
+             if len(events) > page_request.limit else None)
+    return page(request, "audit.html", title="Audit log", nav="/audit",
+                events=events[:page_request.limit], older=older, action=action or "",
+                actor=actor or "")
+

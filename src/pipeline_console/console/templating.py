@@ -1,0 +1,95 @@
+"""Jinja2 for the console: autoescaped templates (payloads are untrusted), a few filters, and
+the one mapping from domain errors to a message on a page."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from pipeline_console.errors import Conflict, DomainError, FieldError, InvalidInput, NotFound
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.autoescape = True
+NOTICE_COOKIE = "console_notice"
+
+
+def when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z" if value else "—"
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def pretty(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+
+
+def query(request: Request, **changes: Any) -> str:
+    """The current query string with `changes` applied (None removes a parameter)."""
+    params = dict(request.query_params)
+    if "cursor" not in changes:  # a new filter starts again at the first page
+        params.pop("cursor", None)
+    for name, value in changes.items():
+        if value is None:
+            params.pop(name, None)
+        else:
+            params[name] = str(value)
+    return "?" + urlencode(params) if params else "?"
+
+
+templates.env.filters.update(when=when, age=age, pretty=pretty)
+templates.env.globals.update(query=query)
+
+
+def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    notice = request.cookies.get(NOTICE_COOKIE)
+    response = templates.TemplateResponse(request, template,
+                                          {"notice": notice, **context},
+                                          status_code=status_code)
+    if notice:
+        response.delete_cookie(NOTICE_COOKIE, path="/")
+    return response
+
+
+def done(url: str, notice: str) -> RedirectResponse:
+    """After an action: back to a page (303, so a reload does not repeat it) with a notice
+    that the next page shows once."""
+    response = RedirectResponse(url, status_code=303)
+    response.set_cookie(NOTICE_COOKIE, notice[:1000], httponly=True, samesite="strict",
+                        path="/")
+    return response
+
+
+def status_of(error: DomainError) -> int:
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, Conflict):
+        return 409
+    if isinstance(error, InvalidInput):
+        return 422
+    return 400
+
+
+def error_page(request: Request, error: DomainError) -> HTMLResponse:
+    return html_error(request, status_of(error), error.detail, getattr(error, "errors", []))
+
+
+def html_error(request: Request, status: int, detail: str,
+               errors: list[FieldError]) -> HTMLResponse:
+    """An error on a console page, as a page (the API answers problem+json instead)."""
+    return page(request, "error.html", status_code=status, message=detail,
+                details=[f"{e.field}: {e.message}" for e in errors])

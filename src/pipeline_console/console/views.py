@@ -1,0 +1,82 @@
+"""Pure helpers that shape service results for the console's templates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import orjson
+
+from pipeline_console.ingestion.diff import field_diff
+
+API_PREFIX = "/api/v1"
+
+
+def console_path(api_path: str) -> str:
+    """A dashboard item's API path as the console page that lists the same rows."""
+    return api_path.removeprefix(API_PREFIX) or "/"
+
+
+def leaves(value: Any, pointer: str = "") -> dict[str, str]:
+    """Every leaf of a JSON value by its JSON Pointer, rendered as compact JSON."""
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            escaped = str(key).replace("~", "~0").replace("/", "~1")
+            out.update(leaves(item, f"{pointer}/{escaped}"))
+        return out
+    if isinstance(value, list) and value:
+        out = {}
+        for index, item in enumerate(value):
+            out.update(leaves(item, f"{pointer}/{index}"))
+        return out
+    return {pointer or "/": orjson.dumps(value).decode()}
+
+
+@dataclass(frozen=True)
+class FieldRow:
+    path: str
+    left: str | None
+    right: str | None
+    differs: bool
+
+
+def side_by_side(left: Any, right: Any, differing: list[str]) -> list[FieldRow]:
+    """Both payloads field by field; a row differs when its pointer is, or is under, a path
+    of the diff."""
+    a, b = leaves(left), leaves(right)
+
+    def differs(path: str) -> bool:
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in differing)
+
+    return [FieldRow(path, a.get(path), b.get(path), differs(path) or a.get(path) != b.get(path))
+            for path in sorted(a.keys() | b.keys())]
+
+
+@dataclass(frozen=True)
+class VersionChange:
+    from_version: int
+    to_version: int
+    source_system: str
+    changes: list[dict[str, Any]]
+
+
+def version_changes(staging_rows: list[Any]) -> list[VersionChange]:
+    """What changed from each accepted version to the next (staging rows, any order)."""
+    rows = sorted(staging_rows, key=lambda row: (row.version, row.id))
+    return [VersionChange(before.version, after.version, after.source_system,
+                          field_diff(before.payload, after.payload))
+            for before, after in pairwise(rows)
+            if before.version != after.version]
+
+
+def by_system(deliveries: list[Any], attempts: list[Any]) -> dict[str, list[tuple[Any, list]]]:
+    """Deliveries grouped by system, each with its attempts, oldest first."""
+    tries: dict[int, list[Any]] = {}
+    for attempt in attempts:
+        tries.setdefault(attempt.delivery_id, []).append(attempt)
+    grouped: dict[str, list[tuple[Any, list]]] = {}
+    for delivery in deliveries:
+        grouped.setdefault(delivery.system, []).append((delivery, tries.get(delivery.id, [])))
+    return dict(sorted(grouped.items()))
