@@ -62,7 +62,8 @@ async def attention_fragment(request: Request, database: DatabaseDep, settings: 
                              now: NowDep) -> Response:
     """The dashboard's attention cards alone: the page polls this to refresh itself."""
     items = await _attention(database, settings, now)
-    return page(request, "_attention.html", items=items, console_path=console_path, now=now)
+    return page(request, "_attention.html", fragment=True, items=items,
+                console_path=console_path, now=now)
 
 
 @router.get("/search", response_class=HTMLResponse)

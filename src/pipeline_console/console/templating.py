@@ -55,8 +55,10 @@ templates.env.filters.update(when=when, age=age, pretty=pretty)
 templates.env.globals.update(query=query)
 
 
-def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    notice = request.cookies.get(NOTICE_COOKIE)
+def page(request: Request, template: str, status_code: int = 200, *, fragment: bool = False,
+         **context: Any) -> HTMLResponse:
+    """A page (or, with fragment=True, a piece of one that leaves the notice for the page)."""
+    notice = None if fragment else request.cookies.get(NOTICE_COOKIE)
     response = templates.TemplateResponse(request, template,
                                           {"notice": notice, **context},
                                           status_code=status_code)

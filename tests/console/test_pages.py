@@ -1,0 +1,99 @@
+"""Every console page renders (in-process, without a browser) on the demo's data, lists
+paginate and filter, and errors on pages are pages while the API keeps problem+json."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline_console.demo import load_demo
+
+PAGES = ["/", "/fragments/attention", "/search?q=evt-5002", "/records/customer:C-1004",
+         "/events?correlation_id=evt-5002", "/events?message_id=crm-79", "/deliveries/1",
+         "/anomalies", "/anomalies?status=all", "/anomalies/1", "/dlq", "/dlq?status=all",
+         "/replays", "/replays/1", "/replays/2", "/ambiguous", "/circuits",
+         "/circuits/ledger/open", "/circuits/crm-sync/reset", "/systems", "/systems/ledger",
+         "/deliveries?status=held", "/staging", "/staging?status=all", "/jobs", "/audit",
+         "/reports", "/reports?name=delivery", "/reports?name=anomalies",
+         "/reports?name=replays"]
+
+
+@pytest.fixture
+async def demo(database, clock, settings):
+    return await load_demo(database, now=clock.now, settings=settings)
+
+
+async def test_every_page_renders(client, demo):
+    for path in PAGES:
+        response = await client.get(path)
+        assert response.status_code == 200, (path, response.text[:500])
+        assert response.headers["content-type"].startswith("text/html"), path
+        assert ("Pipeline Console" if "fragments" not in path else 'id="attention"') in (
+            response.text), path
+
+
+async def test_lists_paginate_with_cursors(client, demo):
+    first = await client.get("/audit?limit=5")
+    older = re.search(r'href="(\?[^"]*cursor=[^"]+)"', first.text)
+    assert older, "the audit log has more than five events"
+    second = await client.get("/audit" + older.group(1).replace("&amp;", "&"))
+    ids = [re.findall(r"<tr><td>(\d+)</td>", page.text) for page in (first, second)]
+    assert len(ids[0]) == 5 and ids[1] and int(ids[1][0]) < int(ids[0][-1])
+    page_one = await client.get("/deliveries?limit=3")
+    next_link = re.search(r'href="(\?[^"]*cursor=[^"]+)" rel="next"', page_one.text)
+    assert next_link
+    page_two = await client.get("/deliveries" + next_link.group(1).replace("&amp;", "&"))
+    assert page_two.status_code == 200
+
+
+async def test_filters_narrow_the_lists(client, demo):
+    ledger = (await client.get("/dlq?system=ledger")).text
+    assert "2 dead letter(s) match" in ledger
+    nothing = (await client.get("/dlq?system=ledger&reason=no-such-reason")).text
+    assert "0 dead letter(s) match" in nothing
+
+
+async def test_search_by_entity_id_redirects_to_the_one_record(client, demo):
+    response = await client.get("/search?q=C-2001")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/records/customer:C-2001"
+    missing = await client.get("/search?q=nothing-like-this")
+    assert "Nothing has the key" in missing.text
+
+
+async def test_errors_are_pages_for_people_and_problems_for_machines(client, demo):
+    page = await client.get("/records/customer:NOPE")
+    assert page.status_code == 404 and "text/html" in page.headers["content-type"]
+    assert "no record has the key" in page.text
+    api = await client.get("/api/v1/inspect/customer:NOPE")
+    assert api.status_code == 404
+    assert api.headers["content-type"] == "application/problem+json"
+    bad = await client.get("/dlq?from=yesterday")
+    assert bad.status_code == 422 and "text/html" in bad.headers["content-type"]
+    assert "from" in bad.text
+    assert (await client.get("/no-such-page")).status_code == 404
+
+
+async def test_a_form_without_its_note_is_refused_naming_the_field(client, demo):
+    response = await client.post("/anomalies/1/resolve", data={"resolution": "keep_current"})
+    assert response.status_code == 422
+    assert "note: required" in response.text
+    still = (await client.get("/api/v1/anomalies?key=customer:C-1004")).json()["items"]
+    assert still[0]["status"] == "open"
+
+
+async def test_run_now_runs_the_job_through_the_run_history(client, demo):
+    response = await client.post("/jobs/promote_staging/run")
+    assert response.status_code == 303 and response.headers["location"] == "/jobs"
+    runs = (await client.get("/api/v1/jobs/runs?job=promote_staging")).json()["items"]
+    assert runs[-1]["trigger"] == "api" and runs[-1]["status"] == "succeeded"
+    jobs_page = await client.get("/jobs")
+    assert "Job promote_staging" in jobs_page.text  # the notice, shown once
+    assert "Job promote_staging" not in (await client.get("/jobs")).text
+
+
+async def test_the_openapi_document_has_no_console_pages(client):
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert not [path for path in paths if not path.startswith(("/api/", "/healthz",
+                                                               "/readyz", "/metrics"))]
