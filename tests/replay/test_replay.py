@@ -330,3 +330,24 @@ async def test_listing_replays_costs_the_same_queries_for_one_or_many(client, si
     assert await count_queries() == one
     listed = (await client.get("/api/v1/replays")).json()["items"]
     assert [len(r["items"]) for r in listed] == [1, 1, 1, 1]
+
+
+async def test_the_dead_letter_list_filters_by_reason_and_time(client, sink, clock):
+    await dead_letter(client, sink, "A")
+    clock.advance(hours=2)
+    sink.answer(Answer(422, body="bad vat number"))
+    await ingest(client, message(1, {"n": "B"}, entity_id="B"))
+    await run_pass(client)
+
+    async def ids(query):
+        response = await client.get(f"/api/v1/dlq?{query}")
+        assert response.status_code == 200, response.text
+        return [entry["idempotency_key"] for entry in response.json()["items"]]
+
+    assert await ids("reason_contains=VAT") == ["customer:B"]
+    assert await ids("reason_contains=HTTP%20400") == ["customer:A"]
+    assert await ids("from=2026-11-24T11:00:00Z") == ["customer:B"]
+    assert await ids("to=2026-11-24T11:00:00Z") == ["customer:A"]
+    assert await ids("reason_contains=%25") == []  # a LIKE wildcard is matched literally
+    refused = await client.get("/api/v1/dlq?from=yesterday")
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "from"
