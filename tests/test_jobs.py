@@ -15,6 +15,7 @@ from pipeline_console.jobs.schedule import (
     Scheduled,
     claim_scheduled_run,
     next_daily,
+    release_failed_run,
     worker_schedule,
 )
 from tests.delivery.test_delivery import ingest
@@ -139,20 +140,63 @@ class TestSharedSchedule:
         finally:
             for db in databases:
                 await db.dispose()
-        assert sorted(claimed for claimed, _ in claims) == [False] * 5 + [True]
-        assert {due for _, due in claims} == {now + timedelta(seconds=60)}
+        assert sorted(claim.claimed for claim in claims) == [False] * 5 + [True]
+        assert {claim.due for claim in claims} == {now + timedelta(seconds=60)}
         soon = await claim_scheduled_run(database, scheduled, now=now + timedelta(seconds=59),
                                          worker="late")
-        assert soon == (False, now + timedelta(seconds=60))
+        assert (soon.claimed, soon.due) == (False, now + timedelta(seconds=60))
         later = await claim_scheduled_run(database, scheduled,
                                           now=now + timedelta(seconds=60), worker="late")
-        assert later == (True, now + timedelta(seconds=120))
+        assert (later.claimed, later.due) == (True, now + timedelta(seconds=120))
+
+    async def test_a_worker_with_a_fast_clock_or_a_longer_interval_holds_no_one_back(
+            self, database):
+        now = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+        every_minute = Scheduled("promote_staging", interval_s=60)
+        skewed = await claim_scheduled_run(database, every_minute,
+                                           now=now + timedelta(days=1), worker="skewed")
+        assert skewed.claimed
+        assert (await claim_scheduled_run(database, every_minute, now=now + timedelta(
+            minutes=1), worker="right")).claimed
+        hourly = Scheduled("promote_staging", interval_s=3600)
+        assert (await claim_scheduled_run(database, hourly, now=now + timedelta(minutes=3),
+                                          worker="slow")).claimed
+        assert (await claim_scheduled_run(database, every_minute, now=now + timedelta(
+            minutes=4), worker="right")).claimed
+
+    async def test_each_day_is_reported_once_whatever_time_each_worker_has(self, database):
+        early = Scheduled("daily_report", daily_at=time(0, 5))
+        noon = Scheduled("daily_report", daily_at=time(12, 0))
+        runs = []
+        moment = datetime(2026, 11, 24, 0, 0, tzinfo=UTC)
+        while moment < datetime(2026, 11, 26, 0, 0, tzinfo=UTC):
+            for worker, scheduled in (("early", early), ("noon", noon)):
+                claim = await claim_scheduled_run(database, scheduled, now=moment,
+                                                  worker=worker)
+                if claim.claimed:
+                    runs.append((moment, worker))
+            moment += timedelta(minutes=5)
+        days = [run.date() - timedelta(days=1) for run, _ in runs]
+        assert len(days) == len(set(days)) == 2, runs
+
+    async def test_a_failed_run_is_tried_again_soon_with_its_day(self, database):
+        now = datetime(2026, 11, 24, 0, 5, tzinfo=UTC)
+        daily = Scheduled("daily_report", daily_at=time(0, 5))
+        await claim_scheduled_run(database, daily, now=now - timedelta(minutes=1), worker="w")
+        claim = await claim_scheduled_run(database, daily, now=now, worker="w")
+        assert claim.claimed
+        assert not (await claim_scheduled_run(database, daily, now=now + timedelta(minutes=6),
+                                              worker="w")).claimed
+        await release_failed_run(database, daily, claim, now=now, worker="w")
+        retry = await claim_scheduled_run(database, daily, now=now + timedelta(minutes=6),
+                                          worker="w")
+        assert retry.claimed and retry.previous_period is None
 
     async def test_a_daily_job_first_runs_at_its_time_not_at_once(self, database):
         now = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
         scheduled = Scheduled("daily_report", daily_at=time(0, 5))
-        assert await claim_scheduled_run(database, scheduled, now=now, worker="w") == (
-            False, datetime(2026, 11, 25, 0, 5, tzinfo=UTC))
+        claim = await claim_scheduled_run(database, scheduled, now=now, worker="w")
+        assert (claim.claimed, claim.due) == (False, datetime(2026, 11, 25, 0, 5, tzinfo=UTC))
 
     def test_the_settings_turn_jobs_off(self):
         jobs = [s.job for s in worker_schedule(Settings(stale_partial_sweep_interval_s=0,

@@ -24,7 +24,13 @@ from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.delivery.transports import Transports
 from pipeline_console.jobs.registry import run_job
-from pipeline_console.jobs.schedule import Scheduled, claim_scheduled_run, worker_schedule
+from pipeline_console.jobs.schedule import (
+    RETRY_FAILED_AFTER,
+    Scheduled,
+    claim_scheduled_run,
+    release_failed_run,
+    worker_schedule,
+)
 
 log = logging.getLogger("pipeline_console.worker")
 
@@ -36,14 +42,18 @@ MAX_SCHEDULE_WAIT_S = 60.0
 
 async def _run_if_due(deliverer: Deliverer, settings: Settings, scheduled: Scheduled) -> float:
     """Run the job if its shared schedule says so and this worker claimed the run; return
-    when (time.time()) to look again."""
+    when (time.time()) to look again. A failed run is tried again in a few minutes."""
     try:
-        claimed, due = await claim_scheduled_run(deliverer.database, scheduled,
-                                                 now=deliverer.clock(),
-                                                 worker=deliverer.worker_id)
-        if claimed:
-            await run_job(deliverer, settings, scheduled.job, actor=deliverer.worker_id,
-                          trigger="worker")
+        claim = await claim_scheduled_run(deliverer.database, scheduled,
+                                          now=deliverer.clock(), worker=deliverer.worker_id)
+        due = claim.due
+        if claim.claimed:
+            record = await run_job(deliverer, settings, scheduled.job,
+                                   actor=deliverer.worker_id, trigger="worker")
+            if record.status == "failed":
+                await release_failed_run(deliverer.database, scheduled, claim,
+                                         now=deliverer.clock(), worker=deliverer.worker_id)
+                due = deliverer.clock() + RETRY_FAILED_AFTER
     except Exception:
         log.exception("scheduled job %s could not start", scheduled.job)
         return time.time() + 5

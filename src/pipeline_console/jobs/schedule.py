@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.config import Settings
@@ -25,11 +25,14 @@ def parse_time_of_day(value: str) -> time | None:
     return time.fromisoformat(value) if value else None
 
 
+RETRY_FAILED_AFTER = timedelta(minutes=5)
+
+
 @dataclass(frozen=True)
 class Scheduled:
     job: str
     interval_s: float | None = None  # every so many seconds, the first run at once
-    daily_at: time | None = None  # once a day at this UTC time
+    daily_at: time | None = None  # once a day at this UTC time, for the day before
 
     def first_run(self, now: datetime) -> datetime:
         return next_daily(now, self.daily_at) if self.daily_at else now
@@ -39,6 +42,25 @@ class Scheduled:
             return next_daily(now, self.daily_at)
         assert self.interval_s
         return now + timedelta(seconds=self.interval_s)
+
+    def horizon(self) -> timedelta:
+        """A next run further away than this was set by a worker with a clock ahead of ours
+        or a longer interval: it does not hold us back."""
+        return timedelta(days=1) if self.daily_at else timedelta(seconds=self.interval_s or 0)
+
+    def period(self, now: datetime) -> str | None:
+        """What a daily run covers (the UTC day before); each period runs once, whatever time
+        of day each worker is configured with."""
+        if not self.daily_at:
+            return None
+        return (now.astimezone(UTC) - timedelta(days=1)).date().isoformat()
+
+
+@dataclass(frozen=True)
+class Claim:
+    claimed: bool
+    due: datetime  # when the job is due next
+    previous_period: str | None = None
 
 
 def worker_schedule(settings: Settings) -> list[Scheduled]:
@@ -57,24 +79,50 @@ def worker_schedule(settings: Settings) -> list[Scheduled]:
 
 
 async def claim_scheduled_run(database: Database, scheduled: Scheduled, *, now: datetime,
-                              worker: str) -> tuple[bool, datetime]:
-    """(True, next) when this worker is to run the job now; (False, when it is due) otherwise."""
+                              worker: str) -> Claim:
+    """Claim the job's run if it is due (one conditional UPDATE: of several workers asking at
+    once, one wins). A run is due when its time has come, or when the stored time is further
+    away than this job's horizon; a daily job is due only for a day it has not covered."""
 
-    async def claim(session: AsyncSession) -> tuple[bool, datetime]:
+    async def claim(session: AsyncSession) -> Claim:
         insert = insert_for(session.bind.dialect.name)
         await session.execute(
             insert(JobSchedule)
             .values(job=scheduled.job, next_run_at=scheduled.first_run(now))
             .on_conflict_do_nothing(index_elements=["job"]))
-        next_at = scheduled.next_run(now)
-        moved = await session.execute(
-            update(JobSchedule)
-            .where(JobSchedule.job == scheduled.job, JobSchedule.next_run_at <= now)
-            .values(next_run_at=next_at, claimed_by=worker, claimed_at=now))
+        row = (await session.execute(
+            select(JobSchedule.next_run_at, JobSchedule.last_period)
+            .where(JobSchedule.job == scheduled.job))).one()
+        next_at, period = scheduled.next_run(now), scheduled.period(now)
+        conditions = [JobSchedule.job == scheduled.job,
+                      or_(JobSchedule.next_run_at <= now,
+                          JobSchedule.next_run_at > now + scheduled.horizon())]
+        if period is not None:
+            conditions.append(or_(JobSchedule.last_period.is_(None),
+                                  JobSchedule.last_period < period))
+        values = {"next_run_at": next_at, "claimed_by": worker, "claimed_at": now}
+        if period is not None:
+            values["last_period"] = period
+        moved = await session.execute(update(JobSchedule).where(*conditions).values(**values))
         if moved.rowcount == 1:
-            return True, next_at
-        due = await session.scalar(
-            select(JobSchedule.next_run_at).where(JobSchedule.job == scheduled.job))
-        return False, due
+            return Claim(True, next_at, row.last_period)
+        due = row.next_run_at
+        if period is not None and row.last_period is not None and row.last_period >= period:
+            due = max(due, next_at)  # this day is covered: look again at the next slot
+        return Claim(False, due)
 
     return await database.run_transaction(claim)
+
+
+async def release_failed_run(database: Database, scheduled: Scheduled, claim: Claim, *,
+                             now: datetime, worker: str) -> None:
+    """A claimed run failed: try again in a few minutes, and give a daily job its day back."""
+
+    async def release(session: AsyncSession) -> None:
+        await session.execute(
+            update(JobSchedule)
+            .where(JobSchedule.job == scheduled.job, JobSchedule.claimed_by == worker)
+            .values(next_run_at=min(now + RETRY_FAILED_AFTER, claim.due),
+                    last_period=claim.previous_period))
+
+    await database.run_transaction(release)

@@ -41,3 +41,5 @@ class JobSchedule(Base):
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
     claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # For a daily job, the day its last claimed run covers ('YYYY-MM-DD'): one run per day.
+    last_period: Mapped[str | None] = mapped_column(String(16), nullable=True)

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column(
             "claimed_at", pipeline_console.models.base.UTCDateTime(timezone=True), nullable=True
         ),
+        sa.Column("last_period", sa.String(length=16), nullable=True),
         sa.PrimaryKeyConstraint("job", name=op.f("pk_job_schedules")),
     )
     with op.batch_alter_table("staging_records", schema=None) as batch_op:
@@ -42,6 +43,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("staging_records", schema=None) as batch_op:
-        batch_op.drop_column("stale_since")
+    # A plain DROP COLUMN (SQLite ≥ 3.35): batch mode would rebuild staging_records, which
+    # production_records.staging_id refers to, and fail once a record is promoted.
+    op.drop_column("staging_records", "stale_since")
     op.drop_table("job_schedules")
