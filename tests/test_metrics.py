@@ -119,6 +119,15 @@ class TestSourceLabels:
         assert metrics.source_label("crm") == "other"  # a third distinct name
         assert metrics.source_label("erp") == "erp"  # names already seen keep their label
 
+    def test_a_rejected_messages_source_never_takes_a_label(self, monkeypatch):
+        monkeypatch.setattr(metrics, "_source_labels", set())
+        monkeypatch.setattr(metrics, "MAX_SOURCE_LABELS", 2)
+        for n in range(10):  # garbage from rejected messages
+            assert metrics.source_label(f"junk {n} !!", validated=False) == "unknown"
+        assert metrics.source_label("erp") == "erp"
+        assert metrics.source_label("erp", validated=False) == "erp"  # a known name is kept
+        assert metrics.source_label("billing") == "billing"  # the cap is still free
+
 
 class TestDeliveryAttempts:
     async def test_a_pass_and_deliver_now_are_counted_by_system_and_classification(

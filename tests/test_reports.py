@@ -188,6 +188,13 @@ async def test_the_cli_prints_the_same_report(client, history, database_url):
     assert list(csv.DictReader(io.StringIO(result.stdout))) == rows
     refused = await asyncio.to_thread(run_cli, database_url, "reports", "show", "nope")
     assert refused.returncode == 2 and "ingestion" in refused.stderr
+    offset = await asyncio.to_thread(run_cli, database_url, "reports", "show", "ingestion",
+                                     "--from", "2026-11-23T12:00:00+02:00",
+                                     "--to", "2026-11-24T12:30:00+02:00")
+    assert json.loads(offset.stdout)["from"] == "2026-11-23T10:00:00Z"  # UTC, as the API
+    early = await asyncio.to_thread(run_cli, database_url, "reports", "show", "ingestion",
+                                    "--to", "0001-01-01T00:00:00Z")
+    assert early.returncode == 2 and "--from" in early.stderr
 
 
 class TestErrors:
@@ -206,6 +213,11 @@ class TestErrors:
         response = await client.get("/api/v1/reports/ingestion?from=2026-11-24T10:00:00")
         assert response.status_code == 422
         assert response.headers["content-type"] == "application/problem+json"
+
+    async def test_so_early_a_to_without_a_from_names_the_field(self, client):
+        response = await client.get("/api/v1/reports/ingestion?to=0001-01-01T00:00:00Z")
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["field"] == "from"
 
     async def test_an_unknown_format_is_refused(self, client):
         assert (await client.get("/api/v1/reports/ingestion?format=xml")).status_code == 422

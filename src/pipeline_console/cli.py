@@ -126,7 +126,7 @@ def reports_show(
     output: Annotated[str, typer.Option("--format", help="json or csv")] = "json",
 ) -> None:
     """Print a report, the same as GET /api/v1/reports/NAME."""
-    from datetime import datetime, timedelta
+    from datetime import UTC, datetime, timedelta
 
     from pipeline_console.reports.api import ReportRead, to_csv
     from pipeline_console.reports.service import REPORTS
@@ -141,7 +141,7 @@ def reports_show(
                                      param_hint=option) from error
         if parsed.tzinfo is None:
             raise typer.BadParameter(f"{value!r} has no time zone", param_hint=option)
-        return parsed
+        return parsed.astimezone(UTC)
 
     build = REPORTS.get(name)
     if build is None:
@@ -150,7 +150,11 @@ def reports_show(
     if output not in ("json", "csv"):
         raise typer.BadParameter("json or csv", param_hint="--format")
     end = moment(until, "--to") or system_clock()
-    start = moment(since, "--from") or end - timedelta(hours=24)
+    try:
+        start = moment(since, "--from") or end - timedelta(hours=24)
+    except OverflowError as error:
+        raise typer.BadParameter("give --from: 24 hours before --to is not a representable "
+                                 "time", param_hint="--from") from error
     if start >= end:
         raise typer.BadParameter("must be before --to", param_hint="--from")
 

@@ -55,12 +55,16 @@ HTTP_REQUEST_DURATION = Histogram(
 _source_labels: set[str] = set()
 
 
-def source_label(name: str | None) -> str:
-    """A source system's name as a label value: never empty, never long, never unbounded."""
+def source_label(name: str | None, *, validated: bool = True) -> str:
+    """A source system's name as a label value: never empty, never long, never unbounded.
+    Only names from accepted (validated) messages become new labels: a rejected message's
+    source is whatever the sender wrote, so it reuses a known label or counts as unknown."""
     if not name:
         return "unknown"
     label = name[:SOURCE_LABEL_LENGTH]
     if label not in _source_labels:
+        if not validated:
+            return "unknown"
         if len(_source_labels) >= MAX_SOURCE_LABELS:
             return "other"
         _source_labels.add(label)
@@ -72,10 +76,10 @@ def count_ingestion(items: Sequence[IncomingMessage | RejectedMessage],
     """Count committed ingestion results; `results` are ingest_messages' answers to `items`."""
     for item, result in zip(items, results, strict=True):
         if isinstance(item, RejectedMessage):
-            decision, source = REJECTED, item.known.get("source_system")
+            label = source_label(item.known.get("source_system"), validated=False)
+            INGESTION_DECISIONS.labels(REJECTED, label).inc()
         else:
-            decision, source = result.decision, item.source_system
-        INGESTION_DECISIONS.labels(decision, source_label(source)).inc()
+            INGESTION_DECISIONS.labels(result.decision, source_label(item.source_system)).inc()
 
 
 def count_delivery_attempt(system: str, classification: str,

@@ -93,7 +93,10 @@ async def reports(request: Request, database: DatabaseDep, now: NowDep,
                   start: Annotated[UtcDatetime | None, Query(alias="from")] = None,
                   end: Annotated[UtcDatetime | None, Query(alias="to")] = None) -> Response:
     end = end or now
-    start = start or end - DEFAULT_RANGE
+    try:
+        start = start or end - DEFAULT_RANGE
+    except OverflowError:
+        start = end
     if start >= end:
         return error_page(request, InvalidInput("the range is empty", [
             FieldError("from", "must be before to", "query")]))

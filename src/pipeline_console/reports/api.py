@@ -59,7 +59,12 @@ async def get_report(
     if build is None:
         raise NotFound(f"no report is named {name!r}; reports: {', '.join(REPORTS)}")
     end = end or now
-    start = start or end - DEFAULT_RANGE
+    try:
+        start = start or end - DEFAULT_RANGE
+    except OverflowError as error:
+        raise InvalidInput("give `from`: 24 hours before `to` is not a representable time",
+                           [FieldError("from", "required with so early a `to`",
+                                       "query")]) from error
     if start >= end:
         raise InvalidInput("the range is empty: `from` must be before `to`",
                            [FieldError("from", f"{start.isoformat()} is not before "
