@@ -52,6 +52,18 @@ async def test_the_dashboard_shows_the_demos_attention_items(page, demo, screens
     await shoot(page, screenshots, "dashboard", backend)
 
 
+async def test_the_dashboard_refreshes_itself(page, demo, client):
+    await page.goto("/")
+    assert await page.evaluate("typeof htmx") == "object"  # the vendored copy, no CDN
+    count = page.locator('[data-item="open_anomalies"] .count')
+    await expect(count).to_have_text("1")
+    [anomaly] = (await client.get("/api/v1/anomalies?status=open")).json()["items"]
+    resolved = await client.post(f"/api/v1/anomalies/{anomaly['id']}/resolve",
+                                 json={"resolution": "keep_current", "note": "seen"})
+    assert resolved.status_code == 200
+    await expect(count).to_have_text("0", timeout=25_000)  # the page polls every 15 s
+
+
 async def test_search_finds_a_record_and_the_inspector_shows_its_timeline(
         page, demo, screenshots, backend):
     await page.goto("/")

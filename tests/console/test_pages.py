@@ -97,3 +97,29 @@ async def test_the_openapi_document_has_no_console_pages(client):
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert not [path for path in paths if not path.startswith(("/api/", "/healthz",
                                                                "/readyz", "/metrics"))]
+
+
+async def test_ambiguous_outcomes_are_queried_and_resolved_from_the_page(client, demo):
+    outcomes = (await client.get("/api/v1/ambiguous?status=open")).json()["items"]
+    first, second = outcomes[0]["id"], outcomes[1]["id"]
+    queried = await client.post(f"/ambiguous/{first}/query-status")
+    assert queried.status_code == 303
+    notice = (await client.get("/ambiguous")).text
+    assert f"Ambiguous outcome {first}: the status query gave no answer; it is open" in notice
+    refused = await client.post(f"/ambiguous/{second}/resolve",
+                                data={"resolution": "delivered", "note": ""})
+    assert refused.status_code == 422
+    resolved = await client.post(f"/ambiguous/{second}/resolve", data={
+        "resolution": "delivered", "note": "ledger support confirmed it arrived"})
+    assert resolved.status_code == 303
+    after = (await client.get("/api/v1/ambiguous?status=resolved")).json()["items"]
+    assert [(o["id"], o["resolution"], o["resolution_note"]) for o in after] == [
+        (second, "delivered", "ledger support confirmed it arrived")]
+    audit = (await client.get("/api/v1/audit?limit=500")).json()["items"]
+    assert any(e["action"] == "ambiguous.resolved" and e["subject_id"] for e in audit)
+
+
+async def test_running_a_job_from_the_console_is_in_the_audit_log(client, demo):
+    await client.post("/jobs/stale_partial_sweep/run")
+    audit = (await client.get("/audit?action=job.ran")).text
+    assert "stale_partial_sweep" in audit and "anonymous" in audit

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.config import Settings
 from pipeline_console.delivery.ambiguous import query_open_ambiguous
 from pipeline_console.delivery.service import Deliverer, deliver_due
@@ -116,6 +117,12 @@ async def run_job(deliverer: Deliverer, settings: Settings, name: str, *, actor:
         run = await session.get(JobRun, run_id, with_for_update=True)
         run.status = "failed" if error else "succeeded"
         run.finished_at, run.result, run.error = deliverer.clock(), result, error
+        if trigger != "worker":  # a person ran it (the worker's schedule is in job_runs)
+            await session.flush()
+            await append_audit(session, [AuditEntry(
+                "job.ran", "job", name, {"run_id": run_id, "trigger": trigger,
+                                         "status": run.status})],
+                actor=actor, now=deliverer.clock())
 
     await deliverer.database.run_transaction(finish)
     return RunRecord(run_id, name, "failed" if error else "succeeded", result, error)
