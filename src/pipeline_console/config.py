@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     max_payload_depth: int = Field(default=32, ge=1, description="nesting depth of a payload")
     rejected_body_excerpt_bytes: int = Field(default=4096, ge=0)
 
+    # The console.
+    console_refresh_s: int = Field(default=15, ge=1, le=3600,
+                                   description="how often the dashboard refreshes itself")
+
     # The dashboard.
     stale_partial_after_s: float = Field(
         default=3600.0, gt=0, description="a partial record waiting longer needs attention")

@@ -43,7 +43,8 @@ def console_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline_console.cli", "serve", "--port", str(port)],
-        env={**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url},
+        env={**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url,
+             "PIPELINE_CONSOLE_CONSOLE_REFRESH_S": "2"},
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

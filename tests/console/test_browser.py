@@ -61,7 +61,7 @@ async def test_the_dashboard_refreshes_itself(page, demo, client):
     resolved = await client.post(f"/api/v1/anomalies/{anomaly['id']}/resolve",
                                  json={"resolution": "keep_current", "note": "seen"})
     assert resolved.status_code == 200
-    await expect(count).to_have_text("0", timeout=25_000)  # the page polls every 15 s
+    await expect(count).to_have_text("0", timeout=20_000)  # the page polls every 2 s here
 
 
 async def test_search_finds_a_record_and_the_inspector_shows_its_timeline(

@@ -50,6 +50,7 @@ async def dashboard(request: Request, database: DatabaseDep, settings: SettingsD
         figures = await rates(session, now=now)
         activity = await hourly_activity(session, now=now)
     return page(request, "dashboard.html", title="Dashboard", nav="/", items=items,
+                refresh_s=settings.console_refresh_s,
                 console_path=console_path, rates=figures, now=now,
                 ingestion=Chart(activity.hours, activity.ingestion),
                 delivery=Chart(activity.hours, activity.delivery),
@@ -63,6 +64,7 @@ async def attention_fragment(request: Request, database: DatabaseDep, settings: 
     """The dashboard's attention cards alone: the page polls this to refresh itself."""
     items = await _attention(database, settings, now)
     return page(request, "_attention.html", fragment=True, items=items,
+                refresh_s=settings.console_refresh_s,
                 console_path=console_path, now=now)
 
 
