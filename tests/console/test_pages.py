@@ -3,7 +3,9 @@ paginate and filter, and errors on pages are pages while the API keeps problem+j
 
 from __future__ import annotations
 
+import html
 import re
+from urllib.parse import unquote
 
 import pytest
 
@@ -123,3 +125,87 @@ async def test_running_a_job_from_the_console_is_in_the_audit_log(client, demo):
     await client.post("/jobs/stale_partial_sweep/run")
     audit = (await client.get("/audit?action=job.ran")).text
     assert "stale_partial_sweep" in audit and "anonymous" in audit
+
+
+async def test_the_inspector_page_shows_every_section(client, demo):
+    text = (await client.get("/records/customer:C-1004")).text
+    assert '<a href="/anomalies/' in text and "crm vs erp, open" in text
+    staging = text[text.index('id="staging"'):text.index('id="attempts"')]
+    assert "<td>1</td><td>erp</td><td>promoted" in staging
+    audit = text[text.index('id="audit"'):]
+    assert "anomaly.opened" in audit
+    assert "circuit <span" in text  # each system's circuit state beside its deliveries
+
+
+async def test_links_to_records_with_awkward_keys_lead_to_them(client):
+    for entity_id in ("a/../../b", "x/..", "a/./b", "50% off #1?", "Zürich 東京"):
+        response = await client.post("/api/v1/messages", json={
+            "source_system": "erp", "entity_type": "customer", "entity_id": entity_id,
+            "version": 1, "payload": {"n": 1}})
+        assert response.status_code == 200, response.text
+        listing = (await client.get("/audit?action=record.accepted")).text
+        links = re.findall(r'href="(/records/[^"]+)"', listing)
+        key = f"customer:{entity_id}"
+        [link] = [link for link in links if unquote(link.removeprefix("/records/")) == key]
+        assert "/" not in link.removeprefix("/records/")
+        page = await client.get(link.replace("&amp;", "&"))
+        assert page.status_code == 200 and f"Record {html.escape(key)}" in page.text
+
+
+async def test_each_attention_card_links_to_the_rows_it_counts(client, demo):
+    dashboard = (await client.get("/")).text
+    cards = re.findall(r'<a class="card \w+" href="([^"]+)" data-item="(\w+)"[^>]*>\s*'
+                       r'<div class="count">(\d+)</div>', dashboard)
+    assert {name for _, name, _ in cards} >= {"delivery_backlog", "unsuccessful_replays",
+                                              "stale_partials"}
+    for href, name, count in cards:
+        if name not in ("delivery_backlog", "unsuccessful_replays", "stale_partials"):
+            continue
+        listing = (await client.get(html.unescape(href) + "&limit=500")).text
+        rows = len(re.findall(r"<tr><td>", listing))
+        assert rows == int(count), (name, href, rows, count)
+
+
+async def test_odd_form_input_is_refused_not_a_500(client, demo):
+    assert (await client.post("/dlq/replay", data={"reason": "x", "dlq_id": "²"})
+            ).status_code == 422
+    assert (await client.post("/dlq/replay", data={
+        "reason": "x", "scope": "all_matching", "system": "ledger",
+        "from": "0001-01-01T00:00:00+05:00"})).status_code == 422
+    assert (await client.post("/dlq/replay", data={
+        "reason": "x", "scope": "all_matching", "system": "ledger",
+        "reason_contains": "a\x00b"})).status_code == 422
+    assert (await client.get("/events")).status_code == 422
+
+
+async def test_a_notice_carries_any_character(client, demo):
+    response = await client.post("/circuits/warehouse/open", data={
+        "reason": "Wartung \u2013 5 \u20ac pro Minute \u2615", "confirm": "yes"})
+    assert response.status_code == 303
+    assert "Wartung \u2013 5 \u20ac pro Minute \u2615" in (await client.get("/circuits")).text
+
+
+async def test_the_event_link_of_a_search_with_spaces_works(client, demo):
+    text = (await client.get("/search?q=%20evt-5002%20")).text
+    link = re.search(r'href="(/events\?correlation_id=[^"]+)"', text).group(1)
+    assert (await client.get(html.unescape(link))).status_code == 200
+
+
+async def test_an_inconclusive_status_query_is_audited(client, demo):
+    [first, *_] = (await client.get("/api/v1/ambiguous?status=open")).json()["items"]
+    await client.post(f"/ambiguous/{first['id']}/query-status")
+    audit = (await client.get("/api/v1/audit?limit=500")).json()["items"]
+    assert [e for e in audit if e["action"] == "ambiguous.queried"
+            and e["subject_id"] == str(first["id"])]
+    timeline = (await client.get(f"/api/v1/inspect/{first['idempotency_key']}")).json()
+    assert any("status query about the ambiguous delivery to ledger: no answer"
+               in entry["summary"] for entry in timeline["timeline"])
+
+
+async def test_resolving_not_delivered_says_what_happened_to_the_resend(client, demo):
+    [first, *_] = (await client.get("/api/v1/ambiguous?status=open")).json()["items"]
+    await client.post("/circuits/ledger/open", data={"reason": "maintenance", "confirm": "yes"})
+    await client.get("/circuits")  # reads the notice
+    await client.post(f"/ambiguous/{first['id']}/resolve",
+                      data={"resolution": "not_delivered", "note": "ledger lost it"})
+    assert "it waits to be sent again" in (await client.get("/ambiguous")).text

@@ -351,3 +351,12 @@ async def test_the_dead_letter_list_filters_by_reason_and_time(client, sink, clo
     assert await ids("reason_contains=%25") == []  # a LIKE wildcard is matched literally
     refused = await client.get("/api/v1/dlq?from=yesterday")
     assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "from"
+
+
+async def test_reason_contains_folds_every_letter_on_both_databases(client, sink):
+    sink.answer(Answer(422, body="KONTO ÜBERZOGEN"))
+    await add_system(client, sink)
+    await ingest(client, message(1))
+    await run_pass(client)
+    found = (await client.get("/api/v1/dlq?reason_contains=überzogen")).json()["items"]
+    assert [entry["idempotency_key"] for entry in found] == ["customer:C-100"]

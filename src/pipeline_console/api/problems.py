@@ -141,22 +141,22 @@ def install_problem_handlers(app: FastAPI, html: HtmlErrors | None = None) -> No
         return response
 
     @app.exception_handler(PoolTimeout)
-    async def on_pool_timeout(_request: Request, _error: PoolTimeout) -> JSONResponse:
-        response = problem(503, "every database connection is busy; retry shortly")
+    async def on_pool_timeout(request: Request, _error: PoolTimeout) -> Response:
+        response = answer(request, 503, "every database connection is busy; retry shortly")
         response.headers["Retry-After"] = "1"
         return response
 
     @app.exception_handler(DBAPIError)
-    async def on_database_error(request: Request, error: DBAPIError) -> JSONResponse:
+    async def on_database_error(request: Request, error: DBAPIError) -> Response:
         if is_retryable(error):
-            response = problem(503, "the request collided with concurrent work and was rolled "
-                               "back; retry it")
+            response = answer(request, 503, "the request collided with concurrent work and "
+                              "was rolled back; retry it")
             response.headers["Retry-After"] = "1"
             return response
         log.exception("database error on %s %s", request.method, request.url.path)
-        return problem(500, "an unexpected error occurred; it has been logged")
+        return answer(request, 500, "an unexpected error occurred; it has been logged")
 
     @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "an unexpected error occurred; it has been logged")
+        return answer(request, 500, "an unexpected error occurred; it has been logged")

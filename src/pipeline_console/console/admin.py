@@ -5,7 +5,8 @@ through run_job, like the API, the CLI and the worker."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -22,18 +23,19 @@ from pipeline_console.api.dependencies import (
 from pipeline_console.console.templating import done, error_page, page
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.delivery.systems import get_system, list_systems
-from pipeline_console.errors import DomainError, FieldError, InvalidInput
+from pipeline_console.errors import DomainError
 from pipeline_console.ingestion.schemas import UtcDatetime
 from pipeline_console.jobs.registry import JOBS, run_job
 from pipeline_console.models import AuditEvent, Circuit, Delivery, JobRun, StagingRecord
 from pipeline_console.pagination import encode_cursor, fetch_page
-from pipeline_console.reports.api import DEFAULT_RANGE
+from pipeline_console.reports.api import report_range
 from pipeline_console.reports.service import REPORTS, delivery_report
 
 router = APIRouter(include_in_schema=False)
 Text = Annotated[str | None, Query(max_length=200)]
 DeliveryStatus = Literal["pending", "in_flight", "delivered", "dead_lettered", "ambiguous",
-                         "held", "superseded", "all"]
+                         "held", "superseded", "waiting", "all"]
+WAITING = ("pending", "held", "in_flight")  # the dashboard's delivery backlog
 
 
 @router.get("/systems", response_class=HTMLResponse)
@@ -65,10 +67,11 @@ async def system(request: Request, name: str, database: DatabaseDep, now: NowDep
 @router.get("/deliveries", response_class=HTMLResponse)
 async def deliveries(request: Request, database: DatabaseDep, page_request: IdPage,
                      system: Text = None, status: DeliveryStatus = "all") -> Response:
+    statuses = {"all": None, "waiting": WAITING}.get(status, (status,))
     async with database.read() as session:
-        found = await fetch_page(session, Delivery.id, page_request, equal=[
-            (Delivery.system, system or None),
-            (Delivery.status, None if status == "all" else status)])
+        found = await fetch_page(
+            session, Delivery.id, page_request, equal=[(Delivery.system, system or None)],
+            where=[Delivery.status.in_(statuses)] if statuses else [])
     return page(request, "deliveries.html", title="Deliveries", nav="/systems",
                 deliveries=found.items, next_cursor=found.next_cursor, system=system or "",
                 status=status)
@@ -78,13 +81,17 @@ async def deliveries(request: Request, database: DatabaseDep, page_request: IdPa
 async def staging(request: Request, database: DatabaseDep, page_request: IdPage,
                   settings: SettingsDep, now: NowDep,
                   status: Literal["partial", "complete", "promoted", "superseded",
-                                  "all"] = "partial") -> Response:
-    async with database.read() as session:
-        found = await fetch_page(session, StagingRecord.id, page_request, equal=[
-            (StagingRecord.status, None if status == "all" else status)])
+                                  "all"] = "partial",
+                  stale: Literal["yes", "no"] = "no") -> Response:
     stale_before = now - timedelta(seconds=settings.stale_partial_after_s)
+    async with database.read() as session:
+        found = await fetch_page(
+            session, StagingRecord.id, page_request,
+            equal=[(StagingRecord.status, None if status == "all" else status)],
+            where=[StagingRecord.staged_at < stale_before] if stale == "yes" else [])
     return page(request, "staging.html", title="Staging", nav="/staging", rows=found.items,
-                next_cursor=found.next_cursor, status=status, stale_before=stale_before)
+                next_cursor=found.next_cursor, status=status, stale_before=stale_before,
+                stale=stale)
 
 
 @router.get("/reports", response_class=HTMLResponse)
@@ -92,23 +99,16 @@ async def reports(request: Request, database: DatabaseDep, now: NowDep,
                   name: Literal["ingestion", "delivery", "anomalies", "replays"] = "ingestion",
                   start: Annotated[UtcDatetime | None, Query(alias="from")] = None,
                   end: Annotated[UtcDatetime | None, Query(alias="to")] = None) -> Response:
-    end = end or now
     try:
-        start = start or end - DEFAULT_RANGE
-    except OverflowError:
-        start = end
-    if start >= end:
-        return error_page(request, InvalidInput("the range is empty", [
-            FieldError("from", "must be before to", "query")]))
+        start, end = report_range(start, end, now)
+    except DomainError as error:
+        return error_page(request, error)
     async with database.read() as session:
         report = await REPORTS[name](session, start, end)
     return page(request, "reports.html", title="Reports", nav="/reports", report=report,
                 names=list(REPORTS), start=start, end=end,
-                csv=f"/api/v1/reports/{name}?from={_z(start)}&to={_z(end)}&format=csv")
-
-
-def _z(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+                csv=f"/api/v1/reports/{name}?" + urlencode(
+                    {"from": start.isoformat(), "to": end.isoformat(), "format": "csv"}))
 
 
 @router.get("/jobs", response_class=HTMLResponse)

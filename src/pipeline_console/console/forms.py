@@ -7,12 +7,20 @@ from typing import Any
 
 from fastapi import Request
 
-from pipeline_console.errors import FieldError, InvalidInput
+from pipeline_console.errors import FieldError, InvalidInput, TooLarge
 
 MAX_TEXT = 2000
 
 
+MAX_FORM_BYTES = 256 * 1024
+
+
 async def form_of(request: Request) -> Any:
+    """The posted form, refused before parsing when it is larger than any console form."""
+    length = request.headers.get("content-length", "")
+    if not (length.isascii() and length.isdigit()) or int(length) > MAX_FORM_BYTES:
+        raise TooLarge(f"a console form is at most {MAX_FORM_BYTES} bytes with a "
+                       "Content-Length")
     return await request.form(max_files=0, max_fields=1000)
 
 
@@ -37,7 +45,7 @@ def choice(form: Any, field: str, allowed: tuple[str, ...]) -> str:
 def ids(form: Any, field: str) -> list[int]:
     values = []
     for raw in form.getlist(field):
-        if not str(raw).isdigit() or not 1 <= int(raw) <= 2**63 - 1:
+        if not (str(raw).isascii() and str(raw).isdigit()) or not 1 <= int(raw) <= 2**63 - 1:
             raise InvalidInput("not an id", [FieldError(field, f"{raw!r} is not an id", "form")])
         values.append(int(raw))
     return values

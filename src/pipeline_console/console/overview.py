@@ -15,7 +15,7 @@ from pipeline_console.api.dependencies import DatabaseDep, NowDep, SettingsDep
 from pipeline_console.console.templating import error_page, page
 from pipeline_console.console.views import by_system, console_path, version_changes
 from pipeline_console.dashboard.service import attention, hourly_activity, rates
-from pipeline_console.errors import DomainError, NotFound
+from pipeline_console.errors import DomainError, FieldError, InvalidInput, NotFound
 from pipeline_console.inspector.service import find_records, inspect_event, inspect_record
 from pipeline_console.models import Delivery, DeliveryAttempt, ReplayExecution
 from pipeline_console.pagination import MAX_ID
@@ -101,7 +101,9 @@ async def event(request: Request, database: DatabaseDep,
                 correlation_id: Annotated[str | None, Query(max_length=256)] = None,
                 message_id: Annotated[str | None, Query(max_length=256)] = None) -> Response:
     if (correlation_id is None) == (message_id is None):
-        return error_page(request, NotFound("give a correlation id or a message id"))
+        return error_page(request, InvalidInput(
+            "give exactly one of correlation_id and message_id",
+            [FieldError("correlation_id", "exactly one of the two", "query")]))
     try:
         async with database.read() as session:
             found = await inspect_event(session, correlation_id=correlation_id,

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from pipeline_console.anomalies.service import get_anomaly, list_anomalies, resolve_anomaly
@@ -32,6 +33,7 @@ from pipeline_console.models import (
     ReplayRequest,
 )
 from pipeline_console.pagination import MAX_ID, fetch_page
+from pipeline_console.replay.api import FilterIn
 from pipeline_console.replay.service import (
     Target,
     create_replay,
@@ -136,17 +138,11 @@ async def replay_dead_letters(request: Request, database: DatabaseDep, now: NowD
         allow_delivered = form.get("allow_delivered") == "on"
         async with database.transaction() as session:
             if form.get("scope") == "all_matching":
-                system = str(form.get("system") or "")
-                if not system:
-                    raise InvalidInput("choose a system to replay all matching dead letters",
-                                       [FieldError("system", "required", "form")])
-                since, until = _moment(form, "from"), _moment(form, "to")
-                targets = await expand_filter(session, system, str(form.get("reason_contains")
-                                                                   or "") or None, since, until)
-                selection = {"filter": {"system": system,
-                                        "reason_contains": form.get("reason_contains") or None,
-                                        "from": since.isoformat() if since else None,
-                                        "to": until.isoformat() if until else None}}
+                chosen_filter = _filter_of(form)
+                targets = await expand_filter(session, chosen_filter.system,
+                                              chosen_filter.reason_contains,
+                                              chosen_filter.since, chosen_filter.until)
+                selection = {"filter": chosen_filter.model_dump(mode="json", by_alias=True)}
             else:
                 chosen = ids(form, "dlq_id")
                 targets = [Target(dlq_id=dlq_id) for dlq_id in chosen]
@@ -165,30 +161,36 @@ async def replay_dead_letters(request: Request, database: DatabaseDep, now: NowD
     return done(f"/replays/{request_row.id}", f"Replay {request_row.id} {verdict}.")
 
 
-def _moment(form: Any, field: str) -> datetime | None:
-    raw = str(form.get(field) or "").strip()
-    if not raw:
-        return None
+def _filter_of(form: Any) -> FilterIn:
+    """The "all matching" filter, validated exactly as the API validates a replay's filter."""
+    if not form.get("system"):
+        raise InvalidInput("choose a system to replay all matching dead letters",
+                           [FieldError("system", "required", "form")])
+    values = {"system": form.get("system"),
+              "reason_contains": form.get("reason_contains") or None,
+              "from": form.get("from") or None, "to": form.get("to") or None}
     try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError as error:
-        raise InvalidInput("not a time", [FieldError(field, f"{raw!r} is not ISO 8601",
-                                                     "form")]) from error
-    if moment.tzinfo is None:
-        raise InvalidInput("a time needs a zone", [FieldError(field, "add Z or +hh:mm",
-                                                              "form")])
-    return moment
+        return FilterIn.model_validate(values)
+    except ValidationError as error:
+        raise InvalidInput("the filter of the replay is not valid", [
+            FieldError(".".join(str(part) for part in problem["loc"]) or "filter",
+                       problem["msg"], "form") for problem in error.errors()]) from error
 
 
 @router.get("/replays", response_class=HTMLResponse)
 async def replays(request: Request, database: DatabaseDep, page_request: IdPage,
                   status: Literal["validated", "rejected", "executing", "completed", "failed",
-                                  "all"] = "all") -> Response:
+                                  "unsuccessful", "all"] = "all",
+                  since: Annotated[UtcDatetime | None, Query(alias="from")] = None) -> Response:
+    statuses = {"all": None, "unsuccessful": ("rejected", "failed")}.get(status, (status,))
+    conditions = [ReplayRequest.status.in_(statuses)] if statuses else []
+    if since is not None:
+        conditions.append(ReplayRequest.created_at >= since)
     async with database.read() as session:
-        found = await fetch_page(session, ReplayRequest.id, page_request, equal=[
-            (ReplayRequest.status, None if status == "all" else status)])
+        found = await fetch_page(session, ReplayRequest.id, page_request, where=conditions)
     return page(request, "replays.html", title="Replays", nav="/replays",
-                replays=found.items, next_cursor=found.next_cursor, status=status)
+                replays=found.items, next_cursor=found.next_cursor, status=status,
+                since=since)
 
 
 @router.get("/replays/{replay_id}", response_class=HTMLResponse)
@@ -249,12 +251,17 @@ async def resolve_outcome(request: Request, ambiguous_id: int, deliverer: Delive
         form = await form_of(request)
         resolution = choice(form, "resolution", ("delivered", "not_delivered"))
         note = required_text(form, "note", "a note saying how you know")
-        await resolve_ambiguous(deliverer, _id(ambiguous_id, "ambiguous outcome"), resolution,
-                                note, actor=actor.name)
+        action = await resolve_ambiguous(deliverer, _id(ambiguous_id, "ambiguous outcome"),
+                                         resolution, note, actor=actor.name)
     except DomainError as error:
         return error_page(request, error)
-    then = (" and sent again through the canonical delivery path"
-            if resolution == "not_delivered" else "")
+    then = ""
+    if resolution == "not_delivered":
+        resend = action.resend
+        then = (f"; sent again through the canonical delivery path: {resend.outcome} "
+                f"(delivery {resend.delivery_id}, attempt {resend.attempt_id})"
+                if resend is not None and resend.attempt_id is not None else
+                "; it waits to be sent again (the worker sends it when its circuit allows)")
     return done("/ambiguous", f"Ambiguous outcome {ambiguous_id} resolved as "
                 f"{resolution}{then}.")
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import orjson
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from pipeline_console.errors import Conflict, DomainError, FieldError, InvalidInput, NotFound
+from pipeline_console.api.problems import status_of
+from pipeline_console.errors import DomainError, FieldError
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -51,14 +52,19 @@ def query(request: Request, **changes: Any) -> str:
     return "?" + urlencode(params) if params else "?"
 
 
-templates.env.filters.update(when=when, age=age, pretty=pretty)
+def path_segment(value: str) -> str:
+    """A value as one URL path segment: '/' and dots-only segments cannot change the path."""
+    return quote(value, safe=":")
+
+
+templates.env.filters.update(when=when, age=age, pretty=pretty, path_segment=path_segment)
 templates.env.globals.update(query=query)
 
 
 def page(request: Request, template: str, status_code: int = 200, *, fragment: bool = False,
          **context: Any) -> HTMLResponse:
     """A page (or, with fragment=True, a piece of one that leaves the notice for the page)."""
-    notice = None if fragment else request.cookies.get(NOTICE_COOKIE)
+    notice = None if fragment else unquote(request.cookies.get(NOTICE_COOKIE) or "") or None
     response = templates.TemplateResponse(request, template,
                                           {"notice": notice, **context},
                                           status_code=status_code)
@@ -71,19 +77,10 @@ def done(url: str, notice: str) -> RedirectResponse:
     """After an action: back to a page (303, so a reload does not repeat it) with a notice
     that the next page shows once."""
     response = RedirectResponse(url, status_code=303)
-    response.set_cookie(NOTICE_COOKIE, notice[:1000], httponly=True, samesite="strict",
-                        path="/")
+    # Percent-encoded: a header is Latin-1, an operator's reason may hold any character.
+    response.set_cookie(NOTICE_COOKIE, quote(notice[:1000], safe=" "), httponly=True,
+                        samesite="strict", path="/")
     return response
-
-
-def status_of(error: DomainError) -> int:
-    if isinstance(error, NotFound):
-        return 404
-    if isinstance(error, Conflict):
-        return 409
-    if isinstance(error, InvalidInput):
-        return 422
-    return 400
 
 
 def error_page(request: Request, error: DomainError) -> HTMLResponse:

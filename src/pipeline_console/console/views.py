@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 
@@ -13,15 +15,22 @@ from pipeline_console.ingestion.diff import field_diff
 API_PREFIX = "/api/v1"
 
 
-def console_path(api_path: str) -> str:
-    """A dashboard item's API path as the console page that lists the same rows."""
-    return api_path.removeprefix(API_PREFIX) or "/"
+def console_path(item: Any, now: datetime) -> str:
+    """The console page that lists exactly the rows a dashboard item counts."""
+    if item.name == "delivery_backlog":
+        return f"/deliveries?{urlencode({'system': item.system, 'status': 'waiting'})}"
+    if item.name == "unsuccessful_replays":
+        since = (now - timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"/replays?{urlencode({'status': 'unsuccessful', 'from': since})}"
+    if item.name == "stale_partials":
+        return "/staging?status=partial&stale=yes"
+    return item.path.removeprefix(API_PREFIX) or "/"
 
 
-def leaves(value: Any, pointer: str = "") -> dict[str, str]:
-    """Every leaf of a JSON value by its JSON Pointer, rendered as compact JSON."""
+def leaves(value: Any, pointer: str = "") -> dict[str, Any]:
+    """Every leaf of a JSON value by its JSON Pointer."""
     if isinstance(value, dict) and value:
-        out: dict[str, str] = {}
+        out: dict[str, Any] = {}
         for key, item in value.items():
             escaped = str(key).replace("~", "~0").replace("/", "~1")
             out.update(leaves(item, f"{pointer}/{escaped}"))
@@ -31,7 +40,7 @@ def leaves(value: Any, pointer: str = "") -> dict[str, str]:
         for index, item in enumerate(value):
             out.update(leaves(item, f"{pointer}/{index}"))
         return out
-    return {pointer or "/": orjson.dumps(value).decode()}
+    return {pointer or "/": value}
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,11 @@ def side_by_side(left: Any, right: Any, differing: list[str]) -> list[FieldRow]:
     def differs(path: str) -> bool:
         return any(path == d or path.startswith(d.rstrip("/") + "/") for d in differing)
 
-    return [FieldRow(path, a.get(path), b.get(path), differs(path) or a.get(path) != b.get(path))
+    def shown(side: dict[str, Any], path: str) -> str | None:
+        return orjson.dumps(side[path]).decode() if path in side else None
+
+    # Marked as the anomaly's diff says (which treats 1 and 1.0 as the same number).
+    return [FieldRow(path, shown(a, path), shown(b, path), differs(path))
             for path in sorted(a.keys() | b.keys())]
 
 

@@ -119,6 +119,11 @@ async def query_ambiguous_status(deliverer: Deliverer, ambiguous_id: int, *,
         outcome.last_query_at = now
         outcome.last_query_result = ("no answer" if status is None
                                      else f"HTTP {status}: still unknown")
+        await session.flush()
+        await append_audit(session, [AuditEntry(
+            "ambiguous.queried", "ambiguous", str(ambiguous_id),
+            {"system": outcome.system, "result": outcome.last_query_result,
+             "queries": outcome.queries}, outcome.idempotency_key)], actor=actor, now=now)
     return AmbiguousAction(ambiguous_id, "open", None, status)
 
 

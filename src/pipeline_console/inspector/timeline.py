@@ -50,6 +50,7 @@ _AUDIT_SENTENCES = {
     "anomaly.resolved": "anomaly resolved ({resolution}): {note}",
     "delivery.dead_lettered": "delivery to {system} dead-lettered: {reason}",
     "delivery.ambiguous": "delivery to {system} is ambiguous: {reason}",
+    "ambiguous.queried": "status query about the ambiguous delivery to {system}: {result}",
     "ambiguous.resolved": "ambiguous delivery to {system} resolved as {resolution}: {note}",
 }
 

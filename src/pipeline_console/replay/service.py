@@ -188,6 +188,12 @@ async def execute_replay(deliverer: Deliverer, request_id: int, *, actor: str,
         if first:
             request.executed_by, request.executed_at = actor, deliverer.clock()
             if not await _all_still_eligible(session, request):
+                await session.flush()
+                await append_audit(session, [AuditEntry(
+                    "replay.failed", "replay", str(request_id),
+                    {"refused_at_execution": True,
+                     "reason": "an item became ineligible after validation; nothing was "
+                               "sent"})], actor=actor, now=deliverer.clock())
                 return "refused"
         return "run"
 

@@ -58,6 +58,19 @@ async def get_report(
     build = REPORTS.get(name)
     if build is None:
         raise NotFound(f"no report is named {name!r}; reports: {', '.join(REPORTS)}")
+    start, end = report_range(start, end, now)
+    async with database.read() as session:
+        report = await build(session, start, end)
+    if format == "csv":
+        return Response(to_csv(report), media_type=CSV_MEDIA_TYPE,
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="{csv_filename(report)}"'})
+    return ReportRead(**report.__dict__)
+
+
+def report_range(start: datetime | None, end: datetime | None,
+                 now: datetime) -> tuple[datetime, datetime]:
+    """[from, to): `to` defaults to now, `from` to 24 hours before `to`; never empty."""
     end = end or now
     try:
         start = start or end - DEFAULT_RANGE
@@ -69,13 +82,7 @@ async def get_report(
         raise InvalidInput("the range is empty: `from` must be before `to`",
                            [FieldError("from", f"{start.isoformat()} is not before "
                                        f"{end.isoformat()}", "query")])
-    async with database.read() as session:
-        report = await build(session, start, end)
-    if format == "csv":
-        return Response(to_csv(report), media_type=CSV_MEDIA_TYPE,
-                        headers={"Content-Disposition":
-                                 f'attachment; filename="{csv_filename(report)}"'})
-    return ReportRead(**report.__dict__)
+    return start, end
 
 
 def csv_filename(report: Report) -> str:
