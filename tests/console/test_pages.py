@@ -209,3 +209,9 @@ async def test_resolving_not_delivered_says_what_happened_to_the_resend(client, 
     await client.post(f"/ambiguous/{first['id']}/resolve",
                       data={"resolution": "not_delivered", "note": "ledger lost it"})
     assert "it waits to be sent again" in (await client.get("/ambiguous")).text
+
+
+async def test_the_audit_log_filters_by_subject(client, demo):
+    text = (await client.get("/audit?subject=circuit&limit=500")).text
+    actions = set(re.findall(r'<td class="kind">([a-z_.]+)</td>', text))
+    assert actions and all(action.startswith("circuit.") for action in actions), actions

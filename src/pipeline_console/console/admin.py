@@ -138,10 +138,11 @@ async def run_now(request: Request, name: str, deliverer: DelivererDep, settings
 
 @router.get("/audit", response_class=HTMLResponse)
 async def audit(request: Request, database: DatabaseDep, page_request: IdPage,
-                action: Text = None, actor: Text = None) -> Response:
+                action: Text = None, actor: Text = None, subject: Text = None) -> Response:
     """The audit log, newest first."""
     conditions = [AuditEvent.action == action] if action else []
     conditions += [AuditEvent.actor == actor] if actor else []
+    conditions += [AuditEvent.subject_type == subject] if subject else []
     if page_request.after:
         conditions.append(AuditEvent.id < page_request.after)
     async with database.read() as session:
@@ -152,5 +153,5 @@ async def audit(request: Request, database: DatabaseDep, page_request: IdPage,
              if len(events) > page_request.limit else None)
     return page(request, "audit.html", title="Audit log", nav="/audit",
                 events=events[:page_request.limit], older=older, action=action or "",
-                actor=actor or "")
+                actor=actor or "", subject=subject or "")
 
