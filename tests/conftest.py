@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -137,15 +138,31 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+TEST_ACTOR = "tester"  # the admin token every `client` request carries: "tester (admin)"
+
+
+async def make_token(database: Database, role: str, *, name: str | None = None,
+                     now: datetime | None = None) -> str:
+    """A real API token with `role`, created through the service (as the CLI does)."""
+    from pipeline_console.auth.tokens import create_token
+
+    async with database.transaction() as session:
+        _, plain = await create_token(session, name=name or f"test-{role}", role=role,
+                                      actor="test", now=now or datetime.now(UTC))
+    return plain
+
+
 @pytest.fixture
 async def client(
     settings: Settings, database: Database, clock: FakeClock
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, database=database, clock=clock)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    token = await make_token(database, "admin", name=TEST_ACTOR, now=clock.now)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        httpx.AsyncClient(transport=transport, base_url="http://test",
+                          headers={"Authorization": f"Bearer {token}"}) as client,
     ):
         client.app = app  # tests reach app.state (the deliverer) through it
         yield client

@@ -26,7 +26,7 @@ from tests.test_operations import run_cli
 async def test_api_runs_are_recorded_with_their_outcome_and_result(client):
     run = (await client.post("/api/v1/jobs/promote_staging/run")).json()
     assert (run["job"], run["trigger"], run["status"], run["actor"]) == (
-        "promote_staging", "api", "succeeded", "anonymous")
+        "promote_staging", "api", "succeeded", "tester (admin)")
     assert run["result"]["checked"] == 0 and run["finished_at"] is not None
     runs = (await client.get("/api/v1/jobs/runs?job=promote_staging")).json()["items"]
     assert [r["id"] for r in runs] == [run["id"]]
@@ -84,7 +84,7 @@ class TestStalePartialSweep:
                    if entry["kind"] == "audit.record.partial_stale"]
         assert stale["summary"] == (
             "version 1 from erp is still partial after 9000 s, missing: 'country' is a "
-            "required property (by anonymous)")
+            "required property (by tester (admin))")
         [staged] = inspected["staging"]
         assert staged["status"] == "partial"  # marked, never changed or deleted
         assert staged["stale_since"] == "2026-11-24T12:30:00Z"

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from pipeline_console import __version__
 from pipeline_console.anomalies.api import router as anomalies_router
@@ -23,9 +24,12 @@ from pipeline_console.api.guards import RefuseNulInUrls
 from pipeline_console.api.problems import install_problem_handlers, problem, problem_responses
 from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.audit.api import router as audit_router
+from pipeline_console.auth.dependencies import METRICS, PUBLIC
+from pipeline_console.auth.tokens import BOOTSTRAP_NAME, ensure_bootstrap_admin
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
 from pipeline_console.console.admin import router as console_admin
+from pipeline_console.console.auth import router as console_auth
 from pipeline_console.console.overview import router as console_overview
 from pipeline_console.console.queues import router as console_queues
 from pipeline_console.console.templating import HERE as CONSOLE_HERE
@@ -67,6 +71,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database(create_engine(settings))
+        await _prepare_auth(app.state.database, settings, clock)
         async with httpx.AsyncClient() as client:
             app.state.deliverer = Deliverer(app.state.database, Transports(client), clock,
                                             worker_id=f"api:{worker_identity()}",
@@ -94,7 +99,7 @@ def create_app(
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
-    for router in (console_overview, console_queues, console_admin):
+    for router in (console_auth, console_overview, console_queues, console_admin):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     _describe_hand_parsed_bodies(app, [MessageIn, BatchIn])
@@ -112,14 +117,34 @@ class Readiness(BaseModel):
     expected_revision: str | None
 
 
+async def _prepare_auth(database: Database, settings: Settings, clock: Clock) -> None:
+    if settings.auth == "disabled":
+        log.warning("AUTHENTICATION IS DISABLED (PIPELINE_CONSOLE_AUTH=disabled): anyone who "
+                    "can reach this server may do anything. Use it for local experiments only.")
+    if settings.bootstrap_admin_token is None:
+        return
+    token = settings.bootstrap_admin_token.get_secret_value()
+
+    async def ensure(session: Any) -> bool:
+        return await ensure_bootstrap_admin(session, token, now=clock())
+
+    try:
+        created = await database.run_transaction(ensure)
+    except IntegrityError:  # another process created it at the same moment
+        created = False
+    if created:
+        log.info("created the bootstrap admin token (named %s)", BOOTSTRAP_NAME)
+
+
 def _operations_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz", response_model=Health, summary="The process is up")
+    @router.get("/healthz", dependencies=[PUBLIC], response_model=Health,
+                summary="The process is up")
     async def healthz() -> Health:
         return Health(status="ok")
 
-    @router.get("/readyz", response_model=Readiness,
+    @router.get("/readyz", dependencies=[PUBLIC], response_model=Readiness,
                 summary="The database answers and its schema is at the newest migration",
                 responses={503: {"model": Readiness}})
     async def readyz(request: Request) -> Any:
@@ -136,7 +161,7 @@ def _operations_router() -> APIRouter:
                          schema_revision=revision, expected_revision=expected)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
-    @router.get("/metrics", response_class=Response,
+    @router.get("/metrics", dependencies=[METRICS], response_class=Response,
                 summary="Prometheus metrics: this process's counters and the shared state, "
                 "read from the database now",
                 responses={200: {"description": "Prometheus text exposition format",

@@ -22,10 +22,13 @@ jobs_app = typer.Typer(help="Run jobs on demand", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 reports_app = typer.Typer(help="Reports over a time range", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (stored only as hashes)", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(reports_app, name="reports")
 
 CLI_ACTOR = "cli"
+DEMO_ADMIN = "demo-admin"
 T = TypeVar("T")
 
 
@@ -63,16 +66,31 @@ def serve(
 def demo() -> None:
     """Load the demo scenario into an empty database: three hours of an ERP, a CRM and a
     shop, three downstream systems, every decision, queue and circuit state."""
+    from pipeline_console.auth.tokens import active_token_named, create_token, revoke_token
     from pipeline_console.demo import load_demo
     from pipeline_console.errors import Conflict
 
+    async def work(database: Database) -> tuple[list[str], str]:
+        lines = await load_demo(database, now=system_clock())
+        async with database.transaction() as session:  # one click into the console
+            if await active_token_named(session, DEMO_ADMIN) is not None:
+                await revoke_token(session, DEMO_ADMIN, actor=CLI_ACTOR, now=system_clock())
+            _, token = await create_token(session, name=DEMO_ADMIN, role="admin",
+                                          actor=CLI_ACTOR, now=system_clock())
+        return lines, token
+
     try:
-        summary = _with_database(lambda database: load_demo(database, now=system_clock()))
+        summary, token = _with_database(work)
     except Conflict as error:
         typer.echo(error.detail, err=True)
         raise typer.Exit(1) from error
     for line in summary:
         typer.echo(line)
+    typer.echo("")
+    typer.echo(f"Sign in to the console (admin token {DEMO_ADMIN!r}; the link carries it):")
+    typer.echo(f"  http://127.0.0.1:8000/login#token={token}")
+    typer.echo(f"API: curl -H 'Authorization: Bearer {token}' "
+               "http://127.0.0.1:8000/api/v1/dashboard")
 
 
 @app.command()
@@ -167,6 +185,72 @@ def reports_show(
         typer.echo(to_csv(report), nl=False)
     else:
         typer.echo(ReportRead(**report.__dict__).model_dump_json(by_alias=True, indent=2))
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option(help="ingest, viewer, operator or admin")],
+    name: Annotated[str, typer.Option(help="who or what uses it; the audit log shows it")],
+) -> None:
+    """Create a token and print it as the last line (it is shown only this once)."""
+    from pipeline_console.auth.tokens import create_token
+    from pipeline_console.errors import DomainError
+
+    async def work(database: Database) -> str:
+        async with database.transaction() as session:
+            _, plain = await create_token(session, name=name, role=role, actor=CLI_ACTOR,
+                                          now=system_clock())
+        return plain
+
+    try:
+        plain = _with_database(work)
+    except DomainError as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"created token {name!r} with the role {role}; store it now, it is not shown "
+               "again:")
+    typer.echo(plain)
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """Every token: name, role, when created, whether revoked (never the token itself)."""
+    from pipeline_console.auth.tokens import list_tokens
+
+    async def work(database: Database) -> list[Any]:
+        async with database.read() as session:
+            return await list_tokens(session)
+
+    for row in _with_database(work):
+        state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}Z" if row.revoked_at else "active"
+        typer.echo(f"{row.name:32} {row.role:9} {row.prefix}…  created "
+                   f"{row.created_at:%Y-%m-%d %H:%M}Z by {row.created_by}  {state}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str) -> None:
+    """Revoke the active token NAME: it is refused (401) from now on."""
+    from pipeline_console.auth.tokens import revoke_token
+    from pipeline_console.errors import DomainError
+
+    async def work(database: Database) -> None:
+        async with database.transaction() as session:
+            await revoke_token(session, name, actor=CLI_ACTOR, now=system_clock())
+
+    try:
+        _with_database(work)
+    except DomainError as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"revoked token {name!r}")
+
+
+@tokens_app.command("new")
+def tokens_new() -> None:
+    """Print a fresh random token (for PIPELINE_CONSOLE_BOOTSTRAP_ADMIN_TOKEN); stores nothing."""
+    from pipeline_console.auth.tokens import new_token
+
+    typer.echo(new_token())
 
 
 @audit_app.command("verify")

@@ -1,6 +1,8 @@
 """One Settings object; every value can be set with a PIPELINE_CONSOLE_ environment variable."""
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,6 +15,26 @@ class Settings(BaseSettings):
     )
     database_pool_size: int = Field(default=10, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+    # Who may do what (docs/security.md).
+    auth: Literal["enabled", "disabled"] = Field(
+        default="enabled", description="'disabled' lets anyone do anything: local experiments "
+        "only (a loud warning is logged)")
+    bootstrap_admin_token: SecretStr | None = Field(
+        default=None, description="an admin token (pc_…, at least 32 characters) created at "
+        "start-up, named bootstrap-admin, for automation")
+    @field_validator("bootstrap_admin_token")
+    @classmethod
+    def _a_real_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            token = value.get_secret_value()
+            if not token.startswith("pc_") or len(token) < 32 or not token.isascii():
+                raise ValueError("must start with pc_ and be at least 32 ASCII characters "
+                                 "(make one with: pipeline-console tokens new)")
+        return value
+
+    metrics_auth: Literal["open", "viewer"] = Field(
+        default="viewer", description="whether GET /metrics needs a token with the viewer role")
 
     # Input limits. Oversized input gets 413, malformed input 422; both are recorded as rejected.
     max_message_bytes: int = Field(default=1_048_576, ge=1024, description="body of POST /messages")

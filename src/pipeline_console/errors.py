@@ -42,3 +42,11 @@ class TooLarge(DomainError):
     pass
 
 
+
+
+class Unauthorized(DomainError):
+    """No credentials, or credentials that are unknown or revoked."""
+
+
+class Forbidden(DomainError):
+    """Known credentials whose role may not do this."""

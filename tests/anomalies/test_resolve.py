@@ -40,7 +40,7 @@ class TestAcceptIncoming:
             "resolution": "accept_incoming", "note": "CRM is the master for names"})
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "resolved"
-        assert response.json()["resolved_by"] == "anonymous"
+        assert response.json()["resolved_by"] == "tester (admin)"
         state = await record(client)
         assert state["production"]["payload"] == {"name": "Acme Corp"}
         assert state["production"]["version"] == 2
@@ -126,7 +126,7 @@ class TestTheAuditLogRecordsTheResolution:
         assert actions[-4:] == ["anomaly.opened", "anomaly.resolved", "record.accepted",
                                 "record.promoted"]
         resolved = events[-3]
-        assert resolved.actor == "anonymous"
+        assert resolved.actor == "tester (admin)"
         assert resolved.details == {"resolution": "accept_incoming",
                                     "note": "CRM is the master for names", "version": 2}
         verify = (await client.get("/api/v1/audit/verify")).json()

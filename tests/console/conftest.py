@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, make_token
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -79,7 +79,14 @@ def chromium_path() -> str:
 
 
 @pytest.fixture
-async def page(chromium_path: str, console_url: str) -> AsyncIterator[object]:
+async def operator_token(database) -> str:
+    return await make_token(database, "operator", name="night-operator")
+
+
+@pytest.fixture
+async def page(chromium_path: str, console_url: str,
+               operator_token: str) -> AsyncIterator[object]:
+    """A browser tab signed in to the console as an operator, through the sign-in form."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
@@ -89,6 +96,10 @@ async def page(chromium_path: str, console_url: str) -> AsyncIterator[object]:
                                             base_url=console_url)
         context.set_default_timeout(15_000)
         tab = await context.new_page()
+        await tab.goto("/login")
+        await tab.fill("#token", operator_token)
+        await tab.click("#login button")
+        await tab.wait_for_url(f"{console_url}/")
         try:
             yield tab
         finally:

@@ -11,6 +11,7 @@ import pytest
 from playwright.async_api import expect
 
 from pipeline_console.demo import load_demo
+from tests.conftest import make_token
 from tests.delivery.test_delivery import add_system, ingest, run_pass
 from tests.sink import Answer
 from tests.support import message
@@ -181,10 +182,15 @@ async def test_a_circuit_is_reset_with_a_reason_after_a_confirmation(page, demo,
     assert {c["system"]: c["state"] for c in circuits}["crm-sync"] == "half_open"
 
 
-async def test_a_circuit_action_without_a_reason_is_refused(page, demo, client):
+async def test_a_circuit_action_without_csrf_or_a_reason_is_refused(page, demo, client):
     await page.goto("/circuits/crm-sync/reset")
+    forged = await page.request.post("/circuits/crm-sync/reset",
+                                     form={"reason": "forged", "confirm": "yes"})
+    assert forged.status == 403  # the session cookie alone is not enough: CSRF token missing
+    assert "CSRF" in await forged.text()
+    csrf = await page.locator("main input[name=csrf]").get_attribute("value")
     response = await page.request.post("/circuits/crm-sync/reset",
-                                       form={"reason": "  ", "confirm": "yes"})
+                                       form={"reason": "  ", "confirm": "yes", "csrf": csrf})
     assert response.status == 422
     assert "a reason is required" in await response.text()
     circuits = (await client.get("/api/v1/circuits")).json()["items"]
@@ -209,3 +215,32 @@ async def test_a_payload_with_script_is_shown_as_text(page, client, now_clock):
     await page.goto("/search?q=" + "%3Cscript%3Ewindow.__owned%3D3%3C%2Fscript%3E")
     await expect(page.locator(".problem")).to_contain_text("<script>window.__owned=3")
     assert await page.evaluate("window.__owned") is None
+
+
+async def test_sign_out_and_in_again_with_a_login_link(page, operator_token, console_url):
+    await page.goto("/")
+    await expect(page.locator("header .who")).to_have_text("night-operator (operator)")
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page).to_have_url(re.compile(r"/login$"))
+    await page.goto("/anomalies")  # no session: back to sign in, and on to the page after
+    await expect(page).to_have_url(re.compile(r"/login\?next=%2Fanomalies$"))
+    await page.goto(f"/login#token={operator_token}")  # the link `make demo` prints
+    await expect(page).to_have_url(f"{console_url}/")
+    await expect(page.locator("header .who")).to_contain_text("night-operator")
+
+
+async def test_a_viewer_sees_no_actions_and_the_server_refuses_them(page, database, demo,
+                                                                    console_url):
+    viewer = await make_token(database, "viewer", name="auditor")
+    await page.context.clear_cookies()
+    await page.goto(f"/login#token={viewer}")
+    await expect(page).to_have_url(f"{console_url}/")
+    await page.goto("/anomalies/1")
+    await expect(page.locator("h1")).to_contain_text("Anomaly 1")
+    await expect(page.get_by_role("button", name="Resolve")).to_have_count(0)
+    await page.goto("/circuits")
+    await expect(page.get_by_role("link", name="Reset…")).to_have_count(0)
+    csrf = await page.locator("header input[name=csrf]").get_attribute("value")
+    refused = await page.request.post("/anomalies/1/resolve", form={
+        "resolution": "keep_current", "note": "sneaky", "csrf": csrf})
+    assert refused.status == 403

@@ -124,7 +124,7 @@ async def test_ambiguous_outcomes_are_queried_and_resolved_from_the_page(client,
 async def test_running_a_job_from_the_console_is_in_the_audit_log(client, demo):
     await client.post("/jobs/stale_partial_sweep/run")
     audit = (await client.get("/audit?action=job.ran")).text
-    assert "stale_partial_sweep" in audit and "anonymous" in audit
+    assert "stale_partial_sweep" in audit and "tester (admin)" in audit
 
 
 async def test_the_inspector_page_shows_every_section(client, demo):

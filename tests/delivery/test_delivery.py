@@ -207,7 +207,7 @@ class TestTheCircuitBreaker:
         events = (await client.get("/api/v1/audit?subject_type=circuit")).json()["items"]
         assert [e["action"] for e in events] == ["circuit.open", "circuit.half_open",
                                                 "circuit.closed"]
-        assert events[1]["actor"] == "anonymous"
+        assert events[1]["actor"] == "tester (admin)"
         assert events[1]["details"]["reason"] == "billing fixed their load balancer"
 
     async def test_a_failed_trial_opens_it_again(self, client, sink, clock):
@@ -303,7 +303,7 @@ class TestAmbiguousOutcomes:
         assert no_note.status_code == 422
         resolved = await client.post(f"/api/v1/ambiguous/{outcome['id']}/resolve", json={
             "resolution": "not_delivered", "note": "billing says they never got it"})
-        assert resolved.json()["resolved_by"] == "anonymous"
+        assert resolved.json()["resolved_by"] == "tester (admin)"
         assert [d["status"] for d in await deliveries(client)] == ["delivered"]
         assert len(sink.received) == 2
         events = (await client.get("/api/v1/audit?action=ambiguous.resolved")).json()["items"]

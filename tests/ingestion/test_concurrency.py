@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
 from pipeline_console.models import IngestionAttempt, RecordState
+from tests.conftest import make_token
 from tests.support import ingest, message
 
 CONTENDERS = 12
@@ -112,9 +113,11 @@ def start_server(database_url: str, tmp_path: Path) -> tuple[subprocess.Popen, s
 async def test_two_server_processes_on_one_database_accept_a_new_key_once(
     database_url, database, tmp_path
 ):
+    token = await make_token(database, "ingest", name="erp-connector")
     servers = [start_server(database_url, tmp_path) for _ in range(2)]
     try:
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=60,
+                                     headers={"Authorization": f"Bearer {token}"}) as client:
             bodies = [message(1, {"name": "Acme"}, entity_id="RACE-1") for _ in range(40)]
             responses = await asyncio.gather(*(
                 client.post(f"{servers[i % 2][1]}/api/v1/messages", json=body)

@@ -87,12 +87,12 @@ async def test_a_record_through_every_branch_and_queue_is_explained(client, sink
         "accept_supersede: version 3 from erp is newer than current version 1 (erp)",
         "skip_stale: version 2 from crm is older than current version 3 (erp)",
         "quarantine: version 3 from crm has a different payload",
-        "anomaly resolved (keep_current): erp is the master (by anonymous)",
+        "anomaly resolved (keep_current): erp is the master (by tester (admin))",
         "permanent by rule 4xx — HTTP 400",
         "delivery to billing dead-lettered",
         "success by rule 2xx — HTTP 200",
         "rejected (message bad)",
-        "replay 1 requested by anonymous (try)",
+        "replay 1 requested by tester (admin) (try)",
     ]:
         assert expected in sentences, expected
 

@@ -114,7 +114,7 @@ class TestExecution:
         [delivery] = await deliveries(client)
         original, replayed = await attempts(client, delivery["id"])
         assert replayed["id"] == execution["delivery_attempt_id"]
-        assert (replayed["trigger"], replayed["actor"]) == ("replay", "anonymous")
+        assert (replayed["trigger"], replayed["actor"]) == ("replay", "tester (admin)")
         # the very same request an original delivery carries: same headers, same body
         assert replayed["request"] == original["request"]
         assert sink.received[0].body == sink.received[1].body

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pipeline_console.anomalies import service
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.auth.dependencies import OPERATOR, VIEWER
 from pipeline_console.pagination import MAX_ID
 
 router = APIRouter(tags=["anomalies"])
@@ -60,7 +61,8 @@ class AnomalyResolve(BaseModel):
     note: Note = Field(description="why; required, recorded in the audit log")
 
 
-@router.get("/anomalies", response_model=AnomalyPage, responses=problem_responses(422),
+@router.get("/anomalies", dependencies=[VIEWER],
+            response_model=AnomalyPage, responses=problem_responses(422),
             summary="Same-version conflicts, oldest first")
 async def list_anomalies(
     database: DatabaseDep,
@@ -74,7 +76,7 @@ async def list_anomalies(
                            next_cursor=result.next_cursor)
 
 
-@router.get("/anomalies/{anomaly_id}", response_model=AnomalyRead,
+@router.get("/anomalies/{anomaly_id}", dependencies=[VIEWER], response_model=AnomalyRead,
             responses=problem_responses(404))
 async def get_anomaly(database: DatabaseDep, anomaly_id: AnomalyId) -> AnomalyRead:
     async with database.read() as session:
@@ -82,7 +84,7 @@ async def get_anomaly(database: DatabaseDep, anomaly_id: AnomalyId) -> AnomalyRe
 
 
 @router.post(
-    "/anomalies/{anomaly_id}/resolve",
+    "/anomalies/{anomaly_id}/resolve", dependencies=[OPERATOR],
     response_model=AnomalyRead,
     responses=problem_responses(404, 409, 422),
     summary="Resolve an anomaly: accept_incoming makes the quarantined payload current",
@@ -95,6 +97,6 @@ async def resolve_anomaly(
 ) -> AnomalyRead:
     async with database.transaction() as session:
         anomaly = await service.resolve_anomaly(
-            session, anomaly_id, body.resolution, body.note, actor=actor.name, now=now
+            session, anomaly_id, body.resolution, body.note, actor=actor.label, now=now
         )
         return AnomalyRead.model_validate(anomaly)

@@ -30,10 +30,15 @@ class Actor:
     name: str
     role: str
 
+    @property
+    def label(self) -> str:
+        """How the audit log names the actor: the token's name and role."""
+        return f"{self.name} ({self.role})"
 
-def get_actor(_request: Request) -> Actor:
-    """The caller. Until tokens exist every caller is 'anonymous'; the audit log records it."""
-    return Actor(name="anonymous", role="anonymous")
+
+def get_actor(request: Request) -> Actor:
+    """The caller, as the route's role check (auth.dependencies.Requires) found it."""
+    return getattr(request.state, "actor", None) or Actor(name="anonymous", role="none")
 
 
 def page_request(kind: type) -> object:

@@ -19,9 +19,11 @@ from pipeline_console.errors import (
     Conflict,
     DomainError,
     FieldError,
+    Forbidden,
     InvalidInput,
     NotFound,
     TooLarge,
+    Unauthorized,
 )
 
 log = logging.getLogger("pipeline_console")
@@ -83,6 +85,10 @@ def problem(
 
 
 def status_of(error: DomainError) -> int:
+    if isinstance(error, Unauthorized):
+        return 401
+    if isinstance(error, Forbidden):
+        return 403
     if isinstance(error, NotFound):
         return 404
     if isinstance(error, Conflict):
@@ -117,7 +123,10 @@ def install_problem_handlers(app: FastAPI, html: HtmlErrors | None = None) -> No
     @app.exception_handler(DomainError)
     async def on_domain_error(request: Request, error: DomainError) -> Response:
         errors = error.errors if isinstance(error, InvalidInput) else None
-        return answer(request, status_of(error), error.detail, errors)
+        response = answer(request, status_of(error), error.detail, errors)
+        if isinstance(error, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="pipeline-console"'
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> Response:

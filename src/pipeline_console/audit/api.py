@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline_console.api.dependencies import DatabaseDep, IdPage
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.audit.service import verify_audit_chain
+from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.models import AuditEvent
 from pipeline_console.pagination import fetch_page
 
@@ -48,7 +49,8 @@ class AuditVerifyRead(BaseModel):
     first_broken: BrokenRow | None
 
 
-@router.get("/audit", response_model=AuditPage, responses=problem_responses(422),
+@router.get("/audit", dependencies=[VIEWER],
+            response_model=AuditPage, responses=problem_responses(422),
             summary="Audit events, oldest first")
 async def list_audit(
     database: DatabaseDep,
@@ -69,7 +71,7 @@ async def list_audit(
                          next_cursor=result.next_cursor)
 
 
-@router.get("/audit/verify", response_model=AuditVerifyRead,
+@router.get("/audit/verify", dependencies=[VIEWER], response_model=AuditVerifyRead,
             summary="Recompute the hash chain and report the first broken row")
 async def verify_audit(database: DatabaseDep) -> AuditVerifyRead:
     async with database.read() as session:

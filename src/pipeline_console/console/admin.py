@@ -20,6 +20,7 @@ from pipeline_console.api.dependencies import (
     NowDep,
     SettingsDep,
 )
+from pipeline_console.console.auth import CONSOLE_OPERATOR, CONSOLE_VIEWER
 from pipeline_console.console.templating import done, error_page, page
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.delivery.systems import get_system, list_systems
@@ -38,7 +39,7 @@ DeliveryStatus = Literal["pending", "in_flight", "delivered", "dead_lettered", "
 WAITING = ("pending", "held", "in_flight")  # the dashboard's delivery backlog
 
 
-@router.get("/systems", response_class=HTMLResponse)
+@router.get("/systems", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def systems(request: Request, database: DatabaseDep, page_request: KeyPage) -> Response:
     async with database.read() as session:
         found = await list_systems(session, page_request)
@@ -47,7 +48,7 @@ async def systems(request: Request, database: DatabaseDep, page_request: KeyPage
                 next_cursor=found.next_cursor, circuits=circuits)
 
 
-@router.get("/systems/{name}", response_class=HTMLResponse)
+@router.get("/systems/{name}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def system(request: Request, name: str, database: DatabaseDep, now: NowDep) -> Response:
     try:
         async with database.read() as session:
@@ -64,7 +65,7 @@ async def system(request: Request, name: str, database: DatabaseDep, now: NowDep
                 circuit=circuit, health=row, recent=recent)
 
 
-@router.get("/deliveries", response_class=HTMLResponse)
+@router.get("/deliveries", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def deliveries(request: Request, database: DatabaseDep, page_request: IdPage,
                      system: Text = None, status: DeliveryStatus = "all") -> Response:
     statuses = {"all": None, "waiting": WAITING}.get(status, (status,))
@@ -77,7 +78,7 @@ async def deliveries(request: Request, database: DatabaseDep, page_request: IdPa
                 status=status)
 
 
-@router.get("/staging", response_class=HTMLResponse)
+@router.get("/staging", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def staging(request: Request, database: DatabaseDep, page_request: IdPage,
                   settings: SettingsDep, now: NowDep,
                   status: Literal["partial", "complete", "promoted", "superseded",
@@ -94,7 +95,7 @@ async def staging(request: Request, database: DatabaseDep, page_request: IdPage,
                 stale=stale)
 
 
-@router.get("/reports", response_class=HTMLResponse)
+@router.get("/reports", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def reports(request: Request, database: DatabaseDep, now: NowDep,
                   name: Literal["ingestion", "delivery", "anomalies", "replays"] = "ingestion",
                   start: Annotated[UtcDatetime | None, Query(alias="from")] = None,
@@ -111,7 +112,7 @@ async def reports(request: Request, database: DatabaseDep, now: NowDep,
                     {"from": start.isoformat(), "to": end.isoformat(), "format": "csv"}))
 
 
-@router.get("/jobs", response_class=HTMLResponse)
+@router.get("/jobs", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def jobs(request: Request, database: DatabaseDep, page_request: IdPage,
                job: Text = None) -> Response:
     async with database.read() as session:
@@ -125,18 +126,18 @@ async def jobs(request: Request, database: DatabaseDep, page_request: IdPage,
                 runs=runs[:page_request.limit], older=older, job=job or "")
 
 
-@router.post("/jobs/{name}/run")
+@router.post("/jobs/{name}/run", dependencies=[CONSOLE_OPERATOR])
 async def run_now(request: Request, name: str, deliverer: DelivererDep, settings: SettingsDep,
                   actor: ActorDep) -> Response:
     try:
-        record = await run_job(deliverer, settings, name, actor=actor.name, trigger="api")
+        record = await run_job(deliverer, settings, name, actor=actor.label, trigger="api")
     except DomainError as error:
         return error_page(request, error)
     outcome = record.error if record.error else record.result
     return done("/jobs", f"Job {name} (run {record.id}) {record.status}: {outcome}")
 
 
-@router.get("/audit", response_class=HTMLResponse)
+@router.get("/audit", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def audit(request: Request, database: DatabaseDep, page_request: IdPage,
                 action: Text = None, actor: Text = None, subject: Text = None) -> Response:
     """The audit log, newest first."""

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from pipeline_console.api.dependencies import DatabaseDep, NowDep, SettingsDep
+from pipeline_console.console.auth import CONSOLE_VIEWER
 from pipeline_console.console.templating import error_page, page
 from pipeline_console.console.views import by_system, console_path, version_changes
 from pipeline_console.dashboard.service import attention, hourly_activity, rates
@@ -42,7 +43,7 @@ async def _attention(database: Any, settings: Any, now: Any) -> list[Any]:
                                stale_partial_after_s=settings.stale_partial_after_s)
 
 
-@router.get("/", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def dashboard(request: Request, database: DatabaseDep, settings: SettingsDep,
                     now: NowDep) -> Response:
     items = await _attention(database, settings, now)
@@ -58,7 +59,7 @@ async def dashboard(request: Request, database: DatabaseDep, settings: SettingsD
                 outcomes=OUTCOMES, outcome_colours=OUTCOME_COLOURS)
 
 
-@router.get("/fragments/attention", response_class=HTMLResponse)
+@router.get("/fragments/attention", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def attention_fragment(request: Request, database: DatabaseDep, settings: SettingsDep,
                              now: NowDep) -> Response:
     """The dashboard's attention cards alone: the page polls this to refresh itself."""
@@ -68,7 +69,7 @@ async def attention_fragment(request: Request, database: DatabaseDep, settings: 
                 console_path=console_path, now=now)
 
 
-@router.get("/search", response_class=HTMLResponse)
+@router.get("/search", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def search(request: Request, database: DatabaseDep,
                  q: Annotated[str, Query(max_length=512)] = "") -> Response:
     async with database.read() as session:
@@ -79,7 +80,7 @@ async def search(request: Request, database: DatabaseDep,
                 is_event=any(item.how == "correlation id" for item in found))
 
 
-@router.get("/records/{key:path}", response_class=HTMLResponse)
+@router.get("/records/{key:path}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def record(request: Request, key: str, database: DatabaseDep) -> Response:
     try:
         async with database.read() as session:
@@ -96,7 +97,7 @@ async def record(request: Request, key: str, database: DatabaseDep) -> Response:
                 systems=by_system(sections["deliveries"], sections["delivery_attempts"]))
 
 
-@router.get("/events", response_class=HTMLResponse)
+@router.get("/events", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def event(request: Request, database: DatabaseDep,
                 correlation_id: Annotated[str | None, Query(max_length=256)] = None,
                 message_id: Annotated[str | None, Query(max_length=256)] = None) -> Response:
@@ -115,7 +116,7 @@ async def event(request: Request, database: DatabaseDep,
     return page(request, "event.html", title=what, what=what, found=found)
 
 
-@router.get("/deliveries/{delivery_id}", response_class=HTMLResponse)
+@router.get("/deliveries/{delivery_id}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def delivery(request: Request, delivery_id: int, database: DatabaseDep) -> Response:
     if not 1 <= delivery_id <= MAX_ID:
         return error_page(request, NotFound(f"delivery {delivery_id} does not exist"))

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from pipeline_console.anomalies.service import get_anomaly, list_anomalies, resolve_anomaly
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
+from pipeline_console.console.auth import CONSOLE_OPERATOR, CONSOLE_OPERATOR_PAGE, CONSOLE_VIEWER
 from pipeline_console.console.forms import choice, form_of, ids, required_text
 from pipeline_console.console.templating import done, error_page, page
 from pipeline_console.console.views import side_by_side
@@ -62,7 +63,7 @@ async def _system_names(database: Any) -> list[str]:
 
 # --- anomalies ---
 
-@router.get("/anomalies", response_class=HTMLResponse)
+@router.get("/anomalies", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def anomalies(request: Request, database: DatabaseDep, page_request: IdPage,
                     status: Literal["open", "resolved", "all"] = "open") -> Response:
     async with database.read() as session:
@@ -72,7 +73,7 @@ async def anomalies(request: Request, database: DatabaseDep, page_request: IdPag
                 anomalies=found.items, next_cursor=found.next_cursor, status=status)
 
 
-@router.get("/anomalies/{anomaly_id}", response_class=HTMLResponse)
+@router.get("/anomalies/{anomaly_id}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def anomaly(request: Request, anomaly_id: int, database: DatabaseDep) -> Response:
     try:
         async with database.read() as session:
@@ -85,7 +86,7 @@ async def anomaly(request: Request, anomaly_id: int, database: DatabaseDep) -> R
                 anomaly=found, rows=rows)
 
 
-@router.post("/anomalies/{anomaly_id}/resolve")
+@router.post("/anomalies/{anomaly_id}/resolve", dependencies=[CONSOLE_OPERATOR])
 async def resolve(request: Request, anomaly_id: int, database: DatabaseDep, now: NowDep,
                   actor: ActorDep) -> Response:
     try:
@@ -94,7 +95,7 @@ async def resolve(request: Request, anomaly_id: int, database: DatabaseDep, now:
         note = required_text(form, "note", "a note saying why")
         async with database.transaction() as session:
             await resolve_anomaly(session, _id(anomaly_id, "anomaly"), resolution, note,
-                                  actor=actor.name, now=now)
+                                  actor=actor.label, now=now)
     except DomainError as error:
         return error_page(request, error)
     return done(f"/anomalies/{anomaly_id}",
@@ -109,7 +110,7 @@ def _dlq_filter(system: str | None, reason: str | None, since: datetime | None,
                                   reason_contains=reason or None, since=since, until=until)
 
 
-@router.get("/dlq", response_class=HTMLResponse)
+@router.get("/dlq", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def dead_letters(
     request: Request, database: DatabaseDep, page_request: IdPage, system: Text = None,
     reason: Text = None, since: Annotated[UtcDatetime | None, Query(alias="from")] = None,
@@ -127,7 +128,7 @@ async def dead_letters(
                 reason=reason or "", since=since, until=until, status=status)
 
 
-@router.post("/dlq/replay")
+@router.post("/dlq/replay", dependencies=[CONSOLE_OPERATOR])
 async def replay_dead_letters(request: Request, database: DatabaseDep, now: NowDep,
                               actor: ActorDep) -> Response:
     """Selected dead letters, or all open ones matching the filter, become one replay
@@ -152,7 +153,7 @@ async def replay_dead_letters(request: Request, database: DatabaseDep, now: NowD
                                    "matches open ones", [FieldError("dlq_id", "none", "form")])
             request_row, _ = await create_replay(
                 session, targets, reason=reason, selection=selection,
-                allow_delivered=allow_delivered, actor=actor.name, now=now)
+                allow_delivered=allow_delivered, actor=actor.label, now=now)
     except DomainError as error:
         return error_page(request, error)
     verdict = ("validated: every item is eligible; execute it to send" if
@@ -177,7 +178,7 @@ def _filter_of(form: Any) -> FilterIn:
                        problem["msg"], "form") for problem in error.errors()]) from error
 
 
-@router.get("/replays", response_class=HTMLResponse)
+@router.get("/replays", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def replays(request: Request, database: DatabaseDep, page_request: IdPage,
                   status: Literal["validated", "rejected", "executing", "completed", "failed",
                                   "unsuccessful", "all"] = "all",
@@ -193,7 +194,7 @@ async def replays(request: Request, database: DatabaseDep, page_request: IdPage,
                 since=since)
 
 
-@router.get("/replays/{replay_id}", response_class=HTMLResponse)
+@router.get("/replays/{replay_id}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def replay(request: Request, replay_id: int, database: DatabaseDep) -> Response:
     try:
         async with database.read() as session:
@@ -206,11 +207,11 @@ async def replay(request: Request, replay_id: int, database: DatabaseDep) -> Res
                 replay=found, items=items, executions=by_item)
 
 
-@router.post("/replays/{replay_id}/execute")
+@router.post("/replays/{replay_id}/execute", dependencies=[CONSOLE_OPERATOR])
 async def execute(request: Request, replay_id: int, deliverer: DelivererDep,
                   actor: ActorDep) -> Response:
     try:
-        finished = await execute_replay(deliverer, _id(replay_id, "replay"), actor=actor.name)
+        finished = await execute_replay(deliverer, _id(replay_id, "replay"), actor=actor.label)
     except DomainError as error:
         return error_page(request, error)
     return done(f"/replays/{replay_id}", f"Replay {replay_id} executed: {finished.status}.")
@@ -218,7 +219,7 @@ async def execute(request: Request, replay_id: int, deliverer: DelivererDep,
 
 # --- ambiguous outcomes ---
 
-@router.get("/ambiguous", response_class=HTMLResponse)
+@router.get("/ambiguous", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def ambiguous(request: Request, database: DatabaseDep, page_request: IdPage,
                     system: Text = None,
                     status: Literal["open", "resolved", "all"] = "open") -> Response:
@@ -231,12 +232,12 @@ async def ambiguous(request: Request, database: DatabaseDep, page_request: IdPag
                 system=system or "", systems=await _system_names(database))
 
 
-@router.post("/ambiguous/{ambiguous_id}/query-status")
+@router.post("/ambiguous/{ambiguous_id}/query-status", dependencies=[CONSOLE_OPERATOR])
 async def query_status(request: Request, ambiguous_id: int, deliverer: DelivererDep,
                        actor: ActorDep) -> Response:
     try:
         action = await query_ambiguous_status(deliverer, _id(ambiguous_id, "ambiguous outcome"),
-                                              actor=actor.name)
+                                              actor=actor.label)
     except DomainError as error:
         return error_page(request, error)
     answer = ("no answer" if action.query_status is None else f"HTTP {action.query_status}")
@@ -244,7 +245,7 @@ async def query_status(request: Request, ambiguous_id: int, deliverer: Deliverer
                 f"{answer}; it is {action.status}.")
 
 
-@router.post("/ambiguous/{ambiguous_id}/resolve")
+@router.post("/ambiguous/{ambiguous_id}/resolve", dependencies=[CONSOLE_OPERATOR])
 async def resolve_outcome(request: Request, ambiguous_id: int, deliverer: DelivererDep,
                           actor: ActorDep) -> Response:
     try:
@@ -252,7 +253,7 @@ async def resolve_outcome(request: Request, ambiguous_id: int, deliverer: Delive
         resolution = choice(form, "resolution", ("delivered", "not_delivered"))
         note = required_text(form, "note", "a note saying how you know")
         action = await resolve_ambiguous(deliverer, _id(ambiguous_id, "ambiguous outcome"),
-                                         resolution, note, actor=actor.name)
+                                         resolution, note, actor=actor.label)
     except DomainError as error:
         return error_page(request, error)
     then = ""
@@ -268,7 +269,7 @@ async def resolve_outcome(request: Request, ambiguous_id: int, deliverer: Delive
 
 # --- circuits ---
 
-@router.get("/circuits", response_class=HTMLResponse)
+@router.get("/circuits", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def circuits(request: Request, database: DatabaseDep) -> Response:
     async with database.read() as session:
         rows = list((await session.execute(select(Circuit).order_by(Circuit.system))).scalars())
@@ -286,7 +287,8 @@ ACTIONS = {"reset": (CircuitEvent.RESET, "Reset to half-open: one trial delivery
            "open": (CircuitEvent.FORCE_OPEN, "Force open: stop every delivery to the system")}
 
 
-@router.get("/circuits/{system}/{action}", response_class=HTMLResponse)
+@router.get("/circuits/{system}/{action}", response_class=HTMLResponse,
+            dependencies=[CONSOLE_OPERATOR_PAGE])
 async def confirm_circuit(request: Request, system: str,
                           action: Literal["reset", "open"], database: DatabaseDep) -> Response:
     """The confirmation step: what will happen, and the reason to record."""
@@ -301,7 +303,7 @@ async def confirm_circuit(request: Request, system: str,
                 held=held)
 
 
-@router.post("/circuits/{system}/{action}")
+@router.post("/circuits/{system}/{action}", dependencies=[CONSOLE_OPERATOR])
 async def circuit_action(request: Request, system: str, action: Literal["reset", "open"],
                          database: DatabaseDep, now: NowDep, actor: ActorDep) -> Response:
     try:
@@ -312,7 +314,7 @@ async def circuit_action(request: Request, system: str, action: Literal["reset",
                                                                  "form")])
         async with database.transaction() as session:
             circuit = await operator_action(session, system, ACTIONS[action][0], reason,
-                                            actor=actor.name, now=now)
+                                            actor=actor.label, now=now)
             state = circuit.state
     except DomainError as error:
         return error_page(request, error)

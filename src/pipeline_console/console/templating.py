@@ -3,6 +3,7 @@ the one mapping from domain errors to a message on a page."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,12 @@ from urllib.parse import quote, unquote, urlencode
 
 import orjson
 from fastapi import Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from pipeline_console.api.problems import status_of
+from pipeline_console.auth.dependencies import SESSION_COOKIE
+from pipeline_console.auth.roles import allows
 from pipeline_console.errors import DomainError, FieldError
 
 HERE = Path(__file__).parent
@@ -52,6 +55,11 @@ def query(request: Request, **changes: Any) -> str:
     return "?" + urlencode(params) if params else "?"
 
 
+def csrf_for(session_token: str) -> str:
+    """The CSRF token of a console session (every form carries it; console.auth checks it)."""
+    return hashlib.sha256(b"console-csrf:" + session_token.encode()).hexdigest()[:40]
+
+
 def path_segment(value: str) -> str:
     """A value as one URL path segment: '/' and dots-only segments cannot change the path."""
     return quote(value, safe=":")
@@ -65,9 +73,13 @@ def page(request: Request, template: str, status_code: int = 200, *, fragment: b
          **context: Any) -> HTMLResponse:
     """A page (or, with fragment=True, a piece of one that leaves the notice for the page)."""
     notice = None if fragment else unquote(request.cookies.get(NOTICE_COOKIE) or "") or None
-    response = templates.TemplateResponse(request, template,
-                                          {"notice": notice, **context},
-                                          status_code=status_code)
+    actor = getattr(request.state, "actor", None)
+    session_token = request.cookies.get(SESSION_COOKIE)
+    response = templates.TemplateResponse(request, template, {
+        "notice": notice, "actor": actor,
+        "may_operate": actor is not None and allows(actor.role, "operator"),
+        "csrf": csrf_for(session_token) if session_token else "", **context},
+        status_code=status_code)
     if notice:
         response.delete_cookie(NOTICE_COOKIE, path="/")
     return response
@@ -88,7 +100,11 @@ def error_page(request: Request, error: DomainError) -> HTMLResponse:
 
 
 def html_error(request: Request, status: int, detail: str,
-               errors: list[FieldError]) -> HTMLResponse:
-    """An error on a console page, as a page (the API answers problem+json instead)."""
+               errors: list[FieldError]) -> Response:
+    """An error on a console page, as a page (the API answers problem+json instead); without
+    a valid session, the way to the sign-in page."""
+    if status == 401 and request.method == "GET":
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
     return page(request, "error.html", status_code=status, message=detail,
                 details=[f"{e.field}: {e.message}" for e in errors])

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from pipeline_console.api.dependencies import DatabaseDep, NowDep, SettingsDep
+from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.dashboard.service import attention, rates
 
 router = APIRouter(tags=["explainability"])
@@ -31,7 +32,7 @@ class DashboardRead(BaseModel):
     rates: dict[str, Any]
 
 
-@router.get("/dashboard", response_model=DashboardRead,
+@router.get("/dashboard", dependencies=[VIEWER], response_model=DashboardRead,
             summary="What needs attention now: each item with a count, the oldest item's age, "
             "a severity and the API path that lists it")
 async def dashboard(database: DatabaseDep, settings: SettingsDep, now: NowDep) -> Any:

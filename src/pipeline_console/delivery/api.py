@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, KeyPage, NowDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.auth.dependencies import ADMIN, OPERATOR, VIEWER
 from pipeline_console.delivery import schemas, systems
 from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_ambiguous
 from pipeline_console.delivery.circuits import operator_action
@@ -45,38 +46,38 @@ def _page(model: type, result: Any) -> dict[str, Any]:
             "next_cursor": result.next_cursor}
 
 
-@router.post("/systems", response_model=schemas.SystemRead, status_code=201,
+@router.post("/systems", dependencies=[ADMIN], response_model=schemas.SystemRead, status_code=201,
              responses=problem_responses(409, 422), summary="Register a downstream system")
 async def create_system(database: DatabaseDep, body: schemas.SystemCreate, now: NowDep,
                         actor: ActorDep) -> Any:
     async with database.transaction() as session:
-        system = await systems.create_system(session, body, actor=actor.name, now=now)
+        system = await systems.create_system(session, body, actor=actor.label, now=now)
         return schemas.SystemRead.model_validate(system)
 
 
-@router.get("/systems", response_model=schemas.SystemPage)
+@router.get("/systems", dependencies=[VIEWER], response_model=schemas.SystemPage)
 async def list_systems(database: DatabaseDep, page: KeyPage) -> Any:
     async with database.read() as session:
         return _page(schemas.SystemRead, await systems.list_systems(session, page))
 
 
-@router.get("/systems/{name}", response_model=schemas.SystemRead,
+@router.get("/systems/{name}", dependencies=[VIEWER], response_model=schemas.SystemRead,
             responses=problem_responses(404))
 async def get_system(database: DatabaseDep, name: SystemName) -> Any:
     async with database.read() as session:
         return schemas.SystemRead.model_validate(await systems.get_system(session, name))
 
 
-@router.patch("/systems/{name}", response_model=schemas.SystemRead,
+@router.patch("/systems/{name}", dependencies=[ADMIN], response_model=schemas.SystemRead,
               responses=problem_responses(404, 422), summary="Change some of a system's settings")
 async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.SystemPatch,
                        now: NowDep, actor: ActorDep) -> Any:
     async with database.transaction() as session:
-        system = await systems.update_system(session, name, body, actor=actor.name, now=now)
+        system = await systems.update_system(session, name, body, actor=actor.label, now=now)
         return schemas.SystemRead.model_validate(system)
 
 
-@router.get("/deliveries", response_model=schemas.DeliveryPage,
+@router.get("/deliveries", dependencies=[VIEWER], response_model=schemas.DeliveryPage,
             summary="Deliveries, oldest first")
 async def list_deliveries(database: DatabaseDep, page: IdPage, system: Name | None = None,
                           status: DeliveryStatus | None = None,
@@ -88,7 +89,7 @@ async def list_deliveries(database: DatabaseDep, page: IdPage, system: Name | No
         return _page(schemas.DeliveryRead, result)
 
 
-@router.get("/deliveries/{delivery_id}", response_model=schemas.DeliveryRead,
+@router.get("/deliveries/{delivery_id}", dependencies=[VIEWER], response_model=schemas.DeliveryRead,
             responses=problem_responses(404))
 async def get_delivery(database: DatabaseDep, delivery_id: Id) -> Any:
     async with database.read() as session:
@@ -98,7 +99,8 @@ async def get_delivery(database: DatabaseDep, delivery_id: Id) -> Any:
         return schemas.DeliveryRead.model_validate(delivery)
 
 
-@router.get("/deliveries/{delivery_id}/attempts", response_model=schemas.AttemptPage,
+@router.get("/deliveries/{delivery_id}/attempts", dependencies=[VIEWER],
+            response_model=schemas.AttemptPage,
             summary="Every try of one delivery, oldest first")
 async def list_attempts(database: DatabaseDep, delivery_id: Id, page: IdPage) -> Any:
     async with database.read() as session:
@@ -107,18 +109,20 @@ async def list_attempts(database: DatabaseDep, delivery_id: Id, page: IdPage) ->
         return _page(schemas.AttemptRead, result)
 
 
-@router.post("/deliveries/{delivery_id}/deliver", response_model=schemas.AttemptRead,
+@router.post("/deliveries/{delivery_id}/deliver", dependencies=[OPERATOR],
+             response_model=schemas.AttemptRead,
              responses=problem_responses(404, 409),
              summary="Deliver a pending delivery now, through the canonical delivery path")
 async def deliver_now_route(deliverer: DelivererDep, database: DatabaseDep, delivery_id: Id,
                             actor: ActorDep) -> Any:
-    result = await deliver_now(deliverer, delivery_id, actor=actor.name)
+    result = await deliver_now(deliverer, delivery_id, actor=actor.label)
     async with database.read() as session:
         return schemas.AttemptRead.model_validate(
             await session.get(DeliveryAttempt, result.attempt_id))
 
 
-@router.get("/dlq", response_model=schemas.DeadLetterPage, summary="The dead-letter queue")
+@router.get("/dlq", dependencies=[VIEWER],
+            response_model=schemas.DeadLetterPage, summary="The dead-letter queue")
 async def list_dead_letters(
     database: DatabaseDep, page: IdPage, system: Name | None = None,
     status: Literal["open", "closed"] | None = None,
@@ -134,7 +138,7 @@ async def list_dead_letters(
         return _page(schemas.DeadLetterRead, result)
 
 
-@router.get("/ambiguous", response_model=schemas.AmbiguousPage,
+@router.get("/ambiguous", dependencies=[VIEWER], response_model=schemas.AmbiguousPage,
             summary="Outcomes that may or may not have been applied")
 async def list_ambiguous(database: DatabaseDep, page: IdPage, system: Name | None = None,
                          status: Literal["open", "resolved"] | None = None) -> Any:
@@ -150,26 +154,28 @@ async def _ambiguous(database: Any, ambiguous_id: int) -> schemas.AmbiguousRead:
             await session.get(AmbiguousOutcome, ambiguous_id))
 
 
-@router.post("/ambiguous/{ambiguous_id}/query-status", response_model=schemas.AmbiguousRead,
+@router.post("/ambiguous/{ambiguous_id}/query-status", dependencies=[OPERATOR],
+             response_model=schemas.AmbiguousRead,
              responses=problem_responses(404, 409),
              summary="Ask the system whether it applied the version (query-before-retry)")
 async def query_status(deliverer: DelivererDep, database: DatabaseDep, ambiguous_id: Id,
                        actor: ActorDep) -> Any:
-    await query_ambiguous_status(deliverer, ambiguous_id, actor=actor.name)
+    await query_ambiguous_status(deliverer, ambiguous_id, actor=actor.label)
     return await _ambiguous(database, ambiguous_id)
 
 
-@router.post("/ambiguous/{ambiguous_id}/resolve", response_model=schemas.AmbiguousRead,
+@router.post("/ambiguous/{ambiguous_id}/resolve", dependencies=[OPERATOR],
+             response_model=schemas.AmbiguousRead,
              responses=problem_responses(404, 409, 422),
              summary="Decide an ambiguous outcome; not_delivered sends again")
 async def resolve(deliverer: DelivererDep, database: DatabaseDep, ambiguous_id: Id,
                   body: schemas.AmbiguousResolve, actor: ActorDep) -> Any:
     await resolve_ambiguous(deliverer, ambiguous_id, body.resolution, body.note,
-                            actor=actor.name)
+                            actor=actor.label)
     return await _ambiguous(database, ambiguous_id)
 
 
-@router.get("/circuits", response_model=schemas.CircuitPage)
+@router.get("/circuits", dependencies=[VIEWER], response_model=schemas.CircuitPage)
 async def list_circuits(database: DatabaseDep, page: KeyPage) -> Any:
     async with database.read() as session:
         return _page(schemas.CircuitRead, await fetch_page(session, Circuit.system, page))
@@ -182,18 +188,19 @@ async def _operator(database: Any, system: str, event: CircuitEvent, reason: str
         return schemas.CircuitRead.model_validate(circuit)
 
 
-@router.post("/circuits/{system}/reset", response_model=schemas.CircuitRead,
+@router.post("/circuits/{system}/reset", dependencies=[OPERATOR],
+             response_model=schemas.CircuitRead,
              responses=problem_responses(404, 409, 422),
              summary="Let one trial delivery through an open circuit (open → half_open)")
 async def reset_circuit(database: DatabaseDep, system: SystemName, body: schemas.CircuitAction,
                         now: NowDep, actor: ActorDep) -> Any:
-    return await _operator(database, system, CircuitEvent.RESET, body.reason, actor.name, now)
+    return await _operator(database, system, CircuitEvent.RESET, body.reason, actor.label, now)
 
 
-@router.post("/circuits/{system}/open", response_model=schemas.CircuitRead,
+@router.post("/circuits/{system}/open", dependencies=[OPERATOR], response_model=schemas.CircuitRead,
              responses=problem_responses(404, 409, 422),
              summary="Stop deliveries to a system (for maintenance)")
 async def open_circuit(database: DatabaseDep, system: SystemName, body: schemas.CircuitAction,
                        now: NowDep, actor: ActorDep) -> Any:
-    return await _operator(database, system, CircuitEvent.FORCE_OPEN, body.reason, actor.name,
+    return await _operator(database, system, CircuitEvent.FORCE_OPEN, body.reason, actor.label,
                            now)

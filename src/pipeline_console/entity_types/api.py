@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, KeyPage, NowDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.auth.dependencies import ADMIN, VIEWER
 from pipeline_console.entity_types import service
 from pipeline_console.ingestion.schemas import Name
 
@@ -40,7 +41,8 @@ class EntityTypePut(BaseModel):
     )
 
 
-@router.get("/entity-types", response_model=EntityTypePage, response_model_by_alias=True,
+@router.get("/entity-types", dependencies=[VIEWER],
+            response_model=EntityTypePage, response_model_by_alias=True,
             responses=problem_responses(422))
 async def list_entity_types(database: DatabaseDep, page: KeyPage) -> Any:
     async with database.read() as session:
@@ -49,7 +51,8 @@ async def list_entity_types(database: DatabaseDep, page: KeyPage) -> Any:
                               next_cursor=result.next_cursor)
 
 
-@router.get("/entity-types/{name}", response_model=EntityTypeRead, response_model_by_alias=True,
+@router.get("/entity-types/{name}", dependencies=[VIEWER],
+            response_model=EntityTypeRead, response_model_by_alias=True,
             responses=problem_responses(404))
 async def get_entity_type(database: DatabaseDep, name: str) -> Any:
     async with database.read() as session:
@@ -57,7 +60,7 @@ async def get_entity_type(database: DatabaseDep, name: str) -> Any:
 
 
 @router.put(
-    "/entity-types/{name}",
+    "/entity-types/{name}", dependencies=[ADMIN],
     response_model=EntityTypeRead,
     response_model_by_alias=True,
     responses={**problem_responses(422), 201: {"model": EntityTypeRead,
@@ -76,7 +79,7 @@ async def put_entity_type(
 ) -> Any:
     async with database.transaction() as session:
         entity_type, created = await service.put_entity_type(
-            session, name, body.json_schema, actor=actor.name, now=now
+            session, name, body.json_schema, actor=actor.label, now=now
         )
         read = EntityTypeRead.model_validate(entity_type)
     if created:

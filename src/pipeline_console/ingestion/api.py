@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, NowDep, SettingsDep
 from pipeline_console.api.problems import problem, problem_responses
+from pipeline_console.auth.dependencies import INGEST
 from pipeline_console.errors import FieldError
 from pipeline_console.ingestion.intake import (
     BodyError,
@@ -85,7 +86,7 @@ def _result_dict(result: Accepted) -> dict[str, Any]:
 
 
 @router.post(
-    "/messages",
+    "/messages", dependencies=[INGEST],
     response_model=IngestResult,
     summary="Ingest one message",
     description="Decides the message (accept_new, accept_supersede, skip_duplicate, quarantine, "
@@ -112,7 +113,7 @@ async def post_message(
                 candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth
             )
     [result] = await database.run_transaction(
-        lambda session: ingest_messages(session, [item], now=now, actor=actor.name))
+        lambda session: ingest_messages(session, [item], now=now, actor=actor.label))
     count_ingestion([item], [result])  # committed: run_transaction has returned
     if isinstance(result, Rejected):
         return _rejection_problem(result)
@@ -120,7 +121,7 @@ async def post_message(
 
 
 @router.post(
-    "/messages/batch",
+    "/messages/batch", dependencies=[INGEST],
     response_model=BatchOut,
     summary="Ingest many messages in one transaction",
     description="One result per message, in order: the single-message result plus `index`, or "
@@ -170,7 +171,7 @@ async def post_batch(
     if whole_body_rejection is not None:
         [result] = await database.run_transaction(
             lambda session: ingest_messages(session, [whole_body_rejection], now=now,
-                                            actor=actor.name))
+                                            actor=actor.label))
         count_ingestion([whole_body_rejection], [result])
         assert isinstance(result, Rejected)
         return _rejection_problem(result)
@@ -182,7 +183,7 @@ async def post_batch(
             item = replace(item, raw_body=excerpt_of(candidate, excerpt_bytes))
         items.append(item)
     results = await database.run_transaction(
-        lambda session: ingest_messages(session, items, now=now, actor=actor.name))
+        lambda session: ingest_messages(session, items, now=now, actor=actor.label))
     count_ingestion(items, results)
     out: list[dict[str, Any]] = []
     for index, result in enumerate(results):

@@ -12,6 +12,7 @@ from pipeline_console.anomalies.api import AnomalyRead
 from pipeline_console.api.dependencies import DatabaseDep
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.audit.api import AuditEventRead
+from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.delivery import schemas as delivery
 from pipeline_console.errors import FieldError, InvalidInput
 from pipeline_console.inspector.service import inspect_event, inspect_record
@@ -88,7 +89,8 @@ Ref = Annotated[str | None, Query(min_length=1, max_length=256)]
 
 
 @router.get(
-    "/inspect", response_model=EventInspectRead, responses=problem_responses(404, 422),
+    "/inspect", dependencies=[VIEWER],
+    response_model=EventInspectRead, responses=problem_responses(404, 422),
     summary="Inspect by correlation id (the business event) or by message id",
     description="Give exactly one of `correlation_id` and `message_id`. The answer lists the "
     "records involved (each can be opened with /inspect/{key}), their attempts, and one "
@@ -115,7 +117,8 @@ async def inspect_by_reference(database: DatabaseDep, correlation_id: Ref = None
 
 
 @router.get(
-    "/inspect/{key:path}", response_model=InspectRead, responses=problem_responses(404, 422),
+    "/inspect/{key:path}", dependencies=[VIEWER],
+    response_model=InspectRead, responses=problem_responses(404, 422),
     summary="One record's whole history, from every table, with a timeline that explains it",
     description="Every section is present, even when empty. Each list holds its newest "
     "`limit` rows; `totals` says how many there are in all.",

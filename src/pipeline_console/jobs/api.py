@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, SettingsDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.auth.dependencies import OPERATOR, VIEWER
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.jobs.registry import JOBS, run_job
 from pipeline_console.models import JobRun
@@ -47,13 +48,14 @@ class JobRunPage(BaseModel):
     next_cursor: str | None
 
 
-@router.get("/jobs", response_model=JobList)
+@router.get("/jobs", dependencies=[VIEWER], response_model=JobList)
 async def list_jobs() -> JobList:
     return JobList(items=[JobRead(name=job.name, description=job.description)
                           for job in JOBS.values()])
 
 
-@router.get("/jobs/runs", response_model=JobRunPage, summary="The job run history")
+@router.get("/jobs/runs", dependencies=[VIEWER],
+            response_model=JobRunPage, summary="The job run history")
 async def list_runs(database: DatabaseDep, page: IdPage,
                     job: Annotated[str | None, Query(max_length=64)] = None,
                     status: Literal["running", "succeeded", "failed"] | None = None) -> Any:
@@ -64,12 +66,13 @@ async def list_runs(database: DatabaseDep, page: IdPage,
                 "next_cursor": result.next_cursor}
 
 
-@router.post("/jobs/{name}/run", response_model=JobRunRead, responses=problem_responses(404),
+@router.post("/jobs/{name}/run", dependencies=[OPERATOR],
+             response_model=JobRunRead, responses=problem_responses(404),
              summary="Run one pass of a job now, in this process; the run is recorded",
              description="A job that fails is answered with its run, status `failed` and the "
              "error; the run history keeps it.")
 async def run(name: str, deliverer: DelivererDep, database: DatabaseDep, settings: SettingsDep,
               actor: ActorDep) -> Any:
-    record = await run_job(deliverer, settings, name, actor=actor.name, trigger="api")
+    record = await run_job(deliverer, settings, name, actor=actor.label, trigger="api")
     async with database.read() as session:
         return JobRunRead.model_validate(await session.get(JobRun, record.id))

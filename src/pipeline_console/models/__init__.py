@@ -1,6 +1,7 @@
 """ORM models, one file per aggregate; importing this package registers every table."""
 
 from pipeline_console.models.audit import AuditEvent
+from pipeline_console.models.auth import ApiToken
 from pipeline_console.models.base import Base
 from pipeline_console.models.delivery import (
     AmbiguousOutcome,
@@ -25,6 +26,7 @@ from pipeline_console.models.replay import ReplayExecution, ReplayItem, ReplayRe
 __all__ = [
     "AmbiguousOutcome",
     "Anomaly",
+    "ApiToken",
     "AuditEvent",
     "Base",
     "Circuit",

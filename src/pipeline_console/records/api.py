@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query
 
 from pipeline_console.api.dependencies import DatabaseDep, IdPage, KeyPage
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.records import service
 from pipeline_console.records.schemas import (
     AttemptPage,
@@ -44,7 +45,8 @@ def record_read(view: service.RecordView) -> RecordRead:
     )
 
 
-@router.get("/records", response_model=RecordPage, responses=problem_responses(422),
+@router.get("/records", dependencies=[VIEWER],
+            response_model=RecordPage, responses=problem_responses(422),
             summary="List records (ordered by key)")
 async def list_records(
     database: DatabaseDep,
@@ -60,7 +62,8 @@ async def list_records(
                           next_cursor=result.next_cursor)
 
 
-@router.get("/records/{key:path}", response_model=RecordRead, responses=problem_responses(404),
+@router.get("/records/{key:path}", dependencies=[VIEWER],
+            response_model=RecordRead, responses=problem_responses(404),
             summary="One record: its state, production row and newest staged row")
 async def get_record(
     database: DatabaseDep,
@@ -70,7 +73,8 @@ async def get_record(
         return record_read(await service.get_record(session, key))
 
 
-@router.get("/staging", response_model=StagingPage, responses=problem_responses(422),
+@router.get("/staging", dependencies=[VIEWER],
+            response_model=StagingPage, responses=problem_responses(422),
             summary="Staged records, oldest first")
 async def list_staging(
     database: DatabaseDep,
@@ -86,7 +90,8 @@ async def list_staging(
                            next_cursor=result.next_cursor)
 
 
-@router.get("/correlations/{correlation_id:path}", response_model=CorrelationRead,
+@router.get("/correlations/{correlation_id:path}", dependencies=[VIEWER],
+            response_model=CorrelationRead,
             responses=problem_responses(404, 422),
             summary="Every record of one business event, across systems")
 async def get_correlation(
@@ -107,7 +112,8 @@ async def get_correlation(
                                next_cursor=result.next_cursor)
 
 
-@router.get("/attempts", response_model=AttemptPage, responses=problem_responses(422),
+@router.get("/attempts", dependencies=[VIEWER],
+            response_model=AttemptPage, responses=problem_responses(422),
             summary="The ingestion attempt log, oldest first")
 async def list_attempts(
     database: DatabaseDep,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
 from pipeline_console.api.problems import problem, problem_responses
+from pipeline_console.auth.dependencies import OPERATOR, VIEWER
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.delivery.schemas import Reason
 from pipeline_console.ingestion.schemas import Name, UtcDatetime
@@ -130,7 +131,7 @@ def _assemble(request: ReplayRequest, items: list[Any], executions: list[Any]) -
 
 
 @router.post(
-    "/replays", response_model=ReplayRead, status_code=201,
+    "/replays", dependencies=[OPERATOR], response_model=ReplayRead, status_code=201,
     responses=problem_responses(409, 422),
     summary="Validate a replay request (all-or-nothing)",
     description="201 with status `validated` when every item is eligible. Otherwise 409: the "
@@ -150,7 +151,7 @@ async def create_replay(database: DatabaseDep, body: ReplayCreate, now: NowDep,
         request, _ = await service.create_replay(
             session, targets, reason=body.reason,
             selection=body.model_dump(mode="json", by_alias=True, exclude={"reason"}),
-            allow_delivered=body.allow_delivered, actor=actor.name, now=now)
+            allow_delivered=body.allow_delivered, actor=actor.label, now=now)
         read = await _read(session, request)
     if read.status == "rejected":
         refused = sum(1 for item in read.items if not item.eligible)
@@ -164,17 +165,18 @@ async def create_replay(database: DatabaseDep, body: ReplayCreate, now: NowDep,
     return JSONResponse(read.model_dump(mode="json"), status_code=201)
 
 
-@router.post("/replays/{replay_id}/execute", response_model=ReplayRead,
+@router.post("/replays/{replay_id}/execute", dependencies=[OPERATOR], response_model=ReplayRead,
              responses=problem_responses(404, 409),
              summary="Send every item through the canonical delivery path (once)")
 async def execute(deliverer: DelivererDep, database: DatabaseDep, replay_id: Id,
                   actor: ActorDep) -> Any:
-    request = await service.execute_replay(deliverer, replay_id, actor=actor.name)
+    request = await service.execute_replay(deliverer, replay_id, actor=actor.label)
     async with database.read() as session:
         return await _read(session, request)
 
 
-@router.get("/replays", response_model=ReplayPage, summary="Replay requests, oldest first")
+@router.get("/replays", dependencies=[VIEWER],
+            response_model=ReplayPage, summary="Replay requests, oldest first")
 async def list_replays(database: DatabaseDep, page: IdPage,
                        status: Literal["validated", "rejected", "executing", "completed",
                                        "failed"] | None = None) -> Any:
@@ -187,7 +189,7 @@ async def list_replays(database: DatabaseDep, page: IdPage,
                 "next_cursor": result.next_cursor}
 
 
-@router.get("/replays/{replay_id}", response_model=ReplayRead,
+@router.get("/replays/{replay_id}", dependencies=[VIEWER], response_model=ReplayRead,
             responses=problem_responses(404),
             summary="A replay: its items with eligibility, and the execution log")
 async def get_replay(database: DatabaseDep, replay_id: Id) -> Any:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from pipeline_console.api.dependencies import DatabaseDep, NowDep
 from pipeline_console.api.problems import problem_responses
+from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.errors import FieldError, InvalidInput, NotFound
 from pipeline_console.ingestion.schemas import UtcDatetime
 from pipeline_console.reports.service import REPORTS, Report
@@ -36,13 +37,15 @@ class ReportList(BaseModel):
     items: list[str]
 
 
-@router.get("/reports", response_model=ReportList, summary="The names of the reports")
+@router.get("/reports", dependencies=[VIEWER],
+            response_model=ReportList, summary="The names of the reports")
 async def list_reports() -> ReportList:
     return ReportList(items=list(REPORTS))
 
 
 @router.get(
-    "/reports/{name}", response_model=ReportRead, response_model_by_alias=True,
+    "/reports/{name}", dependencies=[VIEWER],
+    response_model=ReportRead, response_model_by_alias=True,
     responses={**problem_responses(404),
                200: {"content": {"text/csv": {"schema": {"type": "string"}}},
                      "description": "The report; CSV (with a filename) when format=csv"}},

@@ -1,0 +1,78 @@
+"""Every route declares the role it needs with `dependencies=[requires(ROLE)]`; the request's
+actor (the token's name and role) is then what the audit log records."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+
+from pipeline_console.api.dependencies import Actor
+from pipeline_console.auth.roles import allows
+from pipeline_console.auth.tokens import find_active
+from pipeline_console.errors import Forbidden, Unauthorized
+
+SESSION_COOKIE = "console_session"
+
+
+class Requires:
+    """The dependency a route declares; tests find it on every route."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    async def __call__(self, request: Request) -> Actor:
+        settings = request.app.state.settings
+        if settings.auth == "disabled":
+            actor = Actor(name="anonymous", role="admin")
+        else:
+            token = bearer_token(request) or request.cookies.get(SESSION_COOKIE)
+            if not token:
+                raise Unauthorized("send an API token: Authorization: Bearer <token>")
+            async with request.app.state.database.read() as session:
+                found = await find_active(session, token)
+            if found is None:
+                raise Unauthorized("the token is unknown or revoked")
+            actor = Actor(name=found.name, role=found.role)
+            if not allows(actor.role, self.role):
+                raise Forbidden(f"the role {actor.role} may not do this; it needs "
+                                f"{self.role}")
+        request.state.actor = actor
+        return actor
+
+
+class Public:
+    """The declared role of /healthz and /readyz: anyone, no token."""
+
+    role = "public"
+
+    async def __call__(self) -> None:
+        return None
+
+
+class MetricsAccess(Requires):
+    """GET /metrics: open, or for viewers, as METRICS_AUTH says."""
+
+    def __init__(self) -> None:
+        super().__init__("viewer")
+
+    async def __call__(self, request: Request) -> Actor:
+        if request.app.state.settings.metrics_auth == "open":
+            return Actor(name="anonymous", role="none")
+        return await super().__call__(request)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def requires(role: str) -> Depends:  # type: ignore[valid-type]
+    return Depends(Requires(role))
+
+
+INGEST = requires("ingest")
+VIEWER = requires("viewer")
+OPERATOR = requires("operator")
+ADMIN = requires("admin")
+PUBLIC = Depends(Public())
+METRICS = Depends(MetricsAccess())

@@ -1,0 +1,101 @@
+"""API tokens: random, shown once, stored only as a SHA-256 hash (a token is not a password:
+with 256 bits of randomness a fast hash is enough, and lets every request look it up)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.auth.roles import ROLES
+from pipeline_console.errors import Conflict, FieldError, InvalidInput, NotFound
+from pipeline_console.models import ApiToken
+
+TOKEN_PREFIX = "pc_"
+NAME_PATTERN = "letters, digits, '_', '.', '-', '@'; at most 64 characters"
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", errors="replace")).hexdigest()
+
+
+def _check(name: str, role: str) -> None:
+    errors = []
+    if not (0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-@")
+                                        for c in name)):
+        errors.append(FieldError("name", NAME_PATTERN, "argument"))
+    if role not in ROLES:
+        errors.append(FieldError("role", f"one of {', '.join(ROLES)}", "argument"))
+    if errors:
+        raise InvalidInput("the token's name or role is not valid", errors)
+
+
+async def create_token(session: AsyncSession, *, name: str, role: str, actor: str,
+                       now: datetime, token: str | None = None) -> tuple[ApiToken, str]:
+    """A new token; the plain text is returned once and never stored."""
+    _check(name, role)
+    if await active_token_named(session, name) is not None:
+        raise Conflict(f"an active token is already named {name!r}; revoke it first")
+    plain = token or new_token()
+    row = ApiToken(name=name, role=role, token_hash=hash_token(plain), prefix=plain[:10],
+                   created_at=now, created_by=actor)
+    session.add(row)
+    await session.flush()
+    await append_audit(session, [AuditEntry("token.created", "token", name,
+                                            {"role": role, "prefix": row.prefix})],
+                       actor=actor, now=now)
+    return row, plain
+
+
+async def active_token_named(session: AsyncSession, name: str) -> ApiToken | None:
+    return await session.scalar(select(ApiToken).where(ApiToken.name == name,
+                                                       ApiToken.revoked_at.is_(None)))
+
+
+async def revoke_token(session: AsyncSession, name: str, *, actor: str,
+                       now: datetime) -> ApiToken:
+    row = await session.scalar(select(ApiToken).where(
+        ApiToken.name == name, ApiToken.revoked_at.is_(None)).with_for_update())
+    if row is None:
+        raise NotFound(f"no active token is named {name!r}")
+    row.revoked_at, row.revoked_by = now, actor
+    await session.flush()
+    await append_audit(session, [AuditEntry("token.revoked", "token", name,
+                                            {"role": row.role, "prefix": row.prefix})],
+                       actor=actor, now=now)
+    return row
+
+
+async def list_tokens(session: AsyncSession) -> list[ApiToken]:
+    return list((await session.execute(select(ApiToken).order_by(ApiToken.id))).scalars())
+
+
+async def find_active(session: AsyncSession, token: str) -> ApiToken | None:
+    """The active token with this plain text, by its hash (one indexed lookup)."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    return await session.scalar(select(ApiToken).where(
+        ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)))
+
+
+BOOTSTRAP_NAME = "bootstrap-admin"
+
+
+async def ensure_bootstrap_admin(session: AsyncSession, token: str, *, now: datetime) -> bool:
+    """The admin token from PIPELINE_CONSOLE_BOOTSTRAP_ADMIN_TOKEN exists and is active;
+    True when this call created it (replacing an older bootstrap token)."""
+    if await find_active(session, token) is not None:
+        return False
+    if await active_token_named(session, BOOTSTRAP_NAME) is not None:
+        await revoke_token(session, BOOTSTRAP_NAME, actor="bootstrap", now=now)
+    await create_token(session, name=BOOTSTRAP_NAME, role="admin", actor="bootstrap", now=now,
+                       token=token)
+    return True

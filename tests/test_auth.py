@@ -1,0 +1,231 @@
+"""Tokens and roles. The role-by-endpoint matrix is generated from the application's routes, so
+a new endpoint that declares no role fails this suite."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute, iter_route_contexts
+
+from pipeline_console.app import create_app
+from pipeline_console.auth.dependencies import Public, Requires
+from pipeline_console.auth.roles import ROLES, allows
+from pipeline_console.auth.tokens import hash_token
+from pipeline_console.config import Settings
+from pipeline_console.demo import load_demo
+from pipeline_console.models import ApiToken
+from tests.conftest import make_token
+from tests.support import message
+from tests.test_operations import run_cli
+
+
+def declared_role(route: APIRoute) -> str | None:
+    for dependency in route.dependant.dependencies:
+        if isinstance(dependency.call, Requires | Public):
+            return dependency.call.role
+    return None
+
+
+def routes(app) -> list[tuple[str, str, APIRoute]]:
+    return sorted(
+        (method, context.path, context.original_route)
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+        for method in context.methods if method != "HEAD")
+
+
+def test_every_route_declares_its_role():
+    app = create_app(Settings())
+    undeclared = [f"{method} {path}" for method, path, route in routes(app)
+                  if declared_role(route) is None]
+    assert undeclared == []
+    assert len(routes(app)) > 70  # the API and the console, not an empty list
+
+
+def test_the_roles_admit_what_docs_security_says():
+    assert [r for r in ROLES if allows(r, "ingest")] == ["ingest", "admin"]
+    assert [r for r in ROLES if allows(r, "viewer")] == ["viewer", "operator", "admin"]
+    assert [r for r in ROLES if allows(r, "operator")] == ["operator", "admin"]
+    assert [r for r in ROLES if allows(r, "admin")] == ["admin"]
+
+
+@pytest.fixture
+async def tokens(database, clock):
+    return {role: await make_token(database, role, name=f"matrix-{role}", now=clock.now)
+            for role in ROLES}
+
+
+@pytest.fixture
+async def demo(database, clock, settings):
+    await load_demo(database, now=clock.now, settings=settings)
+
+
+SAMPLES = {"key": "customer:C-1004", "anomaly_id": "1", "delivery_id": "1", "replay_id": "1",
+           "ambiguous_id": "1", "correlation_id": "evt-5002", "system": "crm-sync",
+           "action": "reset"}
+NAMES = {"/systems/": "ledger", "/entity-types/": "customer", "/reports/": "ingestion",
+         "/jobs/": "promote_staging"}
+QUERIES = {"/api/v1/inspect": "?correlation_id=evt-5002", "/events": "?correlation_id=evt-5002",
+           "/search": "?q=evt-5002"}
+
+
+def concrete(path: str) -> str:
+    def fill(match: re.Match) -> str:
+        name = match.group(1).split(":")[0]
+        if name == "name":
+            return next(value for prefix, value in NAMES.items() if prefix in path)
+        return SAMPLES[name]
+
+    return re.sub(r"\{([^}]+)\}", fill, path) + QUERIES.get(path, "")
+
+
+async def test_each_role_is_admitted_where_allowed_and_refused_where_not(
+        client, tokens, demo):
+    app = client.app
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    outcomes = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as anyone:
+        for method, path, route in routes(app):
+            required = declared_role(route)
+            url = concrete(path)
+            body = message(1, entity_id="MATRIX") if path == "/api/v1/messages" else None
+            nobody = await anyone.request(method, url, json=body)
+            if required == "public":  # no token needed (a failed sign-in is its own 401 page)
+                assert nobody.status_code not in (403, 500), (method, path)
+                if method == "GET":
+                    assert nobody.status_code == 200, (method, path)
+                continue
+            assert nobody.status_code in (401, 303), (method, path, nobody.status_code)
+            for role, token in tokens.items():
+                response = await anyone.request(method, url, json=body,
+                                                headers={"Authorization": f"Bearer {token}"})
+                status = response.status_code
+                if not allows(role, required):
+                    assert status == 403, (method, path, role, status)
+                elif method == "GET" or path == "/api/v1/messages":
+                    # reads, and a valid message, succeed for every role admitted
+                    assert 200 <= status < 300, (method, path, role, status, response.text[:300])
+                else:
+                    # an action admitted without a valid body: refused for the body, not the role
+                    assert status not in (401, 403) and status < 500, (method, path, role, status)
+                outcomes.append((role, required, status))
+    assert {required for _, required, _ in outcomes} == {"ingest", "viewer", "operator", "admin"}
+
+
+async def test_no_token_a_wrong_token_and_a_revoked_token_are_401(client, database, clock):
+    token = await make_token(database, "viewer", name="soon-revoked", now=clock.now)
+    headers = {"Authorization": f"Bearer {token}"}
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as anyone:
+        assert (await anyone.get("/api/v1/records", headers=headers)).status_code == 200
+        missing = await anyone.get("/api/v1/records")
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.headers["content-type"] == "application/problem+json"
+        wrong = await anyone.get("/api/v1/records", headers={"Authorization": "Bearer pc_x"})
+        assert wrong.status_code == 401
+        result = await asyncio.to_thread(run_cli, str(database.engine.url.render_as_string(
+            hide_password=False)), "tokens", "revoke", "soon-revoked")
+        assert result.returncode == 0, result.stderr
+        assert (await anyone.get("/api/v1/records", headers=headers)).status_code == 401
+
+
+async def test_tokens_are_stored_only_as_hashes_and_printed_once(client, database_url,
+                                                                 database):
+    created = await asyncio.to_thread(run_cli, database_url, "tokens", "create", "--role",
+                                      "operator", "--name", "alice")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert token.startswith("pc_") and len(token) >= 40
+    async with database.read() as session:
+        stored = await session.scalar(ApiToken.__table__.select().where(
+            ApiToken.name == "alice").with_only_columns(ApiToken.token_hash))
+    assert stored == hash_token(token)
+    listed = await asyncio.to_thread(run_cli, database_url, "tokens", "list")
+    assert "alice" in listed.stdout and "operator" in listed.stdout
+    assert token not in listed.stdout
+    twice = await asyncio.to_thread(run_cli, database_url, "tokens", "create", "--role",
+                                    "viewer", "--name", "alice")
+    assert twice.returncode == 2 and "already named" in twice.stderr
+    bad = await asyncio.to_thread(run_cli, database_url, "tokens", "create", "--role",
+                                  "root", "--name", "mallory")
+    assert bad.returncode == 2
+
+
+async def test_the_actor_in_the_audit_log_is_the_tokens_name_and_role(client, database,
+                                                                      clock, demo):
+    token = await make_token(database, "operator", name="night-shift", now=clock.now)
+    response = await client.post("/api/v1/circuits/crm-sync/reset",
+                                 json={"reason": "pods restarted"},
+                                 headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    audit = (await client.get("/api/v1/audit?limit=500")).json()["items"]
+    [event] = [e for e in audit if e["action"] == "circuit.half_open"
+               and e["subject_id"] == "crm-sync"]
+    assert event["actor"] == "night-shift (operator)"
+
+
+async def test_a_bootstrap_admin_token_is_created_at_start_up(database_url, database):
+    token = "pc_" + "b" * 40
+    settings = Settings(database_url=database_url, bootstrap_admin_token=token)
+    app = create_app(settings, database=database)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://test") as anyone:
+        response = await anyone.post("/api/v1/systems", headers={
+            "Authorization": f"Bearer {token}"}, json={"name": "x", "transport": "simulated"})
+        assert response.status_code == 201, response.text
+    async with app.router.lifespan_context(app):  # a restart keeps the same token
+        pass
+    async with database.read() as session:
+        rows = (await session.execute(ApiToken.__table__.select().where(
+            ApiToken.name == "bootstrap-admin"))).all()
+    assert len(rows) == 1
+    with pytest.raises(ValueError, match="pc_"):
+        Settings(bootstrap_admin_token="short")
+
+
+async def test_with_auth_disabled_anyone_is_admin_and_a_warning_is_logged(
+        database_url, database, caplog):
+    settings = Settings(database_url=database_url, auth="disabled")
+    app = create_app(settings, database=database)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://test") as anyone:
+        assert (await anyone.get("/api/v1/records")).status_code == 200
+    assert "AUTHENTICATION IS DISABLED" in caplog.text
+
+
+async def test_metrics_are_for_viewers_unless_configured_open(client, tokens):
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as anyone:
+        assert (await anyone.get("/metrics")).status_code == 401
+        viewer = {"Authorization": f"Bearer {tokens['viewer']}"}
+        assert (await anyone.get("/metrics", headers=viewer)).status_code == 200
+        client.app.state.settings = client.app.state.settings.model_copy(
+            update={"metrics_auth": "open"})
+        assert (await anyone.get("/metrics")).status_code == 200
+
+
+def expected_role(method: str, path: str) -> str:
+    """The policy of docs/security.md, independent of what the routes declare."""
+    if path in ("/healthz", "/readyz", "/login", "/logout"):
+        return "public"
+    if method == "GET":
+        return "operator" if re.fullmatch(r"/circuits/\{system\}/\{action\}", path) else "viewer"
+    if path.startswith("/api/v1/messages"):
+        return "ingest"
+    if path.startswith(("/api/v1/systems", "/api/v1/entity-types")):
+        return "admin"
+    return "operator"
+
+
+def test_each_route_declares_the_role_the_policy_gives_it():
+    app = create_app(Settings())
+    wrong = [(method, path, declared_role(route), expected_role(method, path))
+             for method, path, route in routes(app)
+             if declared_role(route) != expected_role(method, path)]
+    assert wrong == []
