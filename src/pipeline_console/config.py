@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     metrics_auth: Literal["open", "viewer"] = Field(
         default="viewer", description="whether GET /metrics needs a token with the viewer role")
 
+    refuse_private_system_urls: bool = Field(
+        default=False, description="refuse downstream systems whose URL resolves to a private, "
+        "loopback or reserved address (off for local use)")
+
     # Input limits. Oversized input gets 413, malformed input 422; both are recorded as rejected.
     max_message_bytes: int = Field(default=1_048_576, ge=1024, description="body of POST /messages")
     max_batch_bytes: int = Field(default=10_485_760, ge=1024, description="body of /messages/batch")

@@ -368,3 +368,24 @@ class TestSystems:
                 totals[name] = totals.get(name, 0) + result.get(name, 0)
         assert totals["delivered"] + totals["dead_lettered"] == 20
         assert 0 < totals["delivered"] < 20
+
+
+class TestPrivateAddresses:
+    async def test_are_refused_when_the_setting_says_so(self, client):
+        client.app.state.settings = client.app.state.settings.model_copy(
+            update={"refuse_private_system_urls": True})
+        for url in ("http://127.0.0.1:9/in", "http://10.1.2.3/in", "http://localhost/in",
+                    "http://[::1]/in", "http://169.254.169.254/latest/meta-data"):
+            response = await client.post("/api/v1/systems", json={
+                "name": "inner", "transport": "http", "url": url})
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["errors"][0]["field"] == "url"
+        public = await client.post("/api/v1/systems", json={
+            "name": "outer", "transport": "http", "url": "https://93.184.216.34/in",
+            "status_url": "https://93.184.216.34/in/{key}"})
+        assert public.status_code == 201, public.text
+        moved = await client.patch("/api/v1/systems/outer", json={"url": "http://192.168.1.5/"})
+        assert moved.status_code == 422
+
+    async def test_are_allowed_by_default_for_local_use(self, client, sink):
+        await add_system(client, sink)  # the test sink listens on 127.0.0.1

@@ -6,10 +6,18 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
-from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, KeyPage, NowDep
+from pipeline_console.api.dependencies import (
+    ActorDep,
+    DatabaseDep,
+    IdPage,
+    KeyPage,
+    NowDep,
+    SettingsDep,
+)
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import ADMIN, OPERATOR, VIEWER
 from pipeline_console.delivery import schemas, systems
+from pipeline_console.delivery.addresses import refuse_private_urls
 from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_ambiguous
 from pipeline_console.delivery.circuits import operator_action
 from pipeline_console.delivery.policy import CircuitEvent
@@ -49,7 +57,9 @@ def _page(model: type, result: Any) -> dict[str, Any]:
 @router.post("/systems", dependencies=[ADMIN], response_model=schemas.SystemRead, status_code=201,
              responses=problem_responses(409, 422), summary="Register a downstream system")
 async def create_system(database: DatabaseDep, body: schemas.SystemCreate, now: NowDep,
-                        actor: ActorDep) -> Any:
+                        actor: ActorDep, settings: SettingsDep) -> Any:
+    if settings.refuse_private_system_urls:
+        await refuse_private_urls(body.model_dump(mode="json"))
     async with database.transaction() as session:
         system = await systems.create_system(session, body, actor=actor.label, now=now)
         return schemas.SystemRead.model_validate(system)
@@ -71,7 +81,9 @@ async def get_system(database: DatabaseDep, name: SystemName) -> Any:
 @router.patch("/systems/{name}", dependencies=[ADMIN], response_model=schemas.SystemRead,
               responses=problem_responses(404, 422), summary="Change some of a system's settings")
 async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.SystemPatch,
-                       now: NowDep, actor: ActorDep) -> Any:
+                       now: NowDep, actor: ActorDep, settings: SettingsDep) -> Any:
+    if settings.refuse_private_system_urls:
+        await refuse_private_urls(body.model_dump(mode="json", exclude_unset=True))
     async with database.transaction() as session:
         system = await systems.update_system(session, name, body, actor=actor.label, now=now)
         return schemas.SystemRead.model_validate(system)
