@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_batch_bytes: int = Field(default=10_485_760, ge=1024, description="body of /messages/batch")
     max_batch_messages: int = Field(default=1000, ge=1)
     max_payload_depth: int = Field(default=32, ge=1, description="nesting depth of a payload")
+    max_payload_string_length: int = Field(
+        default=65_536, ge=16, description="characters in any string (or key) of a payload")
     rejected_body_excerpt_bytes: int = Field(default=4096, ge=0)
 
     # The console.

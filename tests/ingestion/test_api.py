@@ -106,6 +106,21 @@ class TestBadInputGetsAClearProblemAndIsRecorded:
         assert response.status_code == 422
         assert response.json()["errors"][0]["type"] == "payload_too_deep"
 
+    async def test_an_overlong_string_in_a_payload_is_refused_naming_where(self, client,
+                                                                           database):
+        payload = {"name": "Acme", "notes": ["short", "x" * 70_000]}
+        response = await client.post("/api/v1/messages", json=message(1, payload))
+        assert response.status_code == 422
+        [error] = response.json()["errors"]
+        assert (error["field"], error["type"]) == ("payload/notes/1", "payload_string_too_long")
+        long_key = await client.post("/api/v1/messages/batch", json={"messages": [
+            message(1, {"k" * 70_000: 1}, entity_id="K")]})
+        [result] = long_key.json()["results"]
+        assert result["error"]["errors"][0]["type"] == "payload_string_too_long"
+        assert len(await attempts(database, "rejected")) == 2  # recorded, as every rejection
+        exactly = await client.post("/api/v1/messages", json=message(1, {"s": "y" * 65_536}))
+        assert exactly.status_code == 200
+
     async def test_a_rejected_message_keeps_what_could_be_read_of_it(self, client, database):
         await client.post("/api/v1/messages", json=message(-4, message_id="m-1"))
         [attempt] = await attempts(database, "rejected")

@@ -110,7 +110,8 @@ async def post_message(
             item = RejectedMessage(error.detail, error.errors, excerpt(body, excerpt_bytes))
         else:
             item = parse_message(
-                candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth
+                candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth,
+                max_string_length=settings.max_payload_string_length
             )
     [result] = await database.run_transaction(
         lambda session: ingest_messages(session, [item], now=now, actor=actor.label))
@@ -178,7 +179,8 @@ async def post_batch(
 
     items = []
     for candidate in candidates:
-        item = parse_message(candidate, "", max_depth=settings.max_payload_depth)
+        item = parse_message(candidate, "", max_depth=settings.max_payload_depth,
+                             max_string_length=settings.max_payload_string_length)
         if isinstance(item, RejectedMessage):
             item = replace(item, raw_body=excerpt_of(candidate, excerpt_bytes))
         items.append(item)

@@ -98,8 +98,27 @@ def depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def overlong_string(value: Any, limit: int) -> str | None:
+    """The JSON Pointer of the first string (value or key) longer than `limit`, if any."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, pointer = stack.pop()
+        if isinstance(item, str):
+            if len(item) > limit:
+                return pointer or "/"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                escaped = str(key).replace("~", "~0").replace("/", "~1")
+                if len(str(key)) > limit:
+                    return f"{pointer}/{escaped[:40]}…"
+                stack.append((child, f"{pointer}/{escaped}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{pointer}/{index}") for index, child in enumerate(item))
+    return None
+
+
 def parse_message(
-    candidate: Any, raw_body: str, *, max_depth: int
+    candidate: Any, raw_body: str, *, max_depth: int, max_string_length: int = 65_536
 ) -> IncomingMessage | RejectedMessage:
     try:
         message = MessageIn.model_validate(candidate)
@@ -110,7 +129,7 @@ def parse_message(
             raw_body=raw_body,
             known=_known_parts(candidate),
         )
-    rejection = _payload_problem(message.payload, max_depth)
+    rejection = _payload_problem(message.payload, max_depth, max_string_length)
     if rejection is None:
         try:
             digest = payload_hash(message.payload)
@@ -138,11 +157,18 @@ def parse_message(
     )
 
 
-def _payload_problem(payload: dict[str, Any], max_depth: int) -> FieldError | None:
+def _payload_problem(payload: dict[str, Any], max_depth: int,
+                     max_string_length: int) -> FieldError | None:
     if depth(payload, max_depth) > max_depth:
         return FieldError(
             field="payload", message=f"nested deeper than {max_depth} levels",
             type="payload_too_deep",
+        )
+    where = overlong_string(payload, max_string_length)
+    if where is not None:
+        return FieldError(
+            field=f"payload{where}", message=f"a string longer than {max_string_length} "
+            "characters", type="payload_string_too_long",
         )
     return None
 
