@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -45,6 +46,7 @@ from pipeline_console.ingestion.api import router as ingestion_router
 from pipeline_console.ingestion.schemas import BatchIn, MessageIn
 from pipeline_console.inspector.api import router as inspector_router
 from pipeline_console.jobs.api import router as jobs_router
+from pipeline_console.logs import AccessLog
 from pipeline_console.metrics import database_registry, render
 from pipeline_console.records.api import router as records_router
 from pipeline_console.replay.api import router as replay_router
@@ -90,6 +92,8 @@ def create_app(
         app.state.database = database
     install_problem_handlers(app, html=html_error)
     app.add_middleware(RefuseNulInUrls)
+    app.add_middleware(AccessLog)
+    app.add_middleware(CorrelationIdMiddleware)  # the request id, before the access log reads it
     app.add_middleware(MeasureRequests)  # outermost: it times the refusals too
 
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))

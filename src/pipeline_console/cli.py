@@ -57,9 +57,13 @@ def serve(
 ) -> None:
     """Apply pending migrations, then serve the API (and console) over HTTP."""
     from pipeline_console.app import create_app
+    from pipeline_console.logs import configure_logging
 
+    settings = Settings()
+    configure_logging(settings.log_format)
     migrate()
-    uvicorn.run(create_app(Settings()), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+                timeout_graceful_shutdown=30)
 
 
 @app.command()
@@ -96,12 +100,12 @@ def demo() -> None:
 @app.command()
 def worker() -> None:
     """Deliver due deliveries until SIGTERM/SIGINT (run as many as you like on PostgreSQL)."""
-    import logging
-
     from pipeline_console.delivery.worker import run_worker
+    from pipeline_console.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(run_worker(Settings()))
+    settings = Settings()
+    configure_logging(settings.log_format)
+    asyncio.run(run_worker(settings))
 
 
 @jobs_app.command("run")

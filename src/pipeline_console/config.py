@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
 
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="one JSON object per log line, or readable text")
+
     # Who may do what (docs/security.md).
     auth: Literal["enabled", "disabled"] = Field(
         default="enabled", description="'disabled' lets anyone do anything: local experiments "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -25,6 +26,7 @@ from pipeline_console.ingestion.intake import (
     excerpt_of,
     parse_message,
 )
+from pipeline_console.ingestion.planner import IncomingMessage
 from pipeline_console.ingestion.schemas import BatchOut, IngestResult
 from pipeline_console.ingestion.service import Accepted, Rejected, ingest_messages
 from pipeline_console.metrics import count_ingestion
@@ -113,9 +115,13 @@ async def post_message(
                 candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth,
                 max_string_length=settings.max_payload_string_length
             )
+    if isinstance(item, IncomingMessage):  # the request's log lines carry the message's key
+        structlog.contextvars.bind_contextvars(idempotency_key=item.key,
+                                               correlation_id=item.correlation_id)
     [result] = await database.run_transaction(
         lambda session: ingest_messages(session, [item], now=now, actor=actor.label))
     count_ingestion([item], [result])  # committed: run_transaction has returned
+    structlog.contextvars.bind_contextvars(decision=getattr(result, "decision", "rejected"))
     if isinstance(result, Rejected):
         return _rejection_problem(result)
     return _result_dict(result)
