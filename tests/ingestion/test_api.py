@@ -106,6 +106,15 @@ class TestBadInputGetsAClearProblemAndIsRecorded:
         assert response.status_code == 422
         assert response.json()["errors"][0]["type"] == "payload_too_deep"
 
+    async def test_a_version_written_as_5_0_is_5_but_5_5_true_and_5_in_quotes_are_not(
+            self, client):
+        accepted = await client.post("/api/v1/messages", json=message(5.0))
+        assert accepted.status_code == 200 and accepted.json()["version"] == 5
+        for wrong in (5.5, True, "5"):
+            response = await client.post("/api/v1/messages", json=message(wrong))
+            assert response.status_code == 422, wrong
+            assert response.json()["errors"][0]["field"] == "version"
+
     async def test_an_overlong_string_in_a_payload_is_refused_naming_where(self, client,
                                                                            database):
         payload = {"name": "Acme", "notes": ["short", "x" * 70_000]}

@@ -9,6 +9,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -28,6 +29,16 @@ Identifier = Annotated[
     StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$"),
 ]
 
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer admits 5.0; so does the API (never 5.5, "5" or true)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**63:
+        return int(value)
+    return value
+
+
+Version = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
 def _in_utc(value: datetime) -> datetime:
@@ -51,7 +62,7 @@ class MessageIn(BaseModel):
     source_system: Name
     entity_type: Name
     entity_id: Identifier = Field(examples=["C-100"])
-    version: StrictInt = Field(ge=0, le=MAX_VERSION, description="increases with every change")
+    version: Version = Field(ge=0, le=MAX_VERSION, description="increases with every change")
     payload: dict[str, Any] = Field(description="the entity's full state, a JSON object")
     correlation_id: Identifier | None = Field(default=None, description="the business event")
     message_id: Identifier | None = Field(default=None, description="the source's message id")
