@@ -162,3 +162,27 @@ async def test_an_audit_time_in_another_zone_verifies(database, clock):
                            now=clock().astimezone(timezone(timedelta(hours=2))))
     async with database.read() as session:
         assert (await verify_audit_chain(session)).ok
+
+
+SQL_METACHARACTERS = ["' OR '1'='1", "'; DROP TABLE audit_events; --", '" OR ""="',
+                      "%", "_", "\\", "1) UNION SELECT token_hash FROM api_tokens --"]
+
+
+@pytest.mark.parametrize("hostile", SQL_METACHARACTERS)
+async def test_sql_metacharacters_in_filters_are_only_text(client, hostile):
+    """Every filter is a bound parameter: hostile text finds nothing and breaks nothing."""
+    await client.post("/api/v1/messages", json=message(1, entity_id="SAFE"))
+    query = {"reason_contains": hostile}
+    for path, params in (("/api/v1/dlq", query), ("/api/v1/anomalies", {"key": hostile}),
+                         ("/api/v1/jobs/runs", {"job": hostile[:64]}),
+                         ("/search", {"q": hostile}), ("/audit", {"action": hostile}),
+                         ("/dlq", {"reason": hostile})):
+        response = await client.get(path, params=params)
+        assert response.status_code in (200, 422), (path, response.status_code)
+        if response.headers["content-type"].startswith("application/json"):
+            assert response.json().get("items", []) == [], path
+    names = await client.get("/api/v1/records", params={"source_system": hostile})
+    assert names.status_code in (200, 422)
+    audit = (await client.get("/api/v1/audit/verify")).json()
+    assert audit["ok"] is True  # the audit table is still there and intact
+    assert (await client.get("/api/v1/records")).json()["items"]  # and so are the records
