@@ -260,6 +260,9 @@ class TestRequestDurations:
                   if name == "pipeline_http_request_duration_seconds_count"}
         assert "/metrics" in routes  # the earlier scrape, by its own template
         assert all(route == "unmatched" or route.startswith("/") for route in routes)
+        errors = "pipeline_http_errors_total"
+        assert value(after, errors, route="/api/v1/inspect/{key:path}", **{"class": "4xx"}) - (
+            value(before, errors, route="/api/v1/inspect/{key:path}", **{"class": "4xx"})) == 1
 
 
 def free_port() -> int:

@@ -51,6 +51,9 @@ DELIVERY_LATENCY = Histogram(
 HTTP_REQUEST_DURATION = Histogram(
     "pipeline_http_request_duration_seconds",
     "HTTP requests served by this process, by route template", ["method", "route", "status"])
+HTTP_ERRORS = Counter(
+    "pipeline_http_errors_total",
+    "HTTP answers with a 4xx or 5xx status, by route template and class", ["route", "class"])
 
 _source_labels: set[str] = set()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.routing import iter_route_contexts
 
-from pipeline_console.metrics import HTTP_REQUEST_DURATION
+from pipeline_console.metrics import HTTP_ERRORS, HTTP_REQUEST_DURATION
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
@@ -37,8 +37,11 @@ class MeasureRequests:
             await self.app(scope, receive, send_and_note_status)
         finally:
             method = scope["method"] if scope["method"] in METHODS else "other"
-            HTTP_REQUEST_DURATION.labels(method, self._route(scope), str(status)).observe(
+            route = self._route(scope)
+            HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(
                 time.perf_counter() - started)
+            if status >= 400:
+                HTTP_ERRORS.labels(route, f"{status // 100}xx").inc()
 
     def _route(self, scope: dict[str, Any]) -> str:
         """The template of the route the router matched (it leaves the route in this same
