@@ -87,7 +87,8 @@ async def test_each_role_is_admitted_where_allowed_and_refused_where_not(
     app = client.app
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     outcomes = []
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as anyone:
+    async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                 headers={"origin": "http://test"}) as anyone:
         for method, path, route in routes(app):
             required = declared_role(route)
             url = concrete(path)
@@ -229,3 +230,54 @@ def test_each_route_declares_the_role_the_policy_gives_it():
              for method, path, route in routes(app)
              if declared_role(route) != expected_role(method, path)]
     assert wrong == []
+
+
+def test_the_only_routes_without_a_role_are_the_public_description_and_static_files():
+    app = create_app(Settings())
+    others = sorted(getattr(route, "path", "") for route in app.routes
+                    if not isinstance(route, APIRoute) and getattr(route, "path", None)
+                    and not any(context.original_route is route
+                                for context in iter_route_contexts(app.routes)
+                                if isinstance(context.original_route, APIRoute)))
+    assert others == ["/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/static"]
+
+
+async def test_the_console_cookie_opens_no_api_route(client, database, clock):
+    """A page on another site can make a browser send the console's cookie, never a header."""
+    token = await make_token(database, "admin", name="cookie-holder", now=clock.now)
+    transport = httpx.ASGITransport(app=client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                 cookies={"console_session": token}) as browser:
+        forged = await browser.post("/api/v1/jobs/promote_staging/run")
+        assert forged.status_code == 401
+        text_plain = await browser.post("/api/v1/messages", content=b'{"x": 1}',
+                                        headers={"content-type": "text/plain"})
+        assert text_plain.status_code == 401
+        assert (await browser.get("/")).status_code == 200  # the console takes it
+        no_origin = await browser.post("/jobs/promote_staging/run", data={"csrf": "x"})
+        assert no_origin.status_code == 403
+        null_origin = await browser.post("/login", data={"token": token},
+                                         headers={"origin": "null"})
+        assert null_origin.status_code == 403
+
+
+async def test_a_host_made_of_placeholders_is_refused(client):
+    response = await client.post("/api/v1/systems", json={
+        "name": "sneaky", "transport": "http", "url": "http://example.org/in",
+        "status_url": "http://1{version}7.0.0.1:9/s/{key}"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "status_url"
+
+
+async def test_a_revoked_bootstrap_value_is_refused_loudly(database_url, database):
+    first, second = "pc_" + "a" * 40, "pc_" + "c" * 40
+    for value in (first, second):
+        app = create_app(Settings(database_url=database_url, bootstrap_admin_token=value),
+                         database=database)
+        async with app.router.lifespan_context(app):
+            pass
+    app = create_app(Settings(database_url=database_url, bootstrap_admin_token=first),
+                     database=database)
+    with pytest.raises(Exception, match="revoked"):
+        async with app.router.lifespan_context(app):
+            pass

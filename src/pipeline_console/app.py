@@ -26,7 +26,7 @@ from pipeline_console.api.problems import install_problem_handlers, problem, pro
 from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.auth.dependencies import METRICS, PUBLIC
-from pipeline_console.auth.tokens import BOOTSTRAP_NAME, ensure_bootstrap_admin
+from pipeline_console.auth.tokens import BOOTSTRAP_NAME, ensure_bootstrap_admin, find_active
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
 from pipeline_console.console.admin import router as console_admin
@@ -42,6 +42,7 @@ from pipeline_console.delivery.service import Deliverer
 from pipeline_console.delivery.transports import Transports
 from pipeline_console.delivery.worker import worker_identity
 from pipeline_console.entity_types.api import router as entity_types_router
+from pipeline_console.errors import NotFound
 from pipeline_console.ingestion.api import router as ingestion_router
 from pipeline_console.ingestion.schemas import BatchIn, MessageIn
 from pipeline_console.inspector.api import router as inspector_router
@@ -134,7 +135,10 @@ async def _prepare_auth(database: Database, settings: Settings, clock: Clock) ->
 
     try:
         created = await database.run_transaction(ensure)
-    except IntegrityError:  # another process created it at the same moment
+    except (IntegrityError, NotFound):  # another process replaced it at the same moment
+        async with database.read() as session:
+            if await find_active(session, token) is None:
+                raise
         created = False
     if created:
         log.info("created the bootstrap admin token (named %s)", BOOTSTRAP_NAME)

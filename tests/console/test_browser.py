@@ -182,14 +182,19 @@ async def test_a_circuit_is_reset_with_a_reason_after_a_confirmation(page, demo,
     assert {c["system"]: c["state"] for c in circuits}["crm-sync"] == "half_open"
 
 
-async def test_a_circuit_action_without_csrf_or_a_reason_is_refused(page, demo, client):
+async def test_a_circuit_action_without_csrf_or_a_reason_is_refused(page, demo, client,
+                                                                     console_url):
     await page.goto("/circuits/crm-sync/reset")
     forged = await page.request.post("/circuits/crm-sync/reset",
                                      form={"reason": "forged", "confirm": "yes"})
-    assert forged.status == 403  # the session cookie alone is not enough: CSRF token missing
-    assert "CSRF" in await forged.text()
+    assert forged.status == 403  # the session cookie alone: no Origin, no CSRF token
+    same_site = {"Origin": console_url}
+    no_csrf = await page.request.post("/circuits/crm-sync/reset", headers=same_site,
+                                      form={"reason": "forged", "confirm": "yes"})
+    assert no_csrf.status == 403
+    assert "CSRF" in await no_csrf.text()
     csrf = await page.locator("main input[name=csrf]").get_attribute("value")
-    response = await page.request.post("/circuits/crm-sync/reset",
+    response = await page.request.post("/circuits/crm-sync/reset", headers=same_site,
                                        form={"reason": "  ", "confirm": "yes", "csrf": csrf})
     assert response.status == 422
     assert "a reason is required" in await response.text()
@@ -241,6 +246,7 @@ async def test_a_viewer_sees_no_actions_and_the_server_refuses_them(page, databa
     await page.goto("/circuits")
     await expect(page.get_by_role("link", name="Reset…")).to_have_count(0)
     csrf = await page.locator("header input[name=csrf]").get_attribute("value")
-    refused = await page.request.post("/anomalies/1/resolve", form={
-        "resolution": "keep_current", "note": "sneaky", "csrf": csrf})
+    refused = await page.request.post("/anomalies/1/resolve", headers={"Origin": console_url},
+                                      form={"resolution": "keep_current", "note": "sneaky",
+                                            "csrf": csrf})
     assert refused.status == 403

@@ -16,15 +16,19 @@ SESSION_COOKIE = "console_session"
 class Requires:
     """The dependency a route declares; tests find it on every route."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, *, cookie: bool = False) -> None:
         self.role = role
+        # Only console routes take the session cookie: an API call must carry its token in
+        # a header, which a page on another site can never make a browser send.
+        self.cookie = cookie
 
     async def __call__(self, request: Request) -> Actor:
         settings = request.app.state.settings
         if settings.auth == "disabled":
             actor = Actor(name="anonymous", role="admin")
         else:
-            token = bearer_token(request) or request.cookies.get(SESSION_COOKIE)
+            token = bearer_token(request) or (
+                request.cookies.get(SESSION_COOKIE) if self.cookie else None)
             if not token:
                 raise Unauthorized("send an API token: Authorization: Bearer <token>")
             async with request.app.state.database.read() as session:

@@ -94,6 +94,11 @@ async def ensure_bootstrap_admin(session: AsyncSession, token: str, *, now: date
     True when this call created it (replacing an older bootstrap token)."""
     if await find_active(session, token) is not None:
         return False
+    if await session.scalar(select(ApiToken.id).where(
+            ApiToken.token_hash == hash_token(token))) is not None:
+        raise Conflict("PIPELINE_CONSOLE_BOOTSTRAP_ADMIN_TOKEN names a token that was revoked "
+                       "(or is another token); choose a new value (pipeline-console tokens "
+                       "new)")
     if await active_token_named(session, BOOTSTRAP_NAME) is not None:
         await revoke_token(session, BOOTSTRAP_NAME, actor="bootstrap", now=now)
     await create_token(session, name=BOOTSTRAP_NAME, role="admin", actor="bootstrap", now=now,

@@ -25,19 +25,28 @@ SESSION_MAX_AGE_S = 12 * 3600
 
 
 def check_origin(request: Request) -> None:
+    """A browser's post must say it comes from this site: its Origin (or, without one, its
+    Referer) names this host. 'null', another host, or neither is refused."""
+    host = request.headers.get("host")
     origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
-        raise Forbidden("this form was posted from another site; it is refused")
+    source = origin if origin is not None else request.headers.get("referer")
+    if not source or source == "null" or urlsplit(source).netloc != host:
+        raise Forbidden("this form was not posted from this site; it is refused")
 
 
 class ConsoleAction(Requires):
     """A console form post: the role, the origin, and (for a cookie session) the CSRF token."""
 
+    def __init__(self, role: str) -> None:
+        super().__init__(role, cookie=True)
+
     async def __call__(self, request: Request) -> Actor:
         actor = await super().__call__(request)
+        if bearer_token(request):  # a script with its token in a header: nothing to forge
+            return actor
         check_origin(request)
         session_token = request.cookies.get(SESSION_COOKIE)
-        if request.app.state.settings.auth != "disabled" and not bearer_token(request):
+        if request.app.state.settings.auth != "disabled":
             form = await form_of(request)
             sent = str(form.get("csrf") or "")
             if not session_token or not hmac.compare_digest(sent, csrf_for(session_token)):
@@ -46,9 +55,10 @@ class ConsoleAction(Requires):
         return actor
 
 
-CONSOLE_VIEWER = Depends(Requires("viewer"))
+CONSOLE_VIEWER = Depends(Requires("viewer", cookie=True))
 CONSOLE_OPERATOR = Depends(ConsoleAction("operator"))
-CONSOLE_OPERATOR_PAGE = Depends(Requires("operator"))  # a page that only leads to an action
+# a page that only leads to an action
+CONSOLE_OPERATOR_PAGE = Depends(Requires("operator", cookie=True))
 
 
 def _safe_next(target: str | None) -> str:

@@ -23,6 +23,10 @@ def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http:// or https:// URL")
+    if "{" in parts.netloc or "}" in parts.netloc:
+        # {key} and {version} go in the path or query: a host made of a record's values would
+        # be a host no one checked
+        raise ValueError("{key} and {version} may appear only in the path or the query")
     try:
         parts.port  # noqa: B018 (raises for a port outside 0…65535)
     except ValueError as error:
