@@ -23,6 +23,9 @@ test: $(BIN)/pipeline-console
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
 
+bench: $(BIN)/pipeline-console
+	$(BIN)/python -m bench.run
+
 lint: $(BIN)/pipeline-console
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
