@@ -23,6 +23,7 @@ from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
 from tests.delivery.test_delivery import add_system, deliveries, ingest, run_pass
 from tests.delivery.test_worker import start_worker
+from tests.inspector.test_dashboard import fill_every_queue
 from tests.sink import Answer
 from tests.support import message, wait_for
 from tests.test_operations import run_cli
@@ -182,18 +183,7 @@ class TestDatabaseGauges:
         assert value(samples, "pipeline_circuit_state", system="billing", state="open") == 0
 
     async def test_the_queue_depths_match_the_dashboard(self, client, sink, clock):
-        await client.put("/api/v1/entity-types/customer",
-                         json={"schema": {"required": ["country"]}})
-        sink.answer(Answer(400), Answer(200, delay_s=1.0))
-        await add_system(client, sink, timeout_s=0.3)
-        await add_system(client, sink, name="archive", entity_types=["order"])
-        await ingest(client, message(1, {"name": "A", "country": "DE"}, entity_id="A"),
-                     message(1, {"name": "B", "country": "DE"}, entity_id="B"))
-        await run_pass(client)  # one 400 (dead letter), one timeout after sending (ambiguous)
-        await ingest(client, message(1, {"name": "P"}, entity_id="P"))  # partial
-        await ingest(client, message(1, {"name": "A", "country": "AT"}, entity_id="A",
-                                     source_system="crm"))  # conflict
-        await client.post("/api/v1/circuits/billing/open", json={"reason": "maintenance"})
+        await fill_every_queue(client, sink, more_systems=[("archive", ["order"])])
         await ingest(client, message(1, {"name": "C", "country": "DE"}, entity_id="C"))
         await run_pass(client)  # the open circuit holds C
         await ingest(client, message(1, {"name": "D", "country": "DE"}, entity_id="D"))

@@ -18,11 +18,15 @@ async def test_a_quiet_pipeline_needs_no_attention(client):
     assert all(item["count"] == 0 for item in body["items"])
 
 
-async def test_the_counts_match_the_queues(client, sink, clock):
+async def fill_every_queue(client, sink, *, more_systems=()) -> None:
+    """A dead letter, an ambiguous outcome, a partial record, a conflict and an open circuit
+    (billing); `more_systems` are added (by name) before anything is delivered."""
     await client.put("/api/v1/entity-types/customer",
                      json={"schema": {"required": ["country"]}})
     sink.answer(Answer(400), Answer(200, delay_s=1.0))
     await add_system(client, sink, timeout_s=0.3)
+    for name, entity_types in more_systems:
+        await add_system(client, sink, name=name, entity_types=entity_types)
     await ingest(client, message(1, {"name": "A", "country": "DE"}, entity_id="A"),
                  message(1, {"name": "B", "country": "DE"}, entity_id="B"))
     await run_pass(client)  # one 400 (dead letter), one timeout after sending (ambiguous)
@@ -30,6 +34,10 @@ async def test_the_counts_match_the_queues(client, sink, clock):
     await ingest(client, message(1, {"name": "A", "country": "AT"}, entity_id="A",
                                  source_system="crm"))  # conflict
     await client.post("/api/v1/circuits/billing/open", json={"reason": "maintenance"})
+
+
+async def test_the_counts_match_the_queues(client, sink, clock):
+    await fill_every_queue(client, sink)
     await ingest(client, message(2, {"name": "B2", "country": "DE"}, entity_id="B"))
     clock.advance(hours=2)
 
