@@ -20,14 +20,14 @@ demo: $(BIN)/pipeline-console
 	PIPELINE_CONSOLE_DATABASE_URL=$(DEMO_URL) $(BIN)/pipeline-console serve --host 127.0.0.1 --port 8000
 
 test: $(BIN)/pipeline-console
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(BIN)/pipeline-console
 	$(BIN)/python -m bench.run
 
 lint: $(BIN)/pipeline-console
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests
 
 clean:

@@ -6,56 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import statistics
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from bench.common import BACKENDS, Backend, BenchConfig, Figure, median, pg_dsn, sqlite_path
 from bench.workload import messages
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
 from pipeline_console.entity_types.service import put_entity_type
 from pipeline_console.ingestion.intake import parse_message
 from pipeline_console.ingestion.service import ingest_messages
-from pipeline_console.schema import upgrade_to_head
 
 BATCH = 1000
 TABLES = ("record_states", "ingestion_attempts", "staging_records", "production_records",
           "correlations", "anomalies", "audit_events")
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-class Backend:
-    def __init__(self, name: str, folder: Path) -> None:
-        self.name, self.folder, self.created = name, folder, []
-
-    async def fresh(self) -> str:
-        if self.name == "sqlite":
-            path = self.folder / f"{uuid.uuid4().hex[:8]}.db"
-            self.created.append(path)
-            url = f"sqlite+aiosqlite:///{path}"
-        else:
-            name = f"pc_bench_{uuid.uuid4().hex[:8]}"
-            admin = await asyncpg.connect(POSTGRES_ADMIN)
-            await admin.execute(f'CREATE DATABASE "{name}"')
-            await admin.close()
-            self.created.append(name)
-            url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-        database = Database(create_engine(Settings(database_url=url)))
-        await upgrade_to_head(database.engine)
-        await database.dispose()
-        return url
-
-    async def drop_all(self) -> None:
-        if self.name == "postgresql":
-            admin = await asyncpg.connect(POSTGRES_ADMIN)
-            for name in self.created:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
 
 
 async def run_pipeline(url: str, bodies: list[dict[str, Any]]) -> float:
@@ -73,25 +41,17 @@ async def run_pipeline(url: str, bodies: list[dict[str, Any]]) -> float:
     return elapsed
 
 
-def _sqlite_path(url: str) -> str:
-    return url.removeprefix("sqlite+aiosqlite:///")
-
-
-def _pg_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://")
-
-
 async def written_rows(url: str) -> dict[str, tuple[list[str], list[tuple]]]:
     """Every row the pipeline wrote, as the raw driver reads it back."""
     rows: dict[str, tuple[list[str], list[tuple]]] = {}
     if url.startswith("sqlite"):
-        connection = sqlite3.connect(_sqlite_path(url))
+        connection = sqlite3.connect(sqlite_path(url))
         for table in TABLES:
             cursor = connection.execute(f"SELECT * FROM {table}")
             rows[table] = ([c[0] for c in cursor.description], cursor.fetchall())
         connection.close()
     else:
-        connection = await asyncpg.connect(_pg_dsn(url))
+        connection = await asyncpg.connect(pg_dsn(url))
         for table in TABLES:
             records = await connection.fetch(f"SELECT * FROM {table}")
             columns = list(records[0].keys()) if records else []
@@ -113,7 +73,7 @@ async def run_floor(url: str, rows: dict[str, tuple[list[str], list[tuple]]],
         return out
 
     if url.startswith("sqlite"):
-        connection = sqlite3.connect(_sqlite_path(url), isolation_level=None)
+        connection = sqlite3.connect(sqlite_path(url), isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA foreign_keys=OFF")  # the slices keep parents first per table
@@ -129,7 +89,7 @@ async def run_floor(url: str, rows: dict[str, tuple[list[str], list[tuple]]],
         elapsed = time.perf_counter() - started
         connection.close()
         return elapsed
-    connection = await asyncpg.connect(_pg_dsn(url))
+    connection = await asyncpg.connect(pg_dsn(url))
     await connection.execute("SET session_replication_role = replica")  # no FK triggers
     started = time.perf_counter()
     for index in range(batches):
@@ -153,16 +113,29 @@ async def measure(backend_name: str, count: int, runs: int, folder: Path) -> dic
             url = await backend.fresh()
             pipeline.append(await run_pipeline(url, bodies))
             rows = await written_rows(url)
-            floor.append(await run_floor(await backend.fresh(), rows,
-                                         -(-count // BATCH)))
+            floor.append(await run_floor(await backend.fresh(), rows, -(-count // BATCH)))
+            await backend.drop_all()
     finally:
         await backend.drop_all()
-    pipeline_rate = count / statistics.median(pipeline)
-    floor_rate = count / statistics.median(floor)
+    pipeline_rate = count / median(pipeline)
+    floor_rate = count / median(floor)
     return {"backend": backend_name, "messages": count, "runs": runs,
             "rows_per_message": round(sum(len(r[1]) for r in rows.values()) / count, 2),
             "pipeline_msgs_per_s": round(pipeline_rate), "floor_msgs_per_s": round(floor_rate),
             "ratio": round(pipeline_rate / floor_rate, 3)}
+
+
+async def figures(config: BenchConfig, earlier: list[Figure]) -> list[Figure]:
+    out = []
+    for backend in BACKENDS:
+        result = await measure(backend, config.messages, config.runs, config.folder)
+        out.append(Figure(
+            "1", f"in-process batch ingestion, {config.messages:,} messages in batches of "
+            f"1,000 ({result['rows_per_message']} rows per message)", backend,
+            f"{result['pipeline_msgs_per_s']:,} msg/s",
+            f"{result['floor_msgs_per_s']:,} msg/s (raw executemany of the same rows)",
+            result["ratio"], 0.5, extra={"msgs_per_s": result["pipeline_msgs_per_s"]}))
+    return out
 
 
 if __name__ == "__main__":
@@ -171,5 +144,5 @@ if __name__ == "__main__":
 
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     with tempfile.TemporaryDirectory() as folder:
-        for name in ("sqlite", "postgresql"):
+        for name in BACKENDS:
             print(asyncio.run(measure(name, count, 3, Path(folder))))
