@@ -44,6 +44,7 @@ from pipeline_console.delivery.worker import worker_identity
 from pipeline_console.entity_types.api import router as entity_types_router
 from pipeline_console.errors import NotFound
 from pipeline_console.ingestion.api import router as ingestion_router
+from pipeline_console.ingestion.group_commit import GroupCommitter
 from pipeline_console.ingestion.schemas import BatchIn, MessageIn
 from pipeline_console.inspector.api import router as inspector_router
 from pipeline_console.jobs.api import router as jobs_router
@@ -75,6 +76,8 @@ def create_app(
         owned = database is None
         app.state.database = database or Database(create_engine(settings))
         await _prepare_auth(app.state.database, settings, clock)
+        app.state.group_commit = GroupCommitter(
+            app.state.database, max_messages=settings.group_commit_max_messages)
         async with httpx.AsyncClient() as client:
             app.state.deliverer = Deliverer(app.state.database, Transports(client), clock,
                                             worker_id=f"api:{worker_identity()}",
@@ -82,6 +85,7 @@ def create_app(
             try:
                 yield
             finally:
+                await app.state.group_commit.close()  # drain: every queued message answered
                 if owned:
                     await app.state.database.dispose()
 

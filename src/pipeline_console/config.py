@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     max_payload_string_length: int = Field(
         default=65_536, ge=16, description="characters in any string (or key) of a payload")
     rejected_body_excerpt_bytes: int = Field(default=4096, ge=0)
+    group_commit_max_messages: int = Field(
+        default=500, ge=1, le=10_000,
+        description="POST /messages: concurrent requests share one transaction, at most this "
+        "many messages (1: a transaction per message)")
 
     # The console.
     console_refresh_s: int = Field(default=15, ge=1, le=3600,

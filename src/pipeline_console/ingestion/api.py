@@ -18,6 +18,7 @@ from pipeline_console.api.dependencies import ActorDep, DatabaseDep, NowDep, Set
 from pipeline_console.api.problems import problem, problem_responses
 from pipeline_console.auth.dependencies import INGEST
 from pipeline_console.errors import FieldError
+from pipeline_console.ingestion.group_commit import GroupCommitClosed, GroupCommitter
 from pipeline_console.ingestion.intake import (
     BodyError,
     RejectedMessage,
@@ -98,7 +99,7 @@ def _result_dict(result: Accepted) -> dict[str, Any]:
     openapi_extra=_body_schema("MessageIn"),
 )
 async def post_message(
-    request: Request, database: DatabaseDep, settings: SettingsDep, now: NowDep, actor: ActorDep
+    request: Request, settings: SettingsDep, now: NowDep, actor: ActorDep
 ) -> Any:
     body, too_large = await read_bounded(request, settings.max_message_bytes)
     excerpt_bytes = settings.rejected_body_excerpt_bytes
@@ -118,9 +119,13 @@ async def post_message(
     if isinstance(item, IncomingMessage):  # the request's log lines carry the message's key
         structlog.contextvars.bind_contextvars(idempotency_key=item.key,
                                                correlation_id=item.correlation_id)
-    [result] = await database.run_transaction(
-        lambda session: ingest_messages(session, [item], now=now, actor=actor.label))
-    count_ingestion([item], [result])  # committed: run_transaction has returned
+    # Shared with concurrent requests (group commit); returns only after the commit.
+    committer: GroupCommitter = request.app.state.group_commit
+    try:
+        result = await committer.ingest(item, actor=actor.label, now=now)
+    except GroupCommitClosed:
+        return problem(503, "the server is shutting down; send the message again")
+    count_ingestion([item], [result])  # committed: the group's transaction has returned
     structlog.contextvars.bind_contextvars(decision=getattr(result, "decision", "rejected"))
     if isinstance(result, Rejected):
         return _rejection_problem(result)
