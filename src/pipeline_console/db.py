@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import event, func, text
+import orjson
+from sqlalchemy import JSON, Table, event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -26,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import NullPool
 
 from pipeline_console.config import Settings
+from pipeline_console.models.base import UTCDateTime
 
 _BEGIN_OPTION = "pipeline_console_sqlite_begin"
 T = TypeVar("T")
@@ -38,10 +42,20 @@ def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine
         kwargs["poolclass"] = NullPool
     elif url.get_backend_name() == "postgresql":
         kwargs.update(pool_size=settings.database_pool_size, max_overflow=0, pool_pre_ping=True)
-    engine = create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, json_serializer=json_text, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, settings.sqlite_busy_timeout_ms)
     return engine
+
+
+def json_text(value: Any) -> str:
+    """How JSON columns are written: orjson (several times faster than `json` on 1 KB
+    payloads); the standard library only for what orjson refuses (integers beyond 64 bits,
+    lone surrogates, non-string keys), so nothing that was storable before is refused now."""
+    try:
+        return orjson.dumps(value).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(value)
 
 
 def _lower(value: Any) -> Any:
@@ -157,6 +171,68 @@ async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[in
         return sorted(result.scalars())
     highest = await session.scalar(text(f"SELECT coalesce(max(id), 0) FROM {table.name}"))
     return list(range(highest + 1, highest + 1 + count))
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    # The text SQLAlchemy's SQLite DateTime writes (naive UTC, always with microseconds).
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
+    return value.astimezone(UTC)
+
+
+def _converter(column: Any, dialect: str) -> Callable[[Any], Any] | None:
+    """The driver-level value of one column, as SQLAlchemy's bind processing would give it."""
+    if isinstance(column.type, JSON):
+        if column.type.none_as_null:
+            return lambda value: None if value is None else json_text(value)
+        return json_text  # None is stored as JSON null, as SQLAlchemy's JSON type does
+    if isinstance(column.type, UTCDateTime):
+        convert = _sqlite_datetime if dialect == "sqlite" else _aware
+        cache: dict[datetime, Any] = {}
+
+        def datetime_value(value: datetime | None) -> Any:
+            if value is None:
+                return None
+            if value not in cache:  # a batch's rows share a handful of timestamps
+                cache[value] = convert(value)
+            return cache[value]
+
+        return datetime_value
+    return None
+
+
+async def bulk_insert(session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """A plain INSERT of many rows through the driver's executemany, without SQLAlchemy's
+    per-row compile and bind processing (a third of a batch's cost in the issue 8 profile).
+    Every row has the same keys; values are converted exactly as the column types would
+    (JSON as text, UTC datetimes as SQLite text or aware on PostgreSQL). Errors are still
+    SQLAlchemy's, and the statement runs in the session's transaction."""
+    if not rows:
+        return
+    dialect = session.bind.dialect
+    names = list(rows[0])
+    columns = [table.c[name] for name in names]
+    converters = [_converter(column, dialect.name) for column in columns]
+    quote = dialect.identifier_preparer.quote
+    if dialect.name == "sqlite":
+        marks = ", ".join("?" for _ in names)
+    else:
+        marks = ", ".join(f"${n}" for n in range(1, len(names) + 1))
+    statement = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+                 f"VALUES ({marks})")
+    plan = list(zip(names, converters, strict=True))
+    parameters = [
+        tuple(row[name] if convert is None else convert(row[name]) for name, convert in plan)
+        for row in rows
+    ]
+    connection = await session.connection()
+    await connection.exec_driver_sql(statement, parameters)
 
 
 def hour_bucket(column: Any, dialect: str) -> Any:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import rfc8785
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -10,6 +11,7 @@ from pipeline_console.ingestion.policy import (
     CurrentState,
     Decision,
     UnhashablePayload,
+    canonical_json,
     decide,
     payload_hash,
 )
@@ -76,3 +78,47 @@ class TestCanonicalHashing:
     def test_any_reordering_of_keys_keeps_the_hash(self, payload):
         reordered = dict(reversed(list(payload.items())))
         assert payload_hash(payload) == payload_hash(reordered)
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**60), 2**60),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
+              st.sampled_from(["\ue000", "\U0001f600", "\ud800", "\x00\x1f\x7f", "\u2028"])),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.sampled_from(
+            ["\ue000", "\U0001f600", "a\U00010000", "\ufb01", "b"])), children, max_size=4)),
+    max_leaves=12,
+)
+
+
+class TestTheFastCanonicalFormIsRfc8785:
+    """canonical_json writes most values with orjson: it must be byte-for-byte what the
+    rfc8785 library writes (old hashes and audit chains stay valid), and refuse what it
+    refuses."""
+
+    @staticmethod
+    def _reference(value):
+        try:
+            return rfc8785.dumps(value)
+        except (rfc8785.CanonicalizationError, TypeError, ValueError):
+            return UnhashablePayload
+
+    @staticmethod
+    def _ours(value):
+        try:
+            return canonical_json(value)
+        except UnhashablePayload:
+            return UnhashablePayload
+
+    @given(JSON_VALUES)
+    def test_same_bytes_as_the_reference_library(self, value):
+        assert self._ours(value) == self._reference(value)
+
+    @pytest.mark.parametrize("value", [
+        {"\ue000": 1, "\U0001f600": 2},  # UTF-16 order differs from code point order
+        {"total": 1.0}, {"x": 1e21}, {"x": -0.0}, {"big": 2**53}, {"s": "\ud800"},
+        {"ctl": "\x00\x1f\x7f\"\\/\b\f\n\r\t"}, [True, None, -(2**53 - 1)],
+    ])
+    def test_the_awkward_cases(self, value):
+        assert self._ours(value) == self._reference(value)

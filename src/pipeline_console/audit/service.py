@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.chain import (
@@ -19,6 +19,7 @@ from pipeline_console.audit.chain import (
     first_broken_link,
     row_hash,
 )
+from pipeline_console.db import bulk_insert
 from pipeline_console.models import AuditEvent
 
 _CHAIN_LOCK = 0x70_63_61_75  # "pcau": the advisory lock id that serializes chain appends
@@ -63,7 +64,7 @@ async def append_audit(
         current_hash = row_hash(prev_hash, content)
         rows.append({**content.__dict__, "prev_hash": prev_hash, "row_hash": current_hash})
         next_id, prev_hash = next_id + 1, current_hash
-    await session.execute(insert(_table), rows)
+    await bulk_insert(session, _table, rows)
 
 
 @dataclass(frozen=True)

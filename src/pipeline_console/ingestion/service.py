@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.opening import open_anomalies
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.db import allocate_ids, insert_for
+from pipeline_console.db import allocate_ids, bulk_insert, insert_for
 from pipeline_console.entity_types.completeness import completeness_for
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
@@ -248,8 +248,8 @@ async def _write_attempts(
     rows = [{column: row.get(column) for column in columns} for row in rows]
     table = IngestionAttempt.__table__
     ids = await allocate_ids(session, table, len(rows))
-    await session.execute(insert(table), [{"id": id_, **row} for id_, row in zip(ids, rows,
-                                                                                   strict=True)])
+    await bulk_insert(session, table, [{"id": id_, **row} for id_, row in zip(ids, rows,
+                                                                               strict=True)])
     return ids
 
 
@@ -297,8 +297,8 @@ async def _write_staging_and_production(
             }
         )
     staging_ids = await allocate_ids(session, table, len(rows))
-    await session.execute(
-        insert(table), [{"id": id_, **row} for id_, row in zip(staging_ids, rows, strict=True)]
+    await bulk_insert(
+        session, table, [{"id": id_, **row} for id_, row in zip(staging_ids, rows, strict=True)]
     )
     production_rows = []
     for key, staging_index in sorted(plan.production.items()):
