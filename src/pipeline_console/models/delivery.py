@@ -100,6 +100,8 @@ class Delivery(Base):
         Index(None, "status", "next_attempt_at"),
         Index(None, "system", "status", "id"),
         Index(None, "idempotency_key", "system", "version"),
+        Index(None, "status", "system", "created_at"),
+        Index(None, "delivered_at"),
     )
 
 
@@ -128,6 +130,7 @@ class DeliveryAttempt(Base):
         CheckConstraint(_in("classification", CLASSIFICATIONS), name="classification"),
         Index(None, "delivery_id", "id"),
         Index(None, "system", "started_at"),
+        Index(None, "started_at", "classification"),
         # The target of replay_executions' composite foreign key.
         Index(None, "id", "delivery_id", "trigger", unique=True),
     )
@@ -153,6 +156,8 @@ class DeadLetter(Base):
         Index(None, "system", "status", "id"),
         Index(None, "status", "id"),
         Index(None, "delivery_id"),
+        Index(None, "created_at"),
+        Index(None, "idempotency_key", "id"),
     )
 
 
@@ -184,4 +189,5 @@ class AmbiguousOutcome(Base):
                         name="resolution"),
         Index(None, "status", "id"),
         Index(None, "delivery_id"),
+        Index(None, "idempotency_key", "id"),
     )

@@ -204,4 +204,5 @@ class Anomaly(Base):
         ),
         Index(None, "status", "id"),
         Index(None, "idempotency_key", "version"),
+        Index(None, "opened_at"),
     )

@@ -44,6 +44,7 @@ class ReplayRequest(Base):
         CheckConstraint("status IN ('validated', 'rejected', 'executing', 'completed', "
                         "'failed')", name="status"),
         Index(None, "status", "id"),
+        Index(None, "created_at"),
     )
 
 
