@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import operator
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -207,6 +208,37 @@ def _converter(column: Any, dialect: str) -> Callable[[Any], Any] | None:
     return None
 
 
+def _driver_rows(
+    dialect: Any, table: Table, names: list[str], rows: Sequence[dict[str, Any]]
+) -> list[tuple[Any, ...]]:
+    """Rows as the tuples the driver takes, converted as the column types would convert."""
+    converters = [
+        (index, convert) for index, name in enumerate(names)
+        if (convert := _converter(table.c[name], dialect.name)) is not None
+    ]
+    if len(names) > 1:
+        getter = operator.itemgetter(*names)
+    else:
+        def getter(row: dict[str, Any]) -> tuple[Any, ...]:
+            return (row[names[0]],)
+    out = [getter(row) for row in rows]
+    if not converters:
+        return out
+    converted = []
+    for values in out:
+        values = list(values)
+        for index, convert in converters:
+            values[index] = convert(values[index])
+        converted.append(tuple(values))
+    return converted
+
+
+def _marks(dialect: Any, count: int, start: int = 1) -> list[str]:
+    if dialect.name == "sqlite":
+        return ["?"] * count
+    return [f"${n}" for n in range(start, start + count)]
+
+
 async def bulk_insert(session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """A plain INSERT of many rows through the driver's executemany, without SQLAlchemy's
     per-row compile and bind processing (a third of a batch's cost in the issue 8 profile).
@@ -217,22 +249,30 @@ async def bulk_insert(session: AsyncSession, table: Table, rows: Sequence[dict[s
         return
     dialect = session.bind.dialect
     names = list(rows[0])
-    columns = [table.c[name] for name in names]
-    converters = [_converter(column, dialect.name) for column in columns]
     quote = dialect.identifier_preparer.quote
-    if dialect.name == "sqlite":
-        marks = ", ".join("?" for _ in names)
-    else:
-        marks = ", ".join(f"${n}" for n in range(1, len(names) + 1))
     statement = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
-                 f"VALUES ({marks})")
-    plan = list(zip(names, converters, strict=True))
-    parameters = [
-        tuple(row[name] if convert is None else convert(row[name]) for name, convert in plan)
-        for row in rows
-    ]
+                 f"VALUES ({', '.join(_marks(dialect, len(names)))})")
     connection = await session.connection()
-    await connection.exec_driver_sql(statement, parameters)
+    await connection.exec_driver_sql(statement, _driver_rows(dialect, table, names, rows))
+
+
+async def bulk_update(
+    session: AsyncSession, table: Table, key: str, rows: Sequence[dict[str, Any]]
+) -> None:
+    """`UPDATE table SET <the other keys> WHERE key = …` for many rows, through the driver's
+    executemany (as bulk_insert)."""
+    if not rows:
+        return
+    dialect = session.bind.dialect
+    names = [name for name in rows[0] if name != key]
+    quote = dialect.identifier_preparer.quote
+    marks = _marks(dialect, len(names) + 1)
+    assignments = ", ".join(f"{quote(name)} = {mark}"
+                            for name, mark in zip(names, marks, strict=False))
+    statement = (f"UPDATE {quote(table.name)} SET {assignments} "
+                 f"WHERE {quote(key)} = {marks[-1]}")
+    connection = await session.connection()
+    await connection.exec_driver_sql(statement, _driver_rows(dialect, table, [*names, key], rows))
 
 
 def hour_bucket(column: Any, dialect: str) -> Any:

@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from pipeline_console.audit.chain import row_hash
+from pipeline_console.audit.chain import ChainedContent, row_hash
 from pipeline_console.audit.service import (
     AuditEntry,
     append_audit,
@@ -137,3 +140,46 @@ class TestTheHashChain:
         assert cli.returncode == 1
         assert "BROKEN at row 2" in cli.stderr
 
+
+
+def _reference_row_hash(prev_hash, content):
+    """The chain's hash as first written: every row through the rfc8785 library."""
+    import hashlib
+
+    import rfc8785
+
+    from pipeline_console.audit.chain import _hashable
+
+    body = rfc8785.dumps({
+        "id": content.id,
+        "occurred_at": content.occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "actor": content.actor, "action": content.action, "subject_type": content.subject_type,
+        "subject_id": content.subject_id, "idempotency_key": content.idempotency_key,
+        "details": _hashable(content.details),
+    })
+    return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()
+
+
+_DETAILS = st.dictionaries(
+    st.one_of(st.text(max_size=4), st.sampled_from(["\ue000", "\U0001f600", "version"])),
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=5),
+                  st.floats(allow_nan=False, allow_infinity=False)),
+        lambda children: st.one_of(st.lists(children, max_size=3),
+                                   st.dictionaries(st.text(max_size=3), children, max_size=3)),
+        max_leaves=8),
+    max_size=5)
+
+
+class TestTheFastHashIsTheChainsHash:
+    """row_hash writes most rows with orjson; every hash must equal the rfc8785 one, so chains
+    written before the change still verify."""
+
+    @given(details=_DETAILS, actor=st.text(max_size=8), subject=st.text(max_size=8),
+           row_id=st.integers(1, 2**53 - 1))
+    def test_every_row_hashes_as_before(self, details, actor, subject, row_id):
+        content = ChainedContent(
+            id=row_id, occurred_at=datetime(2026, 11, 24, 10, 0, 0, 123, tzinfo=UTC),
+            actor=actor, action="record.accepted", subject_type="record", subject_id=subject,
+            idempotency_key=None, details=details)
+        assert row_hash("0" * 64, content) == _reference_row_hash("0" * 64, content)

@@ -156,7 +156,7 @@ def plan_batch(
                 "record.accepted",
                 key,
                 {
-                    "decision": verdict.decision.value,
+                    "decision": str(verdict.decision),
                     "version": message.version,
                     "source_system": message.source_system,
                     "staging_status": status,

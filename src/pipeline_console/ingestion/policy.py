@@ -85,7 +85,7 @@ def canonical_json(value: Any) -> bytes:
     (where UTF-16 order, which RFC 8785 sorts by, is code point order) — orjson writes it;
     anything else (floats, whose ECMAScript form differs from orjson's, astral-plane keys,
     lone surrogates) goes to `rfc8785`. tests/ingestion/test_policy.py proves the two agree."""
-    if _orjson_is_canonical(value):
+    if orjson_is_canonical(value):
         try:
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         except (orjson.JSONEncodeError, TypeError):
@@ -100,7 +100,8 @@ _SAFE_INTEGER = 2**53 - 1
 _ASTRAL = "\U00010000"
 
 
-def _orjson_is_canonical(value: Any) -> bool:
+def orjson_is_canonical(value: Any) -> bool:
+    """Whether orjson's sorted output of `value` is its RFC 8785 form (see canonical_json)."""
     stack = [value]
     while stack:
         item = stack.pop()

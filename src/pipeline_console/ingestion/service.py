@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.opening import open_anomalies
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.db import allocate_ids, bulk_insert, insert_for
+from pipeline_console.db import allocate_ids, bulk_insert, bulk_update, insert_for
 from pipeline_console.entity_types.completeness import completeness_for
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
@@ -98,7 +98,7 @@ async def ingest_messages(
         outcome, message, _ = next(outcomes)
         results.append(
             Accepted(
-                decision=outcome.decision.value,
+                decision=str(outcome.decision),
                 idempotency_key=message.key,
                 version=message.version,
                 attempt_id=attempt_id,
@@ -224,7 +224,7 @@ async def _write_attempts(
         rows.append(
             {
                 "received_at": now,
-                "decision": outcome.decision.value,
+                "decision": str(outcome.decision),  # StrEnum: str() is its value, fast
                 "reason": outcome.reason,
                 "source_system": item.source_system,
                 "entity_type": item.entity_type,
@@ -324,19 +324,14 @@ async def _write_staging_and_production(
 async def _write_states(session: AsyncSession, plan: Plan, now: datetime) -> None:
     if not plan.new_states:
         return
-    table = RecordState.__table__
-    await session.execute(
-        update(table)
-        .where(table.c.idempotency_key == bindparam("key"))
-        .values(
-            current_version=bindparam("version"),
-            payload_hash=bindparam("hash"),
-            source_system=bindparam("source"),
-            updated_at=now,
-        ),
+    await bulk_update(
+        session,
+        RecordState.__table__,
+        "idempotency_key",
         [
-            {"key": key, "version": state.version, "hash": state.payload_hash,
-             "source": state.source_system}
+            {"idempotency_key": key, "current_version": state.version,
+             "payload_hash": state.payload_hash, "source_system": state.source_system,
+             "updated_at": now}
             for key, state in sorted(plan.new_states.items())
         ],
     )
