@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import hour_bucket
@@ -109,23 +109,40 @@ async def attention(session: AsyncSession, *, now: datetime,
     return items
 
 
+async def _recent_counts(session: AsyncSession, time_column: Any, word_column: Any,
+                         windows: dict[str, datetime]) -> dict[str, dict[str, int]]:
+    """Rows per word (decision, classification) since each window's start, in one query.
+
+    The rows of the widest window are selected first (a MATERIALIZED CTE over the time
+    index), then grouped: asked in one step, SQLite would rather walk an index on the word,
+    which avoids a sort but reads the whole table (over a second at a million rows)."""
+    widest = min(windows.values())
+    recent = (select(time_column.label("at"), word_column.label("word"))
+              .where(time_column >= widest).cte("recent").prefix_with("MATERIALIZED"))
+    counts = {name: func.sum(case((recent.c.at >= start, 1), else_=0))
+              for name, start in windows.items()}
+    out: dict[str, dict[str, int]] = {name: {} for name in windows}
+    for row in (await session.execute(
+            select(recent.c.word, *(count.label(name) for name, count in counts.items()))
+            .group_by(recent.c.word))).all():
+        for name in windows:
+            if row._mapping[name]:
+                out[name][row.word] = row._mapping[name]
+    return out
+
+
 async def rates(session: AsyncSession, *, now: datetime) -> dict[str, Any]:
     """Messages decided and delivery attempts made in the last 5 minutes and the last hour."""
-    figures: dict[str, Any] = {}
-    for window, delta in (("last_5_min", timedelta(minutes=5)), ("last_hour", timedelta(hours=1))):
-        start = now - delta
-        ingested = dict((await session.execute(
-            select(IngestionAttempt.decision, func.count())
-            .where(IngestionAttempt.received_at >= start)
-            .group_by(IngestionAttempt.decision))).all())
-        delivered = dict((await session.execute(
-            select(DeliveryAttempt.classification, func.count())
-            .where(DeliveryAttempt.started_at >= start)
-            .group_by(DeliveryAttempt.classification))).all())
-        figures[window] = {"ingestion": ingested, "delivery": delivered,
-                           "ingested_per_s": round(sum(ingested.values())
-                                                   / delta.total_seconds(), 3)}
-    return figures
+    spans = {"last_5_min": timedelta(minutes=5), "last_hour": timedelta(hours=1)}
+    windows = {name: now - delta for name, delta in spans.items()}
+    ingested = await _recent_counts(session, IngestionAttempt.received_at,
+                                    IngestionAttempt.decision, windows)
+    delivered = await _recent_counts(session, DeliveryAttempt.started_at,
+                                     DeliveryAttempt.classification, windows)
+    return {name: {"ingestion": ingested[name], "delivery": delivered[name],
+                   "ingested_per_s": round(sum(ingested[name].values())
+                                           / delta.total_seconds(), 3)}
+            for name, delta in spans.items()}
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,15 @@ class Inspection:
 
 async def _newest(session: AsyncSession, entity: Any, order: Any, limit: int,
                   *where: Any) -> tuple[list[Any], int]:
-    """The newest `limit` rows, oldest first, and how many there are in all (one query)."""
+    """The newest `limit` rows, oldest first, and how many there are in all (one query).
+
+    The rows are read-only Core rows (attribute access by column name), not ORM objects:
+    building an ORM instance per row was half the time of inspecting a long history."""
     total = func.count().over().label("total")
     rows = (await session.execute(
-        select(entity, total).where(*where).order_by(order.desc()).limit(limit))).all()
-    return [row[0] for row in reversed(rows)], (rows[0].total if rows else 0)
+        select(entity.__table__, total).where(*where).order_by(order.desc()).limit(limit)
+    )).all()
+    return list(reversed(rows)), (rows[0].total if rows else 0)
 
 
 async def inspect_record(session: AsyncSession, key: str, *, limit: int) -> Inspection:

@@ -130,7 +130,7 @@ class DeliveryAttempt(Base):
         CheckConstraint(_in("classification", CLASSIFICATIONS), name="classification"),
         Index(None, "delivery_id", "id"),
         Index(None, "system", "started_at"),
-        Index(None, "started_at", "classification"),
+        Index(None, "started_at", "system", "classification"),
         # The target of replay_executions' composite foreign key.
         Index(None, "id", "delivery_id", "trigger", unique=True),
     )

@@ -165,7 +165,7 @@ class IngestionAttempt(Base):
         ),
         Index(None, "idempotency_key", "id"),
         Index(None, "message_id"),
-        Index(None, "received_at"),
+        Index(None, "received_at", "decision"),
         Index(None, "decision", "id"),
     )
 

@@ -17,8 +17,10 @@ depends_on: str | Sequence[str] | None = None
 
 # (table, columns): each index is named by the models' naming convention
 INDEXES = [
-    # the dashboard's rates and the delivery report: attempts by time, then outcome
-    ("delivery_attempts", ["started_at", "classification"]),
+    # the dashboard's rates (and the reports): decisions and outcomes by time, read from the
+    # index alone; the first replaces the index on received_at alone
+    ("ingestion_attempts", ["received_at", "decision"]),
+    ("delivery_attempts", ["started_at", "system", "classification"]),
     # the delivery report: deliveries completed in a range
     ("deliveries", ["delivered_at"]),
     # the dashboard's delivery backlog: per system, the oldest waiting delivery
@@ -38,6 +40,8 @@ def _name(table: str, columns: list[str]) -> str:
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("ingestion_attempts", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_ingestion_attempts_received_at"))
     for table, columns in INDEXES:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.create_index(batch_op.f(_name(table, columns)), columns, unique=False)
@@ -47,3 +51,6 @@ def downgrade() -> None:
     for table, columns in reversed(INDEXES):
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.drop_index(batch_op.f(_name(table, columns)))
+    with op.batch_alter_table("ingestion_attempts", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_ingestion_attempts_received_at"), ["received_at"],
+                              unique=False)
