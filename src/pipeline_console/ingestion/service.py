@@ -217,6 +217,8 @@ async def _write_attempts(
                     "correlation_id": item.known.get("correlation_id"),
                     "raw_body": item.raw_body,
                     "errors": [error.as_dict() for error in item.errors],
+                    "payload_hash": None, "payload": None, "occurred_at": None,
+                    "staging_status": None, "anomaly_id": None,
                 }
             )
             continue
@@ -241,15 +243,15 @@ async def _write_attempts(
                     anomaly_ids[outcome.quarantine_index]
                     if outcome.quarantine_index is not None else None
                 ),
+                "raw_body": None, "errors": None,
             }
         )
-    # Every row carries every column so that one multi-row INSERT covers the batch.
-    columns = [column.name for column in IngestionAttempt.__table__.columns if column.name != "id"]
-    rows = [{column: row.get(column) for column in columns} for row in rows]
+    # Every row carries every column (in one order) so that one statement covers the batch.
     table = IngestionAttempt.__table__
     ids = await allocate_ids(session, table, len(rows))
-    await bulk_insert(session, table, [{"id": id_, **row} for id_, row in zip(ids, rows,
-                                                                               strict=True)])
+    for id_, row in zip(ids, rows, strict=True):
+        row["id"] = id_
+    await bulk_insert(session, table, rows)
     return ids
 
 
