@@ -22,8 +22,9 @@ from pipeline_console.ingestion.intake import parse_message
 from pipeline_console.ingestion.service import ingest_messages
 
 BATCH = 1000
-TABLES = ("record_states", "ingestion_attempts", "staging_records", "production_records",
-          "correlations", "anomalies", "audit_events")
+# In the order of the foreign keys (parents first); entity_types is written before timing.
+TABLES = ("record_states", "anomalies", "ingestion_attempts", "staging_records",
+          "production_records", "correlations", "audit_events")
 
 
 async def run_pipeline(url: str, bodies: list[dict[str, Any]]) -> float:
@@ -46,13 +47,13 @@ async def written_rows(url: str) -> dict[str, tuple[list[str], list[tuple]]]:
     rows: dict[str, tuple[list[str], list[tuple]]] = {}
     if url.startswith("sqlite"):
         connection = sqlite3.connect(sqlite_path(url))
-        for table in TABLES:
+        for table in (*TABLES, "entity_types"):
             cursor = connection.execute(f"SELECT * FROM {table}")
             rows[table] = ([c[0] for c in cursor.description], cursor.fetchall())
         connection.close()
     else:
         connection = await asyncpg.connect(pg_dsn(url))
-        for table in TABLES:
+        for table in (*TABLES, "entity_types"):
             records = await connection.fetch(f"SELECT * FROM {table}")
             columns = list(records[0].keys()) if records else []
             rows[table] = (columns, [tuple(record) for record in records])
@@ -60,23 +61,67 @@ async def written_rows(url: str) -> dict[str, tuple[list[str], list[tuple]]]:
     return rows
 
 
+def _by_batch(rows: dict[str, tuple[list[str], list[tuple]]],
+              batches: int) -> dict[str, list[list[tuple]]]:
+    """Each row goes to the transaction in which the pipeline first needed it, so that the
+    floor's inserts satisfy the same foreign keys (checked, as the pipeline's are): an attempt
+    to its message's batch, a key's state and an anomaly to the batch of their first attempt,
+    staging rows and correlations to their attempt's, a production row to its staging row's.
+    The audit log has no foreign keys: its rows are shared out in order."""
+    def column(table: str, name: str) -> int:
+        return rows[table][0].index(name)
+
+    out = {table: [[] for _ in range(batches)] for table in TABLES}
+    attempt_batch: dict[int, int] = {}
+    first_of_key: dict[str, int] = {}
+    first_of_anomaly: dict[int, int] = {}
+    a_id, a_key, a_anomaly = (column("ingestion_attempts", name)
+                              for name in ("id", "idempotency_key", "anomaly_id"))
+    for row in sorted(rows["ingestion_attempts"][1], key=lambda row: row[a_id]):
+        batch = min((len(attempt_batch)) // BATCH, batches - 1)
+        attempt_batch[row[a_id]] = batch
+        first_of_key.setdefault(row[a_key], batch)
+        if row[a_anomaly] is not None:
+            first_of_anomaly.setdefault(row[a_anomaly], batch)
+        out["ingestion_attempts"][batch].append(row)
+    for row in rows["record_states"][1]:
+        out["record_states"][first_of_key[row[column("record_states", "idempotency_key")]]] \
+            .append(row)
+    for row in rows["anomalies"][1]:
+        out["anomalies"][first_of_anomaly.get(row[column("anomalies", "id")], 0)].append(row)
+    staging_batch: dict[int, int] = {}
+    s_id, s_attempt = column("staging_records", "id"), column("staging_records", "attempt_id")
+    for row in rows["staging_records"][1]:
+        staging_batch[row[s_id]] = attempt_batch[row[s_attempt]]
+        out["staging_records"][staging_batch[row[s_id]]].append(row)
+    for row in rows["production_records"][1]:
+        staging_id = row[column("production_records", "staging_id")]
+        out["production_records"][staging_batch[staging_id]].append(row)
+    for row in rows["correlations"][1]:
+        out["correlations"][attempt_batch[row[column("correlations", "attempt_id")]]] \
+            .append(row)
+    audit = rows["audit_events"][1]
+    size = -(-len(audit) // batches)
+    for index in range(batches):
+        out["audit_events"][index] = audit[index * size:(index + 1) * size]
+    return out
+
+
 async def run_floor(url: str, rows: dict[str, tuple[list[str], list[tuple]]],
                     batches: int) -> float:
-    """The same rows, inserted with executemany, in `batches` transactions (each takes its
-    share of every table, in the order of the foreign keys)."""
+    """The same rows, inserted with executemany, in `batches` transactions, with the foreign
+    keys checked as they are for the pipeline."""
+    split = _by_batch(rows, batches)
+
     def slices(index: int) -> list[tuple[str, list[str], list[tuple]]]:
-        out = []
-        for table in TABLES:
-            columns, data = rows[table]
-            size = -(-len(data) // batches)
-            out.append((table, columns, data[index * size:(index + 1) * size]))
-        return out
+        return [(table, rows[table][0], split[table][index]) for table in TABLES]
 
     if url.startswith("sqlite"):
         connection = sqlite3.connect(sqlite_path(url), isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA foreign_keys=OFF")  # the slices keep parents first per table
+        connection.execute("PRAGMA foreign_keys=ON")
+        _copy_entity_types_sqlite(connection, rows)
         started = time.perf_counter()
         for index in range(batches):
             connection.execute("BEGIN")
@@ -90,7 +135,7 @@ async def run_floor(url: str, rows: dict[str, tuple[list[str], list[tuple]]],
         connection.close()
         return elapsed
     connection = await asyncpg.connect(pg_dsn(url))
-    await connection.execute("SET session_replication_role = replica")  # no FK triggers
+    await _copy_entity_types_pg(connection, rows)
     started = time.perf_counter()
     for index in range(batches):
         async with connection.transaction():
@@ -102,6 +147,19 @@ async def run_floor(url: str, rows: dict[str, tuple[list[str], list[tuple]]],
     elapsed = time.perf_counter() - started
     await connection.close()
     return elapsed
+
+
+def _copy_entity_types_sqlite(connection: sqlite3.Connection, rows: dict) -> None:
+    columns, data = rows["entity_types"]
+    connection.executemany(f"INSERT INTO entity_types ({', '.join(columns)}) "
+                           f"VALUES ({', '.join('?' * len(columns))})", data)
+
+
+async def _copy_entity_types_pg(connection: asyncpg.Connection, rows: dict) -> None:
+    columns, data = rows["entity_types"]
+    marks = ", ".join(f"${n + 1}" for n in range(len(columns)))
+    await connection.executemany(
+        f"INSERT INTO entity_types ({', '.join(columns)}) VALUES ({marks})", data)
 
 
 async def measure(backend_name: str, count: int, runs: int, folder: Path) -> dict[str, Any]:
@@ -120,7 +178,7 @@ async def measure(backend_name: str, count: int, runs: int, folder: Path) -> dic
     pipeline_rate = count / median(pipeline)
     floor_rate = count / median(floor)
     return {"backend": backend_name, "messages": count, "runs": runs,
-            "rows_per_message": round(sum(len(r[1]) for r in rows.values()) / count, 2),
+            "rows_per_message": round(sum(len(rows[t][1]) for t in TABLES) / count, 2),
             "pipeline_msgs_per_s": round(pipeline_rate), "floor_msgs_per_s": round(floor_rate),
             "ratio": round(pipeline_rate / floor_rate, 3)}
 
