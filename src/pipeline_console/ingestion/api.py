@@ -14,9 +14,16 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from pipeline_console.api.dependencies import ActorDep, DatabaseDep, NowDep, SettingsDep
+from pipeline_console.api.dependencies import (
+    ActorDep,
+    DatabaseDep,
+    NowDep,
+    SettingsDep,
+    get_actor,
+)
 from pipeline_console.api.problems import problem, problem_responses
 from pipeline_console.auth.dependencies import INGEST
+from pipeline_console.config import Settings
 from pipeline_console.errors import FieldError
 from pipeline_console.ingestion.group_commit import GroupCommitClosed, GroupCommitter
 from pipeline_console.ingestion.intake import (
@@ -98,9 +105,12 @@ def _result_dict(result: Accepted) -> dict[str, Any]:
     responses=problem_responses(413, 422),
     openapi_extra=_body_schema("MessageIn"),
 )
-async def post_message(
-    request: Request, settings: SettingsDep, now: NowDep, actor: ActorDep
-) -> Any:
+async def post_message(request: Request) -> Any:
+    # The hot path reads the app's state directly: FastAPI runs plain-function dependencies
+    # (get_settings, get_now, get_actor) in its thread pool, a thread hop each per request.
+    settings: Settings = request.app.state.settings
+    now = request.app.state.clock()
+    actor = get_actor(request)
     body, too_large = await read_bounded(request, settings.max_message_bytes)
     excerpt_bytes = settings.rejected_body_excerpt_bytes
     item: Any
