@@ -17,18 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.clock import Clock
-from pipeline_console.db import Database
+from pipeline_console.db import Database, allocate_ids
 from pipeline_console.delivery.circuits import apply_event, free_trial, lock_circuit
 from pipeline_console.delivery.policy import (
     CircuitEvent,
@@ -41,6 +42,7 @@ from pipeline_console.delivery.policy import (
     next_step,
 )
 from pipeline_console.delivery.transports import (
+    DeliveryRequest,
     SystemConfig,
     Transports,
     build_request,
@@ -133,7 +135,7 @@ async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
             select(Delivery.system).where(*due).group_by(Delivery.system))).scalars())
         if not systems:
             return []
-        circuits = {system: await lock_circuit(session, system) for system in systems}
+        circuits = {system: await _circuit_for_claim(session, system) for system in systems}
         query = (select(Delivery.id, Delivery.system)
                  .where(*due, Delivery.system.in_(systems), _no_older_in_flight())
                  .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
@@ -156,18 +158,33 @@ async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
                     held.append(delivery_id)
             else:
                 claimed.append((delivery_id, system))
-        for delivery_id, system in claimed:
+        for system in sorted({system for _, system in claimed}):  # one statement per system
             await session.execute(
-                update(Delivery).where(Delivery.id == delivery_id).values(
-                    status="in_flight", claimed_by=deliverer.worker_id,
-                    claim_trigger="scheduled", updated_at=now,
-                    lease_expires_at=_lease(now, timeouts[system], deliverer.lease_margin_s)))
+                update(Delivery).where(Delivery.id.in_(
+                    [delivery_id for delivery_id, name in claimed if name == system]))
+                .values(status="in_flight", claimed_by=deliverer.worker_id,
+                        claim_trigger="scheduled", updated_at=now,
+                        lease_expires_at=_lease(now, timeouts[system],
+                                                deliverer.lease_margin_s))
+                .execution_options(synchronize_session=False))
         if held:
             await session.execute(update(Delivery).where(Delivery.id.in_(held))
-                                  .values(status="held", updated_at=now))
+                                  .values(status="held", updated_at=now)
+                                  .execution_options(synchronize_session=False))
         return [delivery_id for delivery_id, _ in claimed]
 
     return await deliverer.database.run_transaction(work)
+
+
+async def _circuit_for_claim(session: AsyncSession, system: str) -> Circuit:
+    """A closed circuit is only read: claiming under it changes nothing in it, and workers
+    claiming at once need not queue on its row (a claim that commits just before an
+    operator opens the circuit is sent, like any send already under way). An open or
+    half-open circuit is locked: holding deliveries and picking the one trial must not race."""
+    circuit = await session.get(Circuit, system, populate_existing=True)
+    if circuit is not None and circuit.state == "closed":
+        return circuit
+    return await lock_circuit(session, system)
 
 
 async def claim_one(
@@ -221,82 +238,215 @@ async def claim_in(session: AsyncSession, deliverer: Deliverer, delivery_id: int
 
 async def deliver(deliverer: Deliverer, delivery_id: int, *, trigger: str,
                   actor: str) -> DeliveryResult:
-    """Send one claimed delivery and record what happened. THE way anything is sent."""
+    """Send one claimed delivery and record what happened (deliver_many of one)."""
+    [result] = await deliver_many(deliverer, [delivery_id], trigger=trigger, actor=actor)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
-    async def prepare(session: AsyncSession) -> Any:
-        delivery = await _lock_delivery(session, delivery_id)
-        if delivery.status != "in_flight" or delivery.claimed_by != deliverer.worker_id:
-            return None
-        newer = await session.scalar(
-            select(Delivery.version).where(
-                Delivery.system == delivery.system,
-                Delivery.idempotency_key == delivery.idempotency_key,
-                or_(Delivery.version > delivery.version,
-                    and_(Delivery.version == delivery.version, Delivery.id > delivery.id)),
-                Delivery.status.in_(LIVE_STATUSES),
-            ).limit(1)
-        )
-        if newer is not None:
-            await _supersede(session, delivery, newer, deliverer.clock())
-            return Outcome.SUPERSEDED
-        system = await session.get(DownstreamSystem, delivery.system)
-        return (system_config(system), build_request(delivery, delivery.attempts + 1),
-                system.classification_overrides, system.max_attempts, system.failure_threshold,
-                (system.backoff_base_s, system.backoff_max_s))
 
-    prepared = await deliverer.database.run_transaction(prepare)
-    if prepared is None:
-        return DeliveryResult(delivery_id, Outcome.NOT_CLAIMED)
-    if prepared is Outcome.SUPERSEDED:
-        return DeliveryResult(delivery_id, Outcome.SUPERSEDED)
-    config, request, overrides, max_attempts, threshold, backoff = prepared
+@dataclass(frozen=True)
+class _Prepared:
+    """A claimed delivery that is ours to send, with its system's settings."""
 
-    started_at = deliverer.clock()
-    result = await deliverer.transports.send(config, request)
-    classification, rule = classify(result, overrides)
+    config: SystemConfig
+    request: DeliveryRequest
+    overrides: list[dict[str, Any]]
+    max_attempts: int
+    threshold: int
+    backoff: tuple[float, float]
 
-    async def record(session: AsyncSession) -> DeliveryResult:
-        now = deliverer.clock()
-        circuit = await lock_circuit(session, config.name)
-        delivery = await _lock_delivery(session, delivery_id)
-        attempt = DeliveryAttempt(
-            delivery_id=delivery_id, system=config.name, attempt_number=request.attempt_number,
-            trigger=trigger, actor=actor, started_at=started_at, latency_ms=result.latency_ms,
-            request=request.summary(config), response_status=result.status,
-            response_body=result.body or None, classification=classification.value,
-            rule=rule, error=result.error,
-        )
-        session.add(attempt)
-        await session.flush()
-        audit: list[AuditEntry] = []
+
+@dataclass(frozen=True)
+class _Sent:
+    prepared: _Prepared
+    started_at: datetime
+    result: SendResult
+    classification: Classification
+    rule: str
+
+    @property
+    def delivery_id(self) -> int:
+        return self.prepared.request.delivery_id
+
+
+async def deliver_many(deliverer: Deliverer, delivery_ids: Sequence[int], *, trigger: str,
+                       actor: str) -> list[DeliveryResult | BaseException]:
+    """Send claimed deliveries and record what happened. THE way anything is sent.
+
+    One transaction checks that the claims are still ours (and that no newer version
+    supersedes one), the sends run at once outside any transaction, and one transaction
+    records every outcome. One result per id, in order; if recording the batch fails, each
+    outcome is recorded on its own, so that one bad row cannot strand the others (an
+    outcome that still cannot be recorded is returned as its exception: the delivery stays
+    claimed until its lease expires and it becomes ambiguous)."""
+    prepared = await deliverer.database.run_transaction(
+        lambda session: _prepare(session, deliverer, delivery_ids))
+
+    async def send(item: _Prepared) -> _Sent:
+        started_at = deliverer.clock()
+        result = await deliverer.transports.send(item.config, item.request)
+        return _Sent(item, started_at, result, *classify(result, item.overrides))
+
+    sent = await asyncio.gather(*(send(item) for item in prepared.values()
+                                  if isinstance(item, _Prepared)))
+    recorded: dict[int, DeliveryResult | BaseException] = {}
+    try:
+        recorded.update(await deliverer.database.run_transaction(
+            lambda session: _record(session, deliverer, sent, trigger, actor)))
+    except Exception as error:
+        if len(sent) == 1:
+            recorded[sent[0].delivery_id] = error
+        else:
+            log.exception("recording %d outcomes at once failed; recording each alone",
+                          len(sent))
+            for item in sent:
+                try:
+                    recorded.update(await deliverer.database.run_transaction(
+                        lambda session, item=item: _record(session, deliverer, [item],
+                                                           trigger, actor)))
+                except Exception as single_error:
+                    recorded[item.delivery_id] = single_error
+    for item in sent:  # counted once the attempt row is committed, whatever its outcome
+        if not isinstance(recorded[item.delivery_id], BaseException):
+            count_delivery_attempt(item.prepared.config.name, item.classification.value,
+                                   item.result.latency_ms)
+    return [recorded.get(delivery_id) or DeliveryResult(delivery_id, prepared[delivery_id])
+            for delivery_id in delivery_ids]
+
+
+async def _lock_deliveries(session: AsyncSession, delivery_ids: Sequence[int]) -> dict[
+        int, Delivery]:
+    """Lock the deliveries in id order (like every statement that locks several)."""
+    rows = (await session.execute(
+        select(Delivery).where(Delivery.id.in_(sorted(set(delivery_ids))))
+        .order_by(Delivery.id).with_for_update().execution_options(populate_existing=True)
+    )).scalars()
+    locked = {delivery.id: delivery for delivery in rows}
+    for delivery_id in delivery_ids:
+        if delivery_id not in locked:
+            raise NotFound(f"delivery {delivery_id} does not exist")
+    return locked
+
+
+async def _prepare(session: AsyncSession, deliverer: Deliverer,
+                   delivery_ids: Sequence[int]) -> dict[int, _Prepared | Outcome]:
+    """Which claims are still ours, which are superseded, and what to send for the rest."""
+    locked = await _lock_deliveries(session, delivery_ids)
+    ours = [delivery for delivery in locked.values()
+            if delivery.status == "in_flight" and delivery.claimed_by == deliverer.worker_id]
+    out: dict[int, _Prepared | Outcome] = dict.fromkeys(locked, Outcome.NOT_CLAIMED)
+    if not ours:
+        return out
+    sibling = aliased(Delivery)
+    newer = dict((await session.execute(
+        select(Delivery.id, func.max(sibling.version))
+        .join(sibling, and_(
+            sibling.system == Delivery.system,
+            sibling.idempotency_key == Delivery.idempotency_key,
+            or_(sibling.version > Delivery.version,
+                and_(sibling.version == Delivery.version, sibling.id > Delivery.id)),
+            sibling.status.in_(LIVE_STATUSES)))
+        .where(Delivery.id.in_([delivery.id for delivery in ours]))
+        .group_by(Delivery.id)
+    )).all())
+    systems = {system.name: system for system in (await session.execute(
+        select(DownstreamSystem).where(
+            DownstreamSystem.name.in_({delivery.system for delivery in ours}))
+    )).scalars()}
+    for delivery in ours:
+        if delivery.id in newer:
+            await _supersede(session, delivery, newer[delivery.id], deliverer.clock())
+            out[delivery.id] = Outcome.SUPERSEDED
+            continue
+        system = systems[delivery.system]
+        out[delivery.id] = _Prepared(
+            system_config(system), build_request(delivery, delivery.attempts + 1),
+            system.classification_overrides, system.max_attempts, system.failure_threshold,
+            (system.backoff_base_s, system.backoff_max_s))
+    return out
+
+
+def _leaves_circuit_alone(circuit: Circuit, sent: Sequence[_Sent]) -> bool:
+    """Whether these outcomes cannot change the circuit: it is closed with no failures and
+    no trial, and every outcome is healthy. Then the circuit row is not locked, so that
+    workers recording successes do not queue behind one another. (Had the row changed
+    meanwhile, recording before that change is an order the serial history allows.)"""
+    return (circuit.state == "closed" and circuit.consecutive_failures == 0
+            and circuit.trial_delivery_id is None
+            and all(breaker_event(item.classification) is CircuitEvent.HEALTHY
+                    for item in sent))
+
+
+async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[_Sent],
+                  trigger: str, actor: str) -> dict[int, DeliveryResult]:
+    """One transaction for a batch of outcomes: the attempt rows, each delivery's next
+    state, dead letters and ambiguous outcomes, the circuits' transitions, the audit."""
+    if not sent:
+        return {}
+    now = deliverer.clock()
+    circuits: dict[str, Circuit | None] = {}
+    for name in sorted({item.prepared.config.name for item in sent}):  # circuits first
+        circuit = await session.get(Circuit, name, populate_existing=True)
+        if circuit is None or not _leaves_circuit_alone(
+                circuit, [item for item in sent if item.prepared.config.name == name]):
+            circuit = await lock_circuit(session, name)
+        else:
+            circuit = None  # read, not locked: nothing to change
+        circuits[name] = circuit
+    locked = await _lock_deliveries(session, [item.delivery_id for item in sent])
+    ids = await allocate_ids(session, DeliveryAttempt.__table__, len(sent))
+    attempts = [DeliveryAttempt(
+        id=attempt_id, delivery_id=item.delivery_id, system=item.prepared.config.name,
+        attempt_number=item.prepared.request.attempt_number, trigger=trigger, actor=actor,
+        started_at=item.started_at, latency_ms=item.result.latency_ms,
+        request=item.prepared.request.summary(item.prepared.config),
+        response_status=item.result.status, response_body=item.result.body or None,
+        classification=item.classification.value, rule=item.rule, error=item.result.error,
+    ) for attempt_id, item in zip(ids, sent, strict=True)]
+    session.add_all(attempts)
+    await session.flush()
+    audit: list[AuditEntry] = []
+    closing: list[int] = []
+    recorded: dict[int, DeliveryResult] = {}
+    for item, attempt in zip(sent, attempts, strict=True):
+        delivery, circuit = locked[item.delivery_id], circuits[item.prepared.config.name]
         ours = delivery.status == "in_flight" and delivery.claimed_by == deliverer.worker_id
         late = None if ours else await _late_answer_to(session, delivery, deliverer.worker_id,
-                                                       classification)
+                                                       item.classification)
         if not ours and late is None:
             # Another process recovered this delivery meanwhile; the attempt row tells what
             # happened, and the circuit already counted the recovery.
-            await free_trial(session, circuit, delivery_id, now)
-            return DeliveryResult(delivery_id, Outcome.NOT_CLAIMED, attempt.id,
-                                  classification.value)
-        delivery.attempts = max(delivery.attempts, request.attempt_number)
-        step = next_step(classification, delivery.attempts, max_attempts)
-        outcome = await _apply_step(session, delivery, step, attempt, result,
-                                    backoff, deliverer.rng, now, audit)
+            if circuit is not None:
+                await free_trial(session, circuit, delivery.id, now)
+            recorded[delivery.id] = DeliveryResult(delivery.id, Outcome.NOT_CLAIMED,
+                                                   attempt.id, item.classification.value)
+            continue
+        delivery.attempts = max(delivery.attempts, item.prepared.request.attempt_number)
+        step = next_step(item.classification, delivery.attempts, item.prepared.max_attempts)
+        outcome = await _apply_step(session, delivery, step, attempt, item.result,
+                                    item.prepared.backoff, deliverer.rng, now, audit,
+                                    closing=closing)
         if late is not None:
-            audit.append(await _settle_late(session, late, delivery, classification, now))
-        else:
+            audit.append(await _settle_late(session, late, delivery, item.classification, now))
+        elif circuit is not None:
             audit += await apply_event(
-                session, circuit, breaker_event(classification), threshold=threshold, now=now,
-                reason=f"delivery {delivery_id}: {classification.value} ({rule})", actor=actor,
-            )
-        await free_trial(session, circuit, delivery_id, now)
-        await session.flush()
-        await append_audit(session, audit, actor=actor, now=now)
-        return DeliveryResult(delivery_id, outcome, attempt.id, classification.value)
-
-    recorded = await deliverer.database.run_transaction(record)
-    # Counted once the attempt row is committed, whichever of the outcomes above it had.
-    count_delivery_attempt(config.name, classification.value, result.latency_ms)
+                session, circuit, breaker_event(item.classification),
+                threshold=item.prepared.threshold, now=now,
+                reason=f"delivery {delivery.id}: {item.classification.value} ({item.rule})",
+                actor=actor)
+        if circuit is not None:
+            await free_trial(session, circuit, delivery.id, now)
+        recorded[delivery.id] = DeliveryResult(delivery.id, outcome, attempt.id,
+                                               item.classification.value)
+    if closing:  # before the new dead letters are flushed: they replace the open ones
+        await session.execute(
+            update(DeadLetter.__table__)
+            .where(DeadLetter.__table__.c.delivery_id.in_(closing),
+                   DeadLetter.__table__.c.status == "open")
+            .values(status="closed", closed_at=now))
+    await session.flush()
+    await append_audit(session, audit, actor=actor, now=now)
     return recorded
 
 
@@ -333,8 +483,18 @@ async def _settle_late(session: AsyncSession, outcome: AmbiguousOutcome, deliver
 async def _apply_step(
     session: AsyncSession, delivery: Delivery, step: Step, attempt: DeliveryAttempt,
     result: SendResult, backoff: tuple[float, float], rng: random.Random, now: datetime,
-    audit: list[AuditEntry],
+    audit: list[AuditEntry], *, closing: list[int] | None = None,
 ) -> Outcome:
+    """The delivery's next state. Its open dead letters are closed at once, or, when the
+    caller passes `closing`, listed there for the caller to close in one statement before
+    it flushes."""
+
+    async def close_dead_letters() -> None:
+        if closing is None:
+            await _close_dead_letters(session, delivery.id, now)
+        else:
+            closing.append(delivery.id)
+
     delivery.claimed_by = None
     delivery.lease_expires_at = None
     delivery.updated_at = now
@@ -344,7 +504,7 @@ async def _apply_step(
     if step is Step.DELIVERED:
         delivery.status = "delivered"
         delivery.delivered_at = now
-        await _close_dead_letters(session, delivery.id, now)
+        await close_dead_letters()
         return Outcome.DELIVERED
     if step is Step.RETRY:
         delivery.status = "pending"
@@ -358,7 +518,7 @@ async def _apply_step(
         else:
             reason = f"retries_exhausted: {delivery.attempts} attempts, last {attempt.rule}"
         delivery.status = "dead_lettered"
-        await _close_dead_letters(session, delivery.id, now)  # the new entry replaces them
+        await close_dead_letters()  # the new entry replaces them
         session.add(DeadLetter(delivery_id=delivery.id, system=delivery.system,
                                idempotency_key=key, reason=reason,
                                classification=attempt.classification, attempt_id=attempt.id,
@@ -465,19 +625,17 @@ async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> 
 
 
 async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
-                      actor: str | None = None) -> dict[str, int]:
+                      actor: str | None = None, recover: bool = True) -> dict[str, int]:
     """One pass of the worker: recover expired leases, claim what is due, send it.
 
     It claims no more than it sends at once, so that no claim waits for a free slot while its
-    lease runs. Attempts name the worker (or the person who ran the pass) as their actor."""
+    lease runs, and sends them with deliver_many. `recover=False` skips looking for expired
+    leases (the worker looks only every few seconds: leases last longer). Attempts name the
+    worker (or the person who ran the pass) as their actor."""
     actor = actor or deliverer.worker_id
-    recovered = await recover_expired_leases(deliverer)
+    recovered = await recover_expired_leases(deliverer) if recover else 0
     claimed = await claim_due(deliverer, min(limit, concurrency))
-    results = await asyncio.gather(
-        *(deliver(deliverer, delivery_id, trigger="scheduled", actor=actor)
-          for delivery_id in claimed),
-        return_exceptions=True,
-    )
+    results = await deliver_many(deliverer, claimed, trigger="scheduled", actor=actor)
     counts = {"recovered_as_ambiguous": recovered, "claimed": len(claimed)}
     for result in results:
         if isinstance(result, BaseException):

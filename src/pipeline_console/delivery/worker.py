@@ -38,6 +38,9 @@ log = logging.getLogger("pipeline_console.worker")
 # However far off the shared schedule says a job is, look again at least this often (an
 # operator may change the schedule, or another worker may have a shorter interval).
 MAX_SCHEDULE_WAIT_S = 60.0
+# Expired leases are looked for this often, not on every pass: a lease lasts at least a
+# second beyond the system's timeout, and a pass with work takes milliseconds.
+RECOVER_EVERY_S = 5.0
 
 
 async def _run_if_due(deliverer: Deliverer, settings: Settings, scheduled: Scheduled) -> float:
@@ -102,15 +105,20 @@ async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> Non
         log.info("worker %s started", deliverer.worker_id)
         schedule = worker_schedule(settings)
         next_check = dict.fromkeys((scheduled.job for scheduled in schedule), 0.0)
+        next_recovery = 0.0
         try:
             while not stop.is_set():
                 for scheduled in schedule:
                     if time.time() >= next_check[scheduled.job]:
                         next_check[scheduled.job] = await _run_if_due(deliverer, settings,
                                                                       scheduled)
+                recover = time.monotonic() >= next_recovery
+                if recover:
+                    next_recovery = time.monotonic() + RECOVER_EVERY_S
                 try:
                     counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
-                                               concurrency=settings.worker_concurrency)
+                                               concurrency=settings.worker_concurrency,
+                                               recover=recover)
                 except Exception:  # the database went away, say: keep going, loudly
                     log.exception("a delivery pass failed; trying again")
                     counts = {"claimed": 0}
