@@ -275,6 +275,42 @@ async def bulk_update(
     await connection.exec_driver_sql(statement, _driver_rows(dialect, table, [*names, key], rows))
 
 
+_MAX_PARAMETERS = 30_000  # below SQLite's 32,766 and PostgreSQL's 32,767 per statement
+
+
+async def insert_returning(
+    session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]], *,
+    conflict: str, returning: Sequence[str],
+) -> list[Any]:
+    """`INSERT … VALUES (…), (…) <conflict> RETURNING <returning>` for many rows, as few
+    statements as the parameter limit allows, values converted as bulk_insert converts them
+    (no per-row compile or bind processing). `conflict` is the ON CONFLICT clause, the same
+    text on both databases. Returns the returned rows."""
+    if not rows:
+        return []
+    dialect = session.bind.dialect
+    names = list(rows[0])
+    quote = dialect.identifier_preparer.quote
+    values = _driver_rows(dialect, table, names, rows)
+    per_statement = max(1, _MAX_PARAMETERS // len(names))
+    connection = await session.connection()
+    returned: list[Any] = []
+    for start in range(0, len(values), per_statement):
+        chunk = values[start:start + per_statement]
+        marks = _marks(dialect, len(names) * len(chunk))
+        groups = ", ".join(
+            f"({', '.join(marks[i * len(names):(i + 1) * len(names)])})"
+            for i in range(len(chunk))
+        )
+        statement = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+                     f"VALUES {groups} {conflict} "
+                     f"RETURNING {', '.join(quote(n) for n in returning)}")
+        result = await connection.exec_driver_sql(
+            statement, tuple(value for row in chunk for value in row))
+        returned.extend(result.all())
+    return returned
+
+
 def hour_bucket(column: Any, dialect: str) -> Any:
     """The UTC hour of a timestamp column as text, 'YYYY-MM-DD HH', on both databases
     (SQLite stores naive UTC text 'YYYY-MM-DD HH:MM:SS…')."""

@@ -20,7 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.opening import open_anomalies
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.db import allocate_ids, bulk_insert, bulk_update, insert_for
+from pipeline_console.db import (
+    allocate_ids,
+    bulk_insert,
+    bulk_update,
+    insert_for,
+    insert_returning,
+)
 from pipeline_console.entity_types.completeness import completeness_for
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
@@ -143,11 +149,9 @@ async def _lock_states(
     for message in messages:
         first_by_key.setdefault(message.key, message)
     keys = sorted(first_by_key)
-    insert_ = insert_for(session.bind.dialect.name)
-    created = await session.execute(
-        insert_(RecordState.__table__)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(RecordState.__table__.c.idempotency_key),
+    created = await insert_returning(
+        session,
+        RecordState.__table__,
         [
             {
                 "idempotency_key": key,
@@ -161,8 +165,10 @@ async def _lock_states(
             }
             for key in keys
         ],
+        conflict="ON CONFLICT (idempotency_key) DO NOTHING",
+        returning=["idempotency_key"],
     )
-    existing = sorted(set(keys) - set(created.scalars()))
+    existing = sorted(set(keys) - {row[0] for row in created})
     if not existing:
         return {}
     states = await session.execute(

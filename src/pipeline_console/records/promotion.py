@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pipeline_console.db import insert_for
+from pipeline_console.db import insert_returning
 from pipeline_console.delivery.outbox import enqueue_deliveries
 from pipeline_console.models import ProductionRecord, StagingRecord
 
@@ -25,30 +25,22 @@ async def write_production(
     queues one delivery per subscribed downstream system."""
     if not rows:
         return
-    insert = insert_for(session.bind.dialect.name)
-    statement = insert(_table)
-    guard = (
-        _table.c.version <= statement.excluded.version
-        if allow_same_version
-        else _table.c.version < statement.excluded.version
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[_table.c.idempotency_key],
-        set_={
-            column: statement.excluded[column]
-            for column in (
-                "entity_type", "entity_id", "version", "payload", "payload_hash",
-                "source_system", "correlation_id", "staging_id", "promoted_at",
-            )
-        },
-        where=guard,
-    )
+    columns = ("entity_type", "entity_id", "version", "payload", "payload_hash",
+               "source_system", "correlation_id", "staging_id", "promoted_at")
+    guard = "<=" if allow_same_version else "<"
     # Only rows the guard let through were written; exactly those get deliveries queued,
     # in this same transaction (the transactional outbox).
-    written = await session.execute(
-        statement.returning(_table.c.idempotency_key, _table.c.version), list(rows)
+    written = await insert_returning(
+        session, _table, [{"idempotency_key": row["idempotency_key"],
+                           **{column: row[column] for column in columns}} for row in rows],
+        conflict=(
+            "ON CONFLICT (idempotency_key) DO UPDATE SET "
+            + ", ".join(f"{column} = excluded.{column}" for column in columns)
+            + f" WHERE production_records.version {guard} excluded.version"
+        ),
+        returning=["idempotency_key", "version"],
     )
-    promoted = {(row.idempotency_key, row.version) for row in written}
+    promoted = {(key, version) for key, version in written}
     await enqueue_deliveries(
         session,
         [row for row in rows if (row["idempotency_key"], row["version"]) in promoted],
