@@ -29,7 +29,7 @@ import httpx
 from sqlalchemy import event, func, select
 
 from bench.common import BACKENDS, Backend, BenchConfig, Figure, percentile
-from bench.large_data import SYSTEM, bulk_load
+from bench.large_data import FILLER, SYSTEM, bulk_load
 from pipeline_console.auth.tokens import create_token
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
@@ -94,8 +94,8 @@ async def _hot_key(database: Database, deliverer: Deliverer, now: datetime) -> N
     """200 versions of one key, each promoted, delivered and audited."""
     entity_id = HOT_KEY.split(":", 1)[1]
     for version in range(1, HOT_EVENTS + 1):
-        await _ingest(database, [_body("customer", entity_id, version,
-                                       {"name": "hot", "version": version})], now)
+        await _ingest(database, [_body("customer", entity_id, version, {
+            "name": "hot", "version": version, "notes": FILLER})], now)
         async with database.read() as session:
             delivery_id = await session.scalar(select(func.max(Delivery.id)).where(
                 Delivery.idempotency_key == HOT_KEY))
