@@ -340,11 +340,13 @@ async def figures(config: BenchConfig, earlier: list[Figure]) -> list[Figure]:
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m bench.large [sqlite|postgresql]: print, write nothing
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         settings = BenchConfig(folder=Path(folder))
         for name in sys.argv[1:] or BACKENDS:
-            for figure in figures_of(name, asyncio.run(measure(name, settings)), settings):
-                print(figure)
+            for f in figures_of(name, asyncio.run(measure(name, settings)), settings):
+                print(f"{f.number} {f.benchmark} [{f.backend}]: {f.measured} vs {f.floor} = "
+                      f"{f.ratio_text} (target {f.target_text}) {f.verdict}"
+                      + (f"\n    {f.detail}" if f.detail else ""), flush=True)

@@ -48,8 +48,9 @@ async def capture(url: str, key: str) -> list[tuple[str, str, Any]]:
             await build(session, now - timedelta(days=1), now)
     label[0] = "worker claim"
     async with httpx.AsyncClient() as client:
-        # a claim of nothing due (a later clock would claim the backlog): only the plan matters
-        deliverer = Deliverer(database, Transports(client), lambda: now - timedelta(days=30),
+        # two hours on, billing's backlog is due: this claims (and leaves in flight) ten
+        # deliveries, so run it on a database made for looking at plans
+        deliverer = Deliverer(database, Transports(client), lambda: now + timedelta(hours=2),
                               "explain")
         await claim_due(deliverer, 10)
     await database.dispose()
