@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry
+from pipeline_console.db import allocate_ids, bulk_insert
 from pipeline_console.ingestion.diff import field_diff
 from pipeline_console.ingestion.planner import IncomingMessage, PlannedQuarantine
 from pipeline_console.models import Anomaly, StagingRecord
@@ -88,15 +89,12 @@ async def open_anomalies(
             }
         )
     if new_rows:
-        created = await session.execute(
-            insert(Anomaly.__table__).returning(
-                Anomaly.__table__.c.id, sort_by_parameter_order=True
-            ),
-            new_rows,
-        )
-        for signature, row, anomaly_id in zip(
-            new_signatures, new_rows, created.scalars(), strict=True
-        ):
+        # Ids reserved up front: one statement for the batch (RETURNING would make SQLite
+        # insert row by row).
+        created = await allocate_ids(session, Anomaly.__table__, len(new_rows))
+        await bulk_insert(session, Anomaly.__table__,
+                          [{"id": id_, **row} for id_, row in zip(created, new_rows, strict=True)])
+        for signature, row, anomaly_id in zip(new_signatures, new_rows, created, strict=True):
             known[signature] = anomaly_id
             audit.append(
                 AuditEntry(
