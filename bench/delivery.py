@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "sink"
 FILL_BATCH = 1000
 # The worker's own defaults, so that the figure is the product as shipped.
-CONCURRENCY = Settings().worker_concurrency
+CONCURRENCY = int(os.environ.get("BENCH_DELIVERY_CONCURRENCY",
+                                 str(Settings().worker_concurrency)))
 SCALE_LATENCY_MS = 20
 SCALE_WORKERS = (1, 2, 4)
 SCALE_DELIVERIES = int(os.environ.get("BENCH_SCALE_DELIVERIES", "3000"))
@@ -209,6 +210,29 @@ def start_worker(url: str, log: Path, concurrency: int) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+async def wait_until_drained(url: str, started: float) -> None:
+    """Poll (one connection, every 50 ms) until no delivery is pending or in flight."""
+    query = "SELECT count(*) FROM deliveries WHERE status IN ('pending', 'in_flight')"
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(sqlite_path(url), isolation_level=None, timeout=30)
+        count = lambda: connection.execute(query).fetchone()[0]  # noqa: E731
+    else:
+        connection = await asyncpg.connect(pg_dsn(url))
+        count = None
+    try:
+        while True:
+            left = count() if count else await connection.fetchval(query)
+            if left == 0:
+                return
+            if time.perf_counter() - started > 600:
+                raise RuntimeError(f"{left} deliveries still waiting after 10 minutes")
+            await asyncio.sleep(0.05)
+    finally:
+        result = connection.close()
+        if result is not None:
+            await result
+
+
 def profile(pid: int, log: Path) -> subprocess.Popen:
     """BENCH_PYSPY=folder: sample each worker with py-spy while it drains (collapsed stacks)."""
     out = Path(os.environ["BENCH_PYSPY"]) / f"{log.stem}.txt"
@@ -235,14 +259,7 @@ async def run_workers(url: str, workers: int, expected: int, folder: Path,
                      if os.environ.get("BENCH_PYSPY")]
         await set_due(url, datetime.now(UTC))
         started = time.perf_counter()
-        while True:
-            [(left,)] = await execute(url, "SELECT count(*) FROM deliveries "
-                                      "WHERE status IN ('pending', 'in_flight')")
-            if left == 0:
-                break
-            if time.perf_counter() - started > 600:
-                raise RuntimeError(f"{left} deliveries still waiting after 10 minutes")
-            await asyncio.sleep(0.02)
+        await wait_until_drained(url, started)
         elapsed = time.perf_counter() - started
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -123,57 +123,66 @@ def _lease(now: datetime, timeout_s: float, margin_s: float) -> datetime:
 
 
 async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
-    """Claim up to `limit` due deliveries for this worker. Deliveries of a system whose circuit
-    is open are held instead; a half-open circuit lets exactly one trial through.
+    """Claim up to `limit` due deliveries for this worker, in a transaction of its own."""
+    return await deliverer.database.run_transaction(
+        lambda session: claim_due_in(session, deliverer, limit))
 
-    Lock order, the same everywhere: circuits (by name), then deliveries (by id)."""
 
-    async def work(session: AsyncSession) -> list[int]:
-        now = deliverer.clock()
-        due = (Delivery.status == "pending", Delivery.next_attempt_at <= now)
-        systems = sorted((await session.execute(
-            select(Delivery.system).where(*due).group_by(Delivery.system))).scalars())
-        if not systems:
-            return []
-        circuits = {system: await _circuit_for_claim(session, system) for system in systems}
-        query = (select(Delivery.id, Delivery.system)
-                 .where(*due, Delivery.system.in_(systems), _no_older_in_flight())
-                 .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
-        if not deliverer.database.is_sqlite:
-            query = query.with_for_update(skip_locked=True, of=Delivery)
-        rows = (await session.execute(query)).all()
-        timeouts = dict((await session.execute(
-            select(DownstreamSystem.name, DownstreamSystem.timeout_s)
-            .where(DownstreamSystem.name.in_(systems)))).all())
-        claimed, held = [], []
-        for delivery_id, system in rows:
-            circuit = circuits[system]
-            if circuit.state == "open":
-                held.append(delivery_id)
-            elif circuit.state == "half_open":
-                if circuit.trial_delivery_id is None:
-                    circuit.trial_delivery_id = delivery_id
-                    claimed.append((delivery_id, system))
-                else:
-                    held.append(delivery_id)
-            else:
+async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) -> list[int]:
+    """claim_due in the caller's transaction. Deliveries of a system whose circuit is open
+    are held instead; a half-open circuit lets exactly one trial through.
+
+    Lock order, the same everywhere: circuits (by name), then deliveries."""
+    now = deliverer.clock()
+    due = (Delivery.status == "pending", Delivery.next_attempt_at <= now)
+    # Per system, the first due delivery found through the (system, status, id) index;
+    # grouping every due row by system would read the whole queue on every claim.
+    systems = sorted((await session.execute(
+        select(DownstreamSystem.name).where(
+            exists().where(Delivery.system == DownstreamSystem.name, *due)))).scalars())
+    if not systems:
+        return []
+    circuits = {system: await _circuit_for_claim(session, system) for system in systems}
+    query = (select(Delivery.id, Delivery.system)
+             .where(*due, Delivery.system.in_(systems), _no_older_in_flight())
+             # next_attempt_at alone, so that the (status, next_attempt_at) index gives
+             # the order and the scan stops after `limit` rows; adding id as a
+             # tie-break made both databases read and sort every due row on every
+             # claim (60 ms at 20,000 on PostgreSQL). Ties go in index order.
+             .order_by(Delivery.next_attempt_at).limit(limit))
+    if not deliverer.database.is_sqlite:
+        query = query.with_for_update(skip_locked=True, of=Delivery)
+    rows = (await session.execute(query)).all()
+    timeouts = dict((await session.execute(
+        select(DownstreamSystem.name, DownstreamSystem.timeout_s)
+        .where(DownstreamSystem.name.in_(systems)))).all())
+    claimed, held = [], []
+    for delivery_id, system in rows:
+        circuit = circuits[system]
+        if circuit.state == "open":
+            held.append(delivery_id)
+        elif circuit.state == "half_open":
+            if circuit.trial_delivery_id is None:
+                circuit.trial_delivery_id = delivery_id
                 claimed.append((delivery_id, system))
-        for system in sorted({system for _, system in claimed}):  # one statement per system
-            await session.execute(
-                update(Delivery).where(Delivery.id.in_(
-                    [delivery_id for delivery_id, name in claimed if name == system]))
-                .values(status="in_flight", claimed_by=deliverer.worker_id,
-                        claim_trigger="scheduled", updated_at=now,
-                        lease_expires_at=_lease(now, timeouts[system],
-                                                deliverer.lease_margin_s))
-                .execution_options(synchronize_session=False))
-        if held:
-            await session.execute(update(Delivery).where(Delivery.id.in_(held))
-                                  .values(status="held", updated_at=now)
-                                  .execution_options(synchronize_session=False))
-        return [delivery_id for delivery_id, _ in claimed]
-
-    return await deliverer.database.run_transaction(work)
+            else:
+                held.append(delivery_id)
+        else:
+            claimed.append((delivery_id, system))
+    for system in sorted({system for _, system in claimed}):  # one statement per system
+        await session.execute(
+            update(Delivery).where(Delivery.id.in_(
+                [delivery_id for delivery_id, name in claimed if name == system]))
+            .values(status="in_flight", claimed_by=deliverer.worker_id,
+                    claim_trigger="scheduled", updated_at=now,
+                    lease_expires_at=_lease(now, timeouts[system],
+                                            deliverer.lease_margin_s))
+            .execution_options(synchronize_session=False))
+    if held:
+        await session.execute(update(Delivery).where(Delivery.id.in_(held))
+                              .values(status="held", updated_at=now)
+                              .execution_options(synchronize_session=False))
+    return [delivery_id for delivery_id, _ in claimed]
 
 
 async def _circuit_for_claim(session: AsyncSession, system: str) -> Circuit:
@@ -270,8 +279,10 @@ class _Sent:
         return self.prepared.request.delivery_id
 
 
-async def deliver_many(deliverer: Deliverer, delivery_ids: Sequence[int], *, trigger: str,
-                       actor: str) -> list[DeliveryResult | BaseException]:
+async def deliver_many(
+    deliverer: Deliverer, delivery_ids: Sequence[int] = (), *, trigger: str, actor: str,
+    claim: Callable[[AsyncSession], Awaitable[list[int]]] | None = None,
+) -> list[DeliveryResult | BaseException]:
     """Send claimed deliveries and record what happened. THE way anything is sent.
 
     One transaction checks that the claims are still ours (and that no newer version
@@ -279,9 +290,16 @@ async def deliver_many(deliverer: Deliverer, delivery_ids: Sequence[int], *, tri
     records every outcome. One result per id, in order; if recording the batch fails, each
     outcome is recorded on its own, so that one bad row cannot strand the others (an
     outcome that still cannot be recorded is returned as its exception: the delivery stays
-    claimed until its lease expires and it becomes ambiguous)."""
-    prepared = await deliverer.database.run_transaction(
-        lambda session: _prepare(session, deliverer, delivery_ids))
+    claimed until its lease expires and it becomes ambiguous).
+
+    `claim`, instead of ids, claims them inside the checking transaction (the worker's pass:
+    one transaction fewer per batch)."""
+
+    async def prepare(session: AsyncSession) -> tuple[list[int], dict[int, Any]]:
+        ids = list(delivery_ids) if claim is None else await claim(session)
+        return ids, await _prepare(session, deliverer, ids)
+
+    delivery_ids, prepared = await deliverer.database.run_transaction(prepare)
 
     async def send(item: _Prepared) -> _Sent:
         started_at = deliverer.clock()
@@ -332,6 +350,8 @@ async def _lock_deliveries(session: AsyncSession, delivery_ids: Sequence[int]) -
 async def _prepare(session: AsyncSession, deliverer: Deliverer,
                    delivery_ids: Sequence[int]) -> dict[int, _Prepared | Outcome]:
     """Which claims are still ours, which are superseded, and what to send for the rest."""
+    if not delivery_ids:
+        return {}
     locked = await _lock_deliveries(session, delivery_ids)
     ours = [delivery for delivery in locked.values()
             if delivery.status == "in_flight" and delivery.claimed_by == deliverer.worker_id]
@@ -634,9 +654,10 @@ async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
     worker (or the person who ran the pass) as their actor."""
     actor = actor or deliverer.worker_id
     recovered = await recover_expired_leases(deliverer) if recover else 0
-    claimed = await claim_due(deliverer, min(limit, concurrency))
-    results = await deliver_many(deliverer, claimed, trigger="scheduled", actor=actor)
-    counts = {"recovered_as_ambiguous": recovered, "claimed": len(claimed)}
+    results = await deliver_many(
+        deliverer, trigger="scheduled", actor=actor,
+        claim=lambda session: claim_due_in(session, deliverer, min(limit, concurrency)))
+    counts = {"recovered_as_ambiguous": recovered, "claimed": len(results)}
     for result in results:
         if isinstance(result, BaseException):
             # The delivery stays claimed; its lease expires and it is recovered as ambiguous.

@@ -1,0 +1,104 @@
+"""A worker's pass claims a batch, sends it at once and records every outcome in one
+transaction (deliver_many): each delivery still gets exactly its own outcome, attempt row,
+dead letter or ambiguous entry, and its system's circuit its own transitions. Real HTTP
+servers on 127.0.0.1, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline_console.delivery.service import claim_due, deliver_many
+from tests.delivery.test_delivery import (
+    add_system,
+    attempts,
+    circuit,
+    deliveries,
+    ingest,
+    run_pass,
+)
+from tests.sink import Answer, ScriptedServer
+from tests.support import message
+
+
+@pytest.fixture
+def sinks() -> Iterator[dict[str, ScriptedServer]]:
+    servers = {name: ScriptedServer().start() for name in ("ok", "rejects", "busy", "slow")}
+    servers["rejects"].answer(Answer(422, body="bad customer"))
+    servers["busy"].answer(Answer(503))
+    servers["slow"].answer(Answer(200, delay_s=1.5))
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+async def test_one_pass_records_each_outcome_of_a_mixed_batch_as_its_own(client, sinks, clock):
+    for name, server in sinks.items():
+        await add_system(client, server, name=name, timeout_s=0.3 if name == "slow" else 5)
+    await ingest(client, message(1))
+
+    counts = await run_pass(client)
+
+    assert counts["claimed"] == 4
+    assert {k: counts.get(k) for k in ("delivered", "dead_lettered", "retry", "ambiguous")} == {
+        "delivered": 1, "dead_lettered": 1, "retry": 1, "ambiguous": 1}
+    status = {d["system"]: d["status"] for d in await deliveries(client)}
+    assert status == {"ok": "delivered", "rejects": "dead_lettered", "busy": "pending",
+                      "slow": "ambiguous"}
+    for delivery in await deliveries(client):
+        [attempt] = await attempts(client, delivery["id"])
+        assert attempt["classification"] == {
+            "ok": "success", "rejects": "permanent", "busy": "transient",
+            "slow": "ambiguous"}[delivery["system"]]
+    [dead] = (await client.get("/api/v1/dlq")).json()["items"]
+    assert dead["classification"] == "permanent" and "bad customer" in dead["reason"]
+    [outcome] = (await client.get("/api/v1/ambiguous")).json()["items"]
+    assert outcome["reason"].startswith("maybe_sent")
+    failures = {name: (await circuit(client, name))["consecutive_failures"] for name in sinks}
+    assert failures == {"ok": 0, "rejects": 0, "busy": 1, "slow": 1}
+    assert all(sum(server.keys_received().values()) == 1 for server in sinks.values())
+
+
+async def test_a_success_after_failures_resets_the_circuits_count(client, sink, clock):
+    sink.answer(Answer(503), Answer(200))
+    await add_system(client, sink, failure_threshold=3, backoff_base_s=1, backoff_max_s=1)
+    await ingest(client, message(1))
+    await run_pass(client)
+    assert (await circuit(client))["consecutive_failures"] == 1
+    clock.advance(seconds=5)
+    assert (await run_pass(client))["delivered"] == 1
+    assert (await circuit(client))["consecutive_failures"] == 0
+
+
+async def test_failures_in_one_batch_open_the_circuit_once(client, sink, clock):
+    sink.answer(Answer(503))
+    await add_system(client, sink, failure_threshold=2)
+    await ingest(client, *[message(1, entity_id=f"B-{n}") for n in range(3)])
+    counts = await run_pass(client)
+    assert counts["retry"] == 3
+    state = await circuit(client)
+    # the third failure finds it open already: outcomes of sends under way change nothing
+    assert (state["state"], state["consecutive_failures"]) == ("open", 2)
+    events = (await client.get("/api/v1/audit?action=circuit.open")).json()["items"]
+    assert len(events) == 1
+
+
+async def test_a_batch_delivers_each_claimed_delivery_once_and_in_request_order(
+        client, sink, clock):
+    await add_system(client, sink)
+    await ingest(client, *[message(1, entity_id=f"O-{n}") for n in range(5)])
+    deliverer = client.app.state.deliverer
+    claimed = await claim_due(deliverer, 3)
+    assert len(claimed) == 3
+    results = await deliver_many(deliverer, list(reversed(claimed)), trigger="scheduled",
+                                 actor="tester")
+    assert [result.delivery_id for result in results] == list(reversed(claimed))
+    assert {result.outcome.value for result in results} == {"delivered"}
+    # sending them again is refused: they are no longer claimed
+    again = await deliver_many(deliverer, claimed, trigger="scheduled", actor="tester")
+    assert {result.outcome.value for result in again} == {"not_claimed"}
+    assert (await run_pass(client))["delivered"] == 2
+    assert sorted(sink.keys_received().values()) == [1] * 5
