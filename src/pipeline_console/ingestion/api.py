@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from pipeline_console.api.dependencies import (
     ActorDep,
@@ -83,6 +84,13 @@ def _rejection_problem(result: Rejected) -> JSONResponse:
     )
 
 
+def _json(body: dict[str, Any]) -> Response:
+    """The answer as JSON bytes (orjson), already in the shape of the route's response_model,
+    which stays for the OpenAPI document: FastAPI's validation of a 500-result batch against
+    it was a tenth of the batch route's time in the issue 8 profile."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 def _result_dict(result: Accepted) -> dict[str, Any]:
     return {
         "decision": result.decision,
@@ -139,7 +147,7 @@ async def post_message(request: Request) -> Any:
     structlog.contextvars.bind_contextvars(decision=getattr(result, "decision", "rejected"))
     if isinstance(result, Rejected):
         return _rejection_problem(result)
-    return _result_dict(result)
+    return _json(_result_dict(result))
 
 
 @router.post(
@@ -220,4 +228,4 @@ async def post_batch(
             }})
         else:
             out.append({"index": index, **_result_dict(result)})
-    return {"results": out}
+    return _json({"results": out})
