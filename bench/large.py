@@ -53,7 +53,7 @@ HOT_KEY = "customer:HOT-200"
 HOT_EVENTS = 200
 RUNS = int(os.environ.get("BENCH_LATENCY_RUNS", "200"))  # timed calls per kind, after warm-up
 WARM_UP = 20
-INGEST = int(os.environ.get("BENCH_LARGE_INGEST", "100000"))  # benchmark 8's messages
+INGEST = int(os.environ.get("BENCH_LARGE_INGEST", "50000"))  # benchmark 8's messages
 ROOT = Path(__file__).resolve().parents[1]
 
 
