@@ -117,6 +117,9 @@ async def inspect_record(session: AsyncSession, key: str, *, limit: int) -> Insp
         found.sections[name] = []
         if found.totals[name] and name != "replays":
             found.sections[name] = await _rows(session, entity, order, limit, condition)
+            # on PostgreSQL each statement has its own snapshot: rows that arrived since
+            # the totals were read are shown, and counted
+            found.totals[name] = max(found.totals[name], len(found.sections[name]))
     if found.totals["replays"]:
         replay_rows = (await session.execute(
             select(ReplayRequest, ReplayItem)
