@@ -12,6 +12,7 @@ import contextlib
 import json
 import operator
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -43,7 +44,8 @@ def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine
         kwargs["poolclass"] = NullPool
     elif url.get_backend_name() == "postgresql":
         kwargs.update(pool_size=settings.database_pool_size, max_overflow=0, pool_pre_ping=True)
-    engine = create_async_engine(url, json_serializer=json_text, **kwargs)
+    engine = create_async_engine(url, json_serializer=json_text, json_deserializer=json_value,
+                                 **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, settings.sqlite_busy_timeout_ms)
     return engine
@@ -57,6 +59,21 @@ def json_text(value: Any) -> str:
         return orjson.dumps(value).decode()
     except (orjson.JSONEncodeError, TypeError):
         return json.dumps(value)
+
+
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def json_value(text: str) -> Any:
+    """How JSON columns are read: orjson (the inspector's rows are mostly JSON); the standard
+    library for what orjson would misread or refuse: integer literals that may not fit in 64
+    bits (orjson reads those as floats) and NaN or Infinity that `json` once wrote."""
+    if _LONG_NUMBER.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 def _lower(value: Any) -> Any:
