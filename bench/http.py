@@ -18,11 +18,13 @@ coroutines in this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,28 +134,35 @@ def _client(server: Server) -> httpx.AsyncClient:
         headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"})
 
 
-async def _drive(server: Server, path: str, bodies: list[bytes], concurrency: int,
+@contextlib.asynccontextmanager
+async def _clients(server: Server, count: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """`count` clients, made once per server: making an AsyncClient (its TLS context) costs
+    milliseconds of CPU, which must not fall inside a timed slice."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(_client(server)) for _ in range(count)]
+
+
+async def _drive(clients: list[httpx.AsyncClient], path: str, bodies: list[bytes],
                  seconds: float | None = None) -> tuple[float, list[float], list[httpx.Response]]:
-    """Post the bodies in order from `concurrency` clients, each sending its next request
-    when its last one was answered, until every body is sent or `seconds` have passed (then
-    the requests under way finish); returns the elapsed time, each request's latency and
-    the responses (in the order of the bodies, only those sent)."""
+    """Post the bodies in order, each client sending its next request when its last one
+    was answered, until every body is sent or `seconds` have passed (then the requests under
+    way finish); returns the elapsed time, each request's latency and the responses (in the
+    order of the bodies, only those sent)."""
     next_index = 0
     latencies: list[float] = []
     responses: list[Any] = [None] * len(bodies)
     deadline = time.perf_counter() + seconds if seconds else float("inf")
 
-    async def sender() -> None:
+    async def sender(client: httpx.AsyncClient) -> None:
         nonlocal next_index
-        async with _client(server) as client:
-            while next_index < len(bodies) and time.perf_counter() < deadline:
-                index, next_index = next_index, next_index + 1
-                began = time.perf_counter()
-                responses[index] = await client.post(path, content=bodies[index])
-                latencies.append(time.perf_counter() - began)
+        while next_index < len(bodies) and time.perf_counter() < deadline:
+            index, next_index = next_index, next_index + 1
+            began = time.perf_counter()
+            responses[index] = await client.post(path, content=bodies[index])
+            latencies.append(time.perf_counter() - began)
 
     started = time.perf_counter()
-    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    await asyncio.gather(*(sender(client) for client in clients))
     return time.perf_counter() - started, latencies, responses[:next_index]
 
 
@@ -170,8 +179,9 @@ async def run_batch(backend: Backend, bodies: list[dict[str, Any]], log: Path) -
     try:
         requests = [orjson.dumps({"messages": bodies[start:start + BATCH_SIZE]})
                     for start in range(0, len(bodies), BATCH_SIZE)]
-        elapsed, _, responses = await _drive(server, "/api/v1/messages/batch", requests,
-                                             BATCH_CLIENTS)
+        async with _clients(server, BATCH_CLIENTS) as clients:
+            await _drive(clients, "/healthz", [b""] * BATCH_CLIENTS)  # connections open
+            elapsed, _, responses = await _drive(clients, "/api/v1/messages/batch", requests)
         _check(responses, "batch")
         decided = sum(1 for response in responses for result in response.json()["results"]
                       if "decision" in result)
@@ -192,22 +202,23 @@ async def run_single(backend: Backend, bodies: list[dict[str, Any]], log: Path) 
     server = await start_server(url, [sys.executable, "-m", "bench.app"], log)
     try:
         encoded = [orjson.dumps(body) for body in bodies]
-        await _drive(server, "/bench/validate", encoded[:WARMUP_REQUESTS], SINGLE_CLIENTS)
         endpoints = (("validate", "/bench/validate"), ("insert", "/bench/insert"),
                      ("pipeline", "/api/v1/messages"))
         elapsed = dict.fromkeys(dict(endpoints), 0.0)
         served = dict.fromkeys(dict(endpoints), 0)
         latencies: dict[str, list[float]] = {name: [] for name, _ in endpoints}
         size = -(-len(encoded) // ROUNDS)
-        for _ in range(ROUNDS):
-            for name, path in endpoints:
-                start = served[name]
-                took, times, responses = await _drive(
-                    server, path, encoded[start:start + size], SINGLE_CLIENTS, SLICE_SECONDS)
-                _check(responses, name)
-                elapsed[name] += took
-                served[name] += len(responses)
-                latencies[name] += times
+        async with _clients(server, SINGLE_CLIENTS) as clients:
+            await _drive(clients, "/bench/validate", encoded[:WARMUP_REQUESTS])
+            for _ in range(ROUNDS):
+                for name, path in endpoints:
+                    start = served[name]
+                    took, times, responses = await _drive(
+                        clients, path, encoded[start:start + size], SLICE_SECONDS)
+                    _check(responses, name)
+                    elapsed[name] += took
+                    served[name] += len(responses)
+                    latencies[name] += times
         out: dict[str, Any] = {"rss": server.peak_rss_mb()}
         for name, _ in endpoints:
             out[name] = served[name] / elapsed[name]
