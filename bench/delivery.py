@@ -187,7 +187,7 @@ async def requests_of(url: str) -> list[tuple[bytes, dict[str, str]]]:
 
 
 async def run_floor(requests: list[tuple[bytes, dict[str, str]]], url: str,
-                    concurrency: int) -> float:
+                    concurrency: int) -> tuple[float, float]:
     """A bare httpx loop: `concurrency` tasks posting the same bodies to the same sink."""
     pending = iter(requests)
 
@@ -198,9 +198,9 @@ async def run_floor(requests: list[tuple[bytes, dict[str, str]]], url: str,
 
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(post(client) for _ in range(concurrency)))
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
 
 
 def start_worker(url: str, log: Path, concurrency: int) -> subprocess.Popen:
@@ -245,9 +245,9 @@ def profile(pid: int, log: Path) -> subprocess.Popen:
 
 
 async def run_workers(url: str, workers: int, expected: int, folder: Path,
-                      concurrency: int) -> float:
+                      concurrency: int) -> tuple[float, float]:
     """Start `workers` worker processes on a closed queue, open it, and time until nothing
-    is pending or in flight."""
+    is pending or in flight; returns the seconds and the workers' CPU seconds meanwhile."""
     await set_due(url, datetime.now(UTC) + timedelta(days=1))
     logs = [folder / f"worker-{uuid.uuid4().hex[:6]}.log" for _ in range(workers)]
     processes = [start_worker(url, log, concurrency) for log in logs]
@@ -260,10 +260,12 @@ async def run_workers(url: str, workers: int, expected: int, folder: Path,
         profilers = [profile(process.pid, log) for process, log in zip(processes, logs,
                                                                         strict=True)
                      if os.environ.get("BENCH_PYSPY")]
+        cpu_at_start = sum(cpu_seconds(process.pid) for process in processes)
         await set_due(url, datetime.now(UTC))
         started = time.perf_counter()
         await wait_until_drained(url, started)
         elapsed = time.perf_counter() - started
+        cpu = sum(cpu_seconds(process.pid) for process in processes) - cpu_at_start
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
@@ -272,7 +274,13 @@ async def run_workers(url: str, workers: int, expected: int, folder: Path,
             process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait(timeout=60)
-    return elapsed
+    return elapsed, cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def verify(url: str, sink: Sink, expected: int) -> int:
@@ -309,17 +317,22 @@ async def bench_drain(backend_name: str, config: BenchConfig, sink: Sink) -> Fig
             await verify(url, sink, count)
     finally:
         await backend.drop_all()
-    pipeline_rate, floor_rate = count / median(pipelines), count / median(floors)
+    pipeline_rate = count / median([t for t, _ in pipelines])
+    floor_rate = count / median([t for t, _ in floors])
+    worker_cpu = median([cpu for _, cpu in pipelines]) * 1000 / count
+    floor_cpu = median([cpu for _, cpu in floors]) * 1000 / count
     return Figure(
         "6", f"delivery worker draining {count:,} deliveries to a local HTTP sink "
         f"(200 at once), concurrency {CONCURRENCY}", backend_name,
         f"{pipeline_rate:,.0f} deliveries/s", f"{floor_rate:,.0f} posts/s (bare httpx loop)",
         round(pipeline_rate / floor_rate, 3), 0.5,
         detail=f"median of {len(pipelines)} run(s); worker runs "
-        f"{', '.join(f'{t:.1f}' for t in pipelines)} s, floor runs "
-        f"{', '.join(f'{t:.1f}' for t in floors)} s; afterwards every delivery was "
+        f"{', '.join(f'{t:.1f}' for t, _ in pipelines)} s, floor runs "
+        f"{', '.join(f'{t:.1f}' for t, _ in floors)} s; CPU per delivery: worker process "
+        f"{worker_cpu:.2f} ms, floor loop {floor_cpu:.2f} ms; afterwards every delivery was "
         "delivered with one attempt and the sink received each key exactly once",
-        extra={"deliveries_per_s": round(pipeline_rate)})
+        extra={"deliveries_per_s": round(pipeline_rate), "worker_cpu_ms": worker_cpu,
+               "floor_cpu_ms": floor_cpu})
 
 
 async def bench_scale(config: BenchConfig, sink: Sink) -> Figure:
@@ -327,6 +340,7 @@ async def bench_scale(config: BenchConfig, sink: Sink) -> Figure:
     count = SCALE_DELIVERIES
     runs = 1
     rates: dict[int, float] = {}
+    cpu_ms: dict[int, float] = {}
     try:
         template = await backend.fresh()
         await fill(template, count, sink.url(SCALE_LATENCY_MS))
@@ -338,7 +352,8 @@ async def bench_scale(config: BenchConfig, sink: Sink) -> Figure:
                 times.append(await run_workers(url, workers, count, config.folder,
                                                CONCURRENCY))
                 await verify(url, sink, count)
-            rates[workers] = count / median(times)
+            rates[workers] = count / median([t for t, _ in times])
+            cpu_ms[workers] = median([cpu for _, cpu in times]) * 1000 / count
     finally:
         await backend.drop_all()
     ratio = rates[4] / rates[1]
@@ -348,8 +363,10 @@ async def bench_scale(config: BenchConfig, sink: Sink) -> Figure:
         "postgresql", " / ".join(f"{rates[n]:,.0f}" for n in SCALE_WORKERS) + " deliveries/s",
         f"{rates[1]:,.0f} deliveries/s (one worker)", round(ratio, 3), 3.0,
         detail=f"4 workers {ratio:.2f} x, 2 workers {rates[2] / rates[1]:.2f} x one worker; "
+        "workers' CPU per delivery "
+        + " / ".join(f"{cpu_ms[n]:.2f}" for n in SCALE_WORKERS) + " ms; "
         "zero duplicates: the sink received each of the deliveries exactly once in every run",
-        extra={"rates": rates})
+        extra={"rates": rates, "cpu_ms": cpu_ms})
 
 
 async def figures(config: BenchConfig, earlier: list[Figure]) -> list[Figure]:
