@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import event
+import json
 
+from sqlalchemy import event, text
+
+from pipeline_console.inspector.api import inspect_model
+from pipeline_console.inspector.service import inspect_record
 from tests.delivery.test_delivery import add_system, ingest, run_pass
 from tests.sink import Answer
 from tests.support import message
@@ -32,7 +36,17 @@ async def test_an_unknown_key_is_404(client):
     assert response.headers["content-type"] == "application/problem+json"
 
 
-async def test_a_record_through_every_branch_and_queue_is_explained(client, sink, clock):
+async def same_as_the_models(database, body, key="customer:C-100", limit=200):
+    """The route writes the long sections straight from the rows with orjson: the answer is
+    the JSON the pydantic models would have given (as FastAPI dumps them, by alias)."""
+    async with database.read() as session:
+        found = await inspect_record(session, key, limit=limit)
+        expected = json.loads(inspect_model(found, key, limit).model_dump_json(by_alias=True))
+    assert body == expected
+
+
+async def test_a_record_through_every_branch_and_queue_is_explained(client, sink, clock,
+                                                                      database):
     sink.answer(Answer(400, body="nope"), Answer(200))
     await add_system(client, sink)
     await ingest(client, message(1, {"name": "A"}, correlation_id="evt-1", message_id="m1"))
@@ -62,6 +76,7 @@ async def test_a_record_through_every_branch_and_queue_is_explained(client, sink
     await client.post(f"/api/v1/replays/{replay.json()['id']}/execute")
 
     body = (await inspect(client)).json()
+    await same_as_the_models(database, body)
     assert [a["decision"] for a in body["attempts"]] == [
         "accept_new", "skip_duplicate", "accept_supersede", "skip_stale", "quarantine",
         "rejected"]
@@ -118,12 +133,26 @@ async def test_the_number_of_queries_does_not_grow_with_the_history(client, data
     assert await count_queries() == short
 
 
-async def test_a_long_history_is_capped_with_its_total(client):
+async def test_a_long_history_is_capped_with_its_total(client, database):
     for version in range(1, 13):
         await ingest(client, message(version, {"v": version}))
     body = (await inspect(client, limit=5)).json()
     assert [a["version"] for a in body["attempts"]] == [8, 9, 10, 11, 12]
     assert body["totals"]["attempts"] == 12 and body["limit"] == 5
+    await same_as_the_models(database, body, limit=5)
+
+
+async def test_a_payload_orjson_cannot_write_is_answered_through_the_models(client, database):
+    big = 2**70  # beyond orjson's 64-bit integers: the route falls back to the models
+    await ingest(client, message(1, {"ratio": 0.1, "nested": [{"x": None}]}))
+    async with database.transaction() as session:  # intake refuses it; a row may hold it
+        await session.execute(text("UPDATE staging_records SET payload = :payload"),
+                              {"payload": f'{{"big": {big}}}'})
+    response = await inspect(client)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["staging"][0]["payload"]["big"] == big
+    await same_as_the_models(database, body)
 
 
 async def test_inspect_by_correlation_id_shows_the_business_event(client):
