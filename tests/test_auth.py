@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from pipeline_console.app import create_app
 from pipeline_console.auth.dependencies import Public, Requires
 from pipeline_console.auth.roles import ROLES, allows
-from pipeline_console.auth.tokens import hash_token
+from pipeline_console.auth.tokens import create_token, hash_token, new_token, revoke_token
 from pipeline_console.config import Settings
 from pipeline_console.demo import load_demo
 from pipeline_console.models import ApiToken
@@ -131,7 +131,35 @@ async def test_no_token_a_wrong_token_and_a_revoked_token_are_401(client, databa
         result = await asyncio.to_thread(run_cli, str(database.engine.url.render_as_string(
             hide_password=False)), "tokens", "revoke", "soon-revoked")
         assert result.returncode == 0, result.stderr
+        # A process remembers a token it has just checked for TOKEN_CACHE_S (5 s by default),
+        # so revocation reaches it within that time, not at once.
+        assert (await anyone.get("/api/v1/records", headers=headers)).status_code == 200
+        clock.advance(seconds=5)
         assert (await anyone.get("/api/v1/records", headers=headers)).status_code == 401
+
+
+async def test_without_the_cache_a_revoked_token_is_refused_at_once(database, clock):
+    app = create_app(Settings(database_url=database.engine.url.render_as_string(
+        hide_password=False), token_cache_s=0), database=database, clock=clock)
+    token = await make_token(database, "viewer", name="revoked-now", now=clock.now)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test") as anyone:
+        assert (await anyone.get("/api/v1/records", headers=headers)).status_code == 200
+        async with database.transaction() as session:
+            await revoke_token(session, "revoked-now", actor="tester", now=clock.now)
+        assert (await anyone.get("/api/v1/records", headers=headers)).status_code == 401
+
+
+async def test_the_cache_never_remembers_an_unknown_token(client, database, clock):
+    """A refused token is looked up again next time: a token created a moment later works."""
+    token = new_token()
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await client.get("/api/v1/records", headers=headers)).status_code == 401
+    async with database.transaction() as session:
+        await create_token(session, name="just-made", role="viewer", actor="tester",
+                           now=clock.now, token=token)
+    assert (await client.get("/api/v1/records", headers=headers)).status_code == 200
 
 
 async def test_tokens_are_stored_only_as_hashes_and_printed_once(client, database_url,

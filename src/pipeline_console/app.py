@@ -26,7 +26,12 @@ from pipeline_console.api.problems import install_problem_handlers, problem, pro
 from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.auth.dependencies import METRICS, PUBLIC
-from pipeline_console.auth.tokens import BOOTSTRAP_NAME, ensure_bootstrap_admin, find_active
+from pipeline_console.auth.tokens import (
+    BOOTSTRAP_NAME,
+    TokenCache,
+    ensure_bootstrap_admin,
+    find_active,
+)
 from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
 from pipeline_console.console.admin import router as console_admin
@@ -93,6 +98,7 @@ def create_app(
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.clock = clock
+    app.state.token_cache = TokenCache(settings.token_cache_s, clock)
     if database is not None:
         app.state.database = database
     install_problem_handlers(app, html=html_error)

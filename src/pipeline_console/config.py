@@ -38,6 +38,10 @@ class Settings(BaseSettings):
 
     metrics_auth: Literal["open", "viewer"] = Field(
         default="viewer", description="whether GET /metrics needs a token with the viewer role")
+    token_cache_s: float = Field(
+        default=5.0, ge=0, le=300,
+        description="how long a process remembers a token it has checked (0: look it up on "
+        "every request); a revoked token keeps working for at most this long")
 
     refuse_private_system_urls: bool = Field(
         default=False, description="refuse downstream systems whose URL resolves to a private, "

@@ -44,6 +44,11 @@ def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine
         kwargs["poolclass"] = NullPool
     elif url.get_backend_name() == "postgresql":
         kwargs.update(pool_size=settings.database_pool_size, max_overflow=0, pool_pre_ping=True)
+    elif url.database not in (None, "", ":memory:"):
+        # A file: keep DATABASE_POOL_SIZE connections open, no overflow. SQLAlchemy's default
+        # (5, plus 10 overflow closed on return) made a busy server open and close an
+        # aiosqlite connection — a thread, a connect, the PRAGMAs — for most requests.
+        kwargs.update(pool_size=settings.database_pool_size, max_overflow=0)
     engine = create_async_engine(url, json_serializer=json_text, json_deserializer=json_value,
                                  **kwargs)
     if engine.dialect.name == "sqlite":

@@ -13,15 +13,18 @@ from pipeline_console.db import Database
 from pipeline_console.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest, decode_cursor
 
 
-def get_database(request: Request) -> Database:
+# The dependencies are `async def` although they never wait: FastAPI runs a plain function
+# dependency in its thread pool, a hop per request that cost about 7 % of a request in the
+# HTTP ingestion benchmark (docs/benchmarks.md).
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_now(request: Request) -> datetime:
+async def get_now(request: Request) -> datetime:
     return request.app.state.clock()
 
 
@@ -41,8 +44,12 @@ def get_actor(request: Request) -> Actor:
     return getattr(request.state, "actor", None) or Actor(name="anonymous", role="none")
 
 
+async def _current_actor(request: Request) -> Actor:
+    return get_actor(request)
+
+
 def page_request(kind: type) -> object:
-    def dependency(
+    async def dependency(
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="page size")] = DEFAULT_LIMIT,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     ) -> PageRequest:
@@ -54,6 +61,6 @@ def page_request(kind: type) -> object:
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 NowDep = Annotated[datetime, Depends(get_now)]
-ActorDep = Annotated[Actor, Depends(get_actor)]
+ActorDep = Annotated[Actor, Depends(_current_actor)]
 IdPage = Annotated[PageRequest, Depends(page_request(int))]
 KeyPage = Annotated[PageRequest, Depends(page_request(str))]
