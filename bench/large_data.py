@@ -15,9 +15,12 @@ service functions."""
 
 from __future__ import annotations
 
-import os
+import asyncio
 import sqlite3
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,7 +32,6 @@ FILLER = "lorem ipsum dolor sit amet " * 36  # about 1 KB of payload with the ot
 STEP_US = 600_000  # one message every 0.6 s: a million messages span about a week
 BACKLOG = 5_000  # the newest version of this many keys is still waiting for billing
 SYSTEM = "billing"
-PROFILE = bool(os.environ.get("BENCH_PROFILE_LOAD"))
 LOADED = ("record_states", "ingestion_attempts", "staging_records", "production_records",
           "correlations", "audit_events", "deliveries", "delivery_attempts")
 SEQUENCED = ("ingestion_attempts", "staging_records", "correlations", "deliveries",
@@ -179,19 +181,70 @@ def statements(shape: Shape, audit_offset: int, retry_at: str) -> list[str]:
     return out
 
 
+@contextmanager
+def phase(label: str) -> Iterator[None]:
+    """Print how long a phase of the module took (to stderr: bench.run's stdout stays the
+    figures)."""
+    began = time.perf_counter()
+    yield
+    print(f"   [large] {label}: {time.perf_counter() - began:.1f} s", file=sys.stderr,
+          flush=True)
+
+
+def _what(statement: str) -> str:
+    """'insert <table>' or 'index <name>' for a bulk statement."""
+    words = statement.replace("(", " ").split()
+    if "INSERT" in words:
+        return f"insert {words[words.index('INTO') + 1]}"
+    return f"index {words[words.index('INDEX') + 1].strip(chr(34))}"
+
+
 def _timed(run: Any, statement: str) -> None:
     began = time.perf_counter()
     run()
-    _report(began, statement)
+    _report(began, statement, "sqlite")
 
 
-def _report(began: float, statement: str) -> None:
-    if PROFILE:
-        print(f"{time.perf_counter() - began:6.2f} s {statement[:100]}")
+def _report(began: float, statement: str, dialect: str) -> None:
+    print(f"   [large]   {dialect}: {_what(statement)}: {time.perf_counter() - began:.1f} s",
+          file=sys.stderr, flush=True)
 
 
 def _sqlite_text(moment: datetime) -> str:
     return f"'{moment.replace(tzinfo=None):%Y-%m-%d %H:%M:%S.%f}'"
+
+
+def _sqlite_load(url: str, shape: Shape, retry_at: str) -> None:
+    """The SQLite bulk in one transaction without a journal (journal_mode=OFF: nothing else
+    has the file open; a crash mid-load only loses a benchmark database). In WAL mode the
+    5.6 GB were written twice, the second time by the checkpoint after the commit (56 s of a
+    294 s load). The file is put back in WAL mode at the end, and the product's connections
+    set their own pragmas (WAL, synchronous=NORMAL) when they open it."""
+    connection = sqlite3.connect(sqlite_path(url), isolation_level=None)
+    if connection.execute("PRAGMA journal_mode=OFF").fetchone()[0] != "off":
+        raise RuntimeError("another connection has the SQLite file open: no bulk mode")
+    connection.execute("PRAGMA synchronous=OFF")
+    connection.execute("PRAGMA cache_size=-1000000")  # 1 GB, for the index builds' sorts
+    connection.execute("PRAGMA temp_store=MEMORY")
+    offset = connection.execute("SELECT coalesce(max(id), 0) FROM audit_events").fetchone()[0]
+    connection.execute("BEGIN")
+    # Plain indexes are dropped and made again after the load (a sorted build is much
+    # faster than a million random inserts); the schema ends as the migrations made it.
+    indexes = connection.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+        f"AND tbl_name IN ({', '.join(repr(table) for table in LOADED)})").fetchall()
+    for name, _ in indexes:
+        connection.execute(f'DROP INDEX "{name}"')
+    for statement in statements(shape, offset, retry_at):
+        _timed(lambda statement=statement: connection.execute(statement), statement)
+    for _, sql in indexes:
+        _timed(lambda sql=sql: connection.execute(sql), sql)
+    with phase("sqlite: commit, back to WAL, close"):
+        connection.execute("COMMIT")
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        connection.close()
+    if mode != "wal":
+        raise RuntimeError(f"the bulk-loaded SQLite file stayed in journal mode {mode}")
 
 
 async def bulk_load(url: str, *, messages: int, keys: int, now: datetime) -> datetime:
@@ -200,25 +253,11 @@ async def bulk_load(url: str, *, messages: int, keys: int, now: datetime) -> dat
     base_s = int((now - timedelta(minutes=10)).timestamp()) - messages * STEP_US // 1_000_000
     retry = now + timedelta(hours=1)
     if url.startswith("sqlite"):
-        shape = Shape("sqlite", messages, keys, base_s)
-        connection = sqlite3.connect(sqlite_path(url), isolation_level=None)
-        connection.execute("PRAGMA synchronous=OFF")
-        connection.execute("PRAGMA cache_size=-200000")
-        offset = connection.execute("SELECT coalesce(max(id), 0) FROM audit_events").fetchone()[0]
-        connection.execute("BEGIN")
-        # Plain indexes are dropped and made again after the load (a sorted build is much
-        # faster than a million random inserts); the schema ends as the migrations made it.
-        indexes = connection.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
-            f"AND tbl_name IN ({', '.join(repr(table) for table in LOADED)})").fetchall()
-        for name, _ in indexes:
-            connection.execute(f'DROP INDEX "{name}"')
-        for statement in statements(shape, offset, _sqlite_text(retry)):
-            _timed(lambda statement=statement: connection.execute(statement), statement)
-        for _, sql in indexes:
-            _timed(lambda sql=sql: connection.execute(sql), sql)
-        connection.execute("COMMIT")
-        connection.close()
+        # sqlite3 releases the GIL while a statement runs: in a thread, this load runs on one
+        # core while PostgreSQL's runs in its server on the other (bench.large loads both at
+        # the same time)
+        await asyncio.to_thread(_sqlite_load, url, Shape("sqlite", messages, keys, base_s),
+                                _sqlite_text(retry))
     else:
         shape = Shape("postgresql", messages, keys, base_s)
         connection = await asyncpg.connect(pg_dsn(url))
@@ -237,17 +276,18 @@ async def bulk_load(url: str, *, messages: int, keys: int, now: datetime) -> dat
             for statement in statements(shape, offset, f"'{retry.isoformat()}'::timestamptz"):
                 began = time.perf_counter()
                 await connection.execute(statement)
-                _report(began, statement)
+                _report(began, statement, "postgresql")
             for _, sql in indexes:
                 began = time.perf_counter()
                 await connection.execute(sql)
-                _report(began, sql)
+                _report(began, sql, "postgresql")
             for table in SEQUENCED:
                 await connection.execute(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                     f"(SELECT max(id) FROM {table}))")
         await connection.execute("SET session_replication_role = DEFAULT")
-        await connection.execute("ANALYZE")  # what autovacuum would do after such a load
+        with phase("postgresql: ANALYZE"):
+            await connection.execute("ANALYZE")  # what autovacuum would do after such a load
         await connection.close()
     return datetime.fromtimestamp(base_s, now.tzinfo) + timedelta(
         microseconds=(messages - 1) * STEP_US)
