@@ -149,6 +149,18 @@ class TestSharedSchedule:
                                           now=now + timedelta(seconds=60), worker="late")
         assert (later.claimed, later.due) == (True, now + timedelta(seconds=120))
 
+    async def test_the_time_is_read_after_the_schedule_is_locked(self, database):
+        """A worker that read the time, then waited while another claimed the run, must not
+        take the other's next run for one set by a fast clock (the job ran twice)."""
+        now = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+        scheduled = Scheduled("stale_partial_sweep", interval_s=60)
+        assert (await claim_scheduled_run(database, scheduled, now=now, worker="a")).claimed
+        readings = iter([now - timedelta(milliseconds=70), now + timedelta(milliseconds=1)])
+        late = await claim_scheduled_run(database, scheduled, now=lambda: next(readings),
+                                         worker="b")
+        assert not late.claimed
+        assert late.due == now + timedelta(seconds=60)
+
     async def test_a_worker_with_a_fast_clock_or_a_longer_interval_holds_no_one_back(
             self, database):
         now = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)

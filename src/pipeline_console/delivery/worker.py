@@ -48,7 +48,7 @@ async def _run_if_due(deliverer: Deliverer, settings: Settings, scheduled: Sched
     when (time.time()) to look again. A failed run is tried again in a few minutes."""
     try:
         claim = await claim_scheduled_run(deliverer.database, scheduled,
-                                          now=deliverer.clock(), worker=deliverer.worker_id)
+                                          now=deliverer.clock, worker=deliverer.worker_id)
         due = claim.due
         if claim.claimed:
             record = await run_job(deliverer, settings, scheduled.job,

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.clock import Clock
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, insert_for
 from pipeline_console.models import JobSchedule
@@ -78,40 +80,52 @@ def worker_schedule(settings: Settings) -> list[Scheduled]:
     return schedule
 
 
-async def claim_scheduled_run(database: Database, scheduled: Scheduled, *, now: datetime,
-                              worker: str) -> Claim:
+async def claim_scheduled_run(database: Database, scheduled: Scheduled, *,
+                              now: datetime | Clock, worker: str) -> Claim:
     """Claim the job's run if it is due (one conditional UPDATE: of several workers asking at
     once, one wins). A run is due when its time has come, or when the stored time is further
-    away than this job's horizon; a daily job is due only for a day it has not covered."""
+    away than this job's horizon; a daily job is due only for a day it has not covered.
+
+    Pass the clock, not a time read earlier: the time is read once the schedule row is locked.
+    A time read before waiting for the lock is older than the winner's, so the winner's next
+    run looked further away than the horizon, and the job ran twice (seen with two workers)."""
 
     async def claim(session: AsyncSession) -> Claim:
         insert = insert_for(session.bind.dialect.name)
+        first = now() if callable(now) else now
         await session.execute(
             insert(JobSchedule)
-            .values(job=scheduled.job, next_run_at=scheduled.first_run(now))
+            .values(job=scheduled.job, next_run_at=scheduled.first_run(first))
             .on_conflict_do_nothing(index_elements=["job"]))
         row = (await session.execute(
             select(JobSchedule.next_run_at, JobSchedule.last_period)
-            .where(JobSchedule.job == scheduled.job))).one()
-        next_at, period = scheduled.next_run(now), scheduled.period(now)
-        conditions = [JobSchedule.job == scheduled.job,
-                      or_(JobSchedule.next_run_at <= now,
-                          JobSchedule.next_run_at > now + scheduled.horizon())]
-        if period is not None:
-            conditions.append(or_(JobSchedule.last_period.is_(None),
-                                  JobSchedule.last_period < period))
-        values = {"next_run_at": next_at, "claimed_by": worker, "claimed_at": now}
-        if period is not None:
-            values["last_period"] = period
-        moved = await session.execute(update(JobSchedule).where(*conditions).values(**values))
-        if moved.rowcount == 1:
-            return Claim(True, next_at, row.last_period)
-        due = row.next_run_at
-        if period is not None and row.last_period is not None and row.last_period >= period:
-            due = max(due, next_at)  # this day is covered: look again at the next slot
-        return Claim(False, due)
+            .where(JobSchedule.job == scheduled.job).with_for_update())).one()
+        current = now() if callable(now) else now
+        return await _claim_locked(session, scheduled, row, current, worker)
 
     return await database.run_transaction(claim)
+
+
+async def _claim_locked(session: AsyncSession, scheduled: Scheduled, row: Any,
+                        now: datetime, worker: str) -> Claim:
+    # The schedule row is locked (FOR UPDATE; on SQLite the write lock) and `now` read since.
+    next_at, period = scheduled.next_run(now), scheduled.period(now)
+    conditions = [JobSchedule.job == scheduled.job,
+                  or_(JobSchedule.next_run_at <= now,
+                      JobSchedule.next_run_at > now + scheduled.horizon())]
+    if period is not None:
+        conditions.append(or_(JobSchedule.last_period.is_(None),
+                              JobSchedule.last_period < period))
+    values = {"next_run_at": next_at, "claimed_by": worker, "claimed_at": now}
+    if period is not None:
+        values["last_period"] = period
+    moved = await session.execute(update(JobSchedule).where(*conditions).values(**values))
+    if moved.rowcount == 1:
+        return Claim(True, next_at, row.last_period)
+    due = row.next_run_at
+    if period is not None and row.last_period is not None and row.last_period >= period:
+        due = max(due, next_at)  # this day is covered: look again at the next slot
+    return Claim(False, due)
 
 
 async def release_failed_run(database: Database, scheduled: Scheduled, claim: Claim, *,
