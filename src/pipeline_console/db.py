@@ -12,7 +12,6 @@ import contextlib
 import json
 import operator
 import random
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -66,19 +65,31 @@ def json_text(value: Any) -> str:
         return json.dumps(value)
 
 
-_LONG_NUMBER = re.compile(r"\d{19}")
-
-
 def json_value(text: str) -> Any:
     """How JSON columns are read: orjson (the inspector's rows are mostly JSON); the standard
-    library for what orjson would misread or refuse: integer literals that may not fit in 64
-    bits (orjson reads those as floats) and NaN or Infinity that `json` once wrote."""
-    if _LONG_NUMBER.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
+    library for what orjson would misread or refuse: an integer literal beyond 64 bits (orjson
+    reads it as a float of at least 2**63, so a value holding such a float is read again) and
+    NaN or Infinity that `json` once wrote."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    return json.loads(text) if _holds_huge_float(value) else value
+
+
+def _holds_huge_float(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is float:
+            if abs(item) >= 2**63:
+                return True
+        elif kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
 
 
 def _lower(value: Any) -> Any:
