@@ -87,7 +87,7 @@ async def ingest_messages(
     ]
     if messages:
         await _write_staging_and_production(session, messages, plan, message_attempts, now)
-        await _write_states(session, plan, now)
+        await _write_states(session, messages, snapshots, plan, now)
         await _write_correlations(session, messages, message_attempts, now)
         audit.extend(
             AuditEntry(draft.action, "record", draft.key, draft.details, draft.key)
@@ -329,20 +329,29 @@ async def _write_staging_and_production(
     await write_production(session, production_rows)
 
 
-async def _write_states(session: AsyncSession, plan: Plan, now: datetime) -> None:
-    if not plan.new_states:
-        return
-    await bulk_update(
-        session,
-        RecordState.__table__,
-        "idempotency_key",
-        [
-            {"idempotency_key": key, "current_version": state.version,
-             "payload_hash": state.payload_hash, "source_system": state.source_system,
-             "updated_at": now}
-            for key, state in sorted(plan.new_states.items())
-        ],
-    )
+async def _write_states(
+    session: AsyncSession,
+    messages: Sequence[IncomingMessage],
+    snapshots: dict[str, KeySnapshot],
+    plan: Plan,
+    now: datetime,
+) -> None:
+    """The final state of every key the batch changed. A key this batch created was inserted
+    with its first message's state; it needs no update when that is still its state (most
+    new keys: about 70 % of the messages in the benchmark's mix)."""
+    first_of_new: dict[str, CurrentState] = {}
+    for message in messages:
+        if message.key not in snapshots and message.key not in first_of_new:
+            first_of_new[message.key] = CurrentState(
+                message.version, message.payload_hash, message.source_system)
+    rows = [
+        {"idempotency_key": key, "current_version": state.version,
+         "payload_hash": state.payload_hash, "source_system": state.source_system,
+         "updated_at": now}
+        for key, state in sorted(plan.new_states.items())
+        if first_of_new.get(key) != state
+    ]
+    await bulk_update(session, RecordState.__table__, "idempotency_key", rows)
 
 
 async def _write_correlations(
