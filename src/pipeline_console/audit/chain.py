@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from pipeline_console.ingestion.policy import canonical_json, orjson_is_canonical
+from pipeline_console.ingestion.policy import SAFE_INTEGER, canonical_json, orjson_is_canonical
 
 GENESIS_HASH = "0" * 64
 
@@ -24,9 +24,6 @@ class ChainedContent:
     subject_id: str
     idempotency_key: str | None
     details: dict[str, Any]
-
-
-SAFE_INTEGER = 2**53 - 1
 
 
 def _hashable(value: Any) -> Any:

@@ -11,7 +11,13 @@ from pydantic import ValidationError
 
 from pipeline_console.errors import FieldError
 from pipeline_console.ingestion.planner import IncomingMessage
-from pipeline_console.ingestion.policy import UnhashablePayload, idempotency_key, payload_hash
+from pipeline_console.ingestion.policy import (
+    ASTRAL,
+    SAFE_INTEGER,
+    UnhashablePayload,
+    idempotency_key,
+    payload_hash,
+)
 from pipeline_console.ingestion.schemas import MessageIn
 
 
@@ -117,10 +123,6 @@ def overlong_string(value: Any, limit: int) -> str | None:
     return None
 
 
-_SAFE_INTEGER = 2**53 - 1
-_ASTRAL = "\U00010000"
-
-
 def scan_payload(payload: Any, max_depth: int, max_length: int) -> tuple[bool, bool]:
     """One walk of a payload instead of three: (clean, plain). `clean`: no nesting deeper
     than `max_depth` and no string or key longer than `max_length` (when it is False,
@@ -141,7 +143,7 @@ def scan_payload(payload: Any, max_depth: int, max_length: int) -> tuple[bool, b
                     plain = False
                 elif len(key) > max_length:
                     return False, plain
-                elif plain and not (key.isascii() or max(key) < _ASTRAL):
+                elif plain and not (key.isascii() or max(key) < ASTRAL):
                     plain = False
                 stack.append((child, level + 1))
         elif kind is list:
@@ -149,7 +151,7 @@ def scan_payload(payload: Any, max_depth: int, max_length: int) -> tuple[bool, b
                 return False, plain
             stack.extend((child, level + 1) for child in item)
         elif kind is int:
-            if plain and not -_SAFE_INTEGER <= item <= _SAFE_INTEGER:
+            if plain and not -SAFE_INTEGER <= item <= SAFE_INTEGER:
                 plain = False
         elif not (kind is bool or item is None):
             plain = False

@@ -96,8 +96,8 @@ def canonical_json(value: Any, *, plain: bool | None = None) -> bytes:
         raise UnhashablePayload(str(error)) from error
 
 
-_SAFE_INTEGER = 2**53 - 1
-_ASTRAL = "\U00010000"
+SAFE_INTEGER = 2**53 - 1  # RFC 8785 numbers are IEEE doubles
+ASTRAL = "\U00010000"  # the first code point beyond the Basic Multilingual Plane
 
 
 def orjson_is_canonical(value: Any) -> bool:
@@ -109,12 +109,12 @@ def orjson_is_canonical(value: Any) -> bool:
         if kind is str or kind is bool or item is None:
             continue
         if kind is int:
-            if -_SAFE_INTEGER <= item <= _SAFE_INTEGER:
+            if -SAFE_INTEGER <= item <= SAFE_INTEGER:
                 continue
             return False
         if kind is dict:
             for key in item:
-                if type(key) is not str or not (key.isascii() or max(key) < _ASTRAL):
+                if type(key) is not str or not (key.isascii() or max(key) < ASTRAL):
                     return False
             stack.extend(item.values())
         elif kind is list:
