@@ -13,11 +13,11 @@ import json
 import operator
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import JSON, Table, event, func, text
+from sqlalchemy import Table, event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -207,38 +207,26 @@ async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[in
     return list(range(highest + 1, highest + 1 + count))
 
 
-def _sqlite_datetime(value: datetime) -> str:
-    # The text SQLAlchemy's SQLite DateTime writes (naive UTC, always with microseconds).
-    if value.tzinfo is None:
-        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+def _converter(column: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """The column type's own bind processing (UTCDateTime's checks, the JSON type's
+    serializer and its None rule, SQLite's datetime text), so a driver-level write stores
+    exactly what SQLAlchemy would. Timestamps are converted once per distinct value: a
+    batch's rows share a handful."""
+    process = column.type.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return None
+    if not isinstance(column.type, UTCDateTime):
+        return process
+    cache: dict[datetime, Any] = {}
 
+    def datetime_value(value: datetime | None) -> Any:
+        if value is None:
+            return None
+        if value not in cache:
+            cache[value] = process(value)
+        return cache[value]
 
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-    return value.astimezone(UTC)
-
-
-def _converter(column: Any, dialect: str) -> Callable[[Any], Any] | None:
-    """The driver-level value of one column, as SQLAlchemy's bind processing would give it."""
-    if isinstance(column.type, JSON):
-        if column.type.none_as_null:
-            return lambda value: None if value is None else json_text(value)
-        return json_text  # None is stored as JSON null, as SQLAlchemy's JSON type does
-    if isinstance(column.type, UTCDateTime):
-        convert = _sqlite_datetime if dialect == "sqlite" else _aware
-        cache: dict[datetime, Any] = {}
-
-        def datetime_value(value: datetime | None) -> Any:
-            if value is None:
-                return None
-            if value not in cache:  # a batch's rows share a handful of timestamps
-                cache[value] = convert(value)
-            return cache[value]
-
-        return datetime_value
-    return None
+    return datetime_value
 
 
 def _driver_rows(
@@ -247,7 +235,7 @@ def _driver_rows(
     """Rows as the tuples the driver takes, converted as the column types would convert."""
     converters = [
         (index, convert) for index, name in enumerate(names)
-        if (convert := _converter(table.c[name], dialect.name)) is not None
+        if (convert := _converter(table.c[name], dialect)) is not None
     ]
     if len(names) > 1:
         getter = operator.itemgetter(*names)
