@@ -76,6 +76,24 @@ class TestTheOutbox:
         assert by_version == {1: "superseded", 2: "delivered"}
         assert [r.body["version"] for r in sink.received] == [2]
 
+    async def test_only_the_same_record_to_the_same_system_is_superseded(self, client, sink):
+        await add_system(client, sink, name="billing")
+        await add_system(client, sink, name="crm-sync")
+        other = {**message(1, {"v": 1}), "entity_id": "C-200", "message_id": "m-other"}
+        await ingest(client, message(1, {"v": 1}), other)
+        # crm-sync stops taking customers: a newer C-100 is queued for billing only, so
+        # crm-sync's unsent v1 is not superseded, and nothing of C-200 is touched.
+        patched = await client.patch("/api/v1/systems/crm-sync", json={"entity_types": ["order"]})
+        assert patched.status_code == 200, patched.text
+        await ingest(client, message(2, {"v": 2}))
+        statuses = {(d["system"], d["idempotency_key"], d["version"]): d["status"]
+                    for d in await deliveries(client)}
+        assert statuses == {
+            ("billing", KEY, 1): "superseded", ("billing", KEY, 2): "pending",
+            ("crm-sync", KEY, 1): "pending",
+            ("billing", "customer:C-200", 1): "pending",
+            ("crm-sync", "customer:C-200", 1): "pending"}
+
 
 class TestDelivery:
     async def test_a_delivery_is_a_post_with_the_contract_body_and_idempotency_key(
