@@ -49,10 +49,14 @@ async def open_anomalies(
                 StagingRecord.idempotency_key, StagingRecord.version,
                 StagingRecord.payload_hash, StagingRecord.payload,
             ).where(
+                # The keys alone first, so both databases reach the rows through the
+                # (idempotency_key, version) index: matched on the triples alone, SQLite
+                # scanned the whole staging table (8 ms per batch at 20,000 messages).
+                StagingRecord.idempotency_key.in_(sorted({key for key, _, _ in wanted})),
                 tuple_(
                     StagingRecord.idempotency_key, StagingRecord.version,
                     StagingRecord.payload_hash,
-                ).in_(sorted(wanted))
+                ).in_(sorted(wanted)),
             )
         )
         for row in stored:
