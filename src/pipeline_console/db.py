@@ -233,25 +233,23 @@ def _driver_rows(
     dialect: Any, table: Table, names: list[str], rows: Sequence[dict[str, Any]]
 ) -> list[tuple[Any, ...]]:
     """Rows as the tuples the driver takes, converted as the column types would convert."""
-    converters = [
-        (index, convert) for index, name in enumerate(names)
+    converters = {
+        index: convert for index, name in enumerate(names)
         if (convert := _converter(table.c[name], dialect)) is not None
-    ]
-    if len(names) > 1:
-        getter = operator.itemgetter(*names)
-    else:
-        def getter(row: dict[str, Any]) -> tuple[Any, ...]:
-            return (row[names[0]],)
-    out = [getter(row) for row in rows]
+    }
     if not converters:
-        return out
-    converted = []
-    for values in out:
-        values = list(values)
-        for index, convert in converters:
-            values[index] = convert(values[index])
-        converted.append(tuple(values))
-    return converted
+        if len(names) > 1:
+            return list(map(operator.itemgetter(*names), rows))
+        return [(row[names[0]],) for row in rows]
+    # Column by column: one map per converted column between two transpositions, instead of
+    # a Python loop over every value (a fifth of a batch's Python in the issue 8 profile).
+    if len(names) > 1:
+        columns = list(zip(*map(operator.itemgetter(*names), rows), strict=True))
+    else:
+        columns = [[row[names[0]] for row in rows]]
+    for index, convert in converters.items():
+        columns[index] = list(map(convert, columns[index]))
+    return list(zip(*columns, strict=True))
 
 
 def _marks(dialect: Any, count: int, start: int = 1) -> list[str]:

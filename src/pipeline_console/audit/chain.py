@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +45,7 @@ def _timestamp(moment: datetime) -> str:
 
 
 def row_hash(prev_hash: str, content: ChainedContent) -> str:
-    envelope = {
+    return _envelope_hash(prev_hash, {
         "id": content.id,
         "occurred_at": _timestamp(content.occurred_at),
         "actor": content.actor,
@@ -53,15 +54,39 @@ def row_hash(prev_hash: str, content: ChainedContent) -> str:
         "subject_id": content.subject_id,
         "idempotency_key": content.idempotency_key,
         "details": content.details,
-    }
+    })
+
+
+def chain_rows(
+    prev_hash: str, first_id: int, occurred_at: datetime, actor: str,
+    entries: Iterable[tuple[str, str, str, dict[str, Any], str | None]],
+) -> list[dict[str, Any]]:
+    """The audit rows for (action, subject_type, subject_id, details, idempotency_key)
+    entries, chained from `prev_hash` with ids from `first_id`: each hashed exactly as
+    `row_hash` hashes its ChainedContent, without building one per row (ingestion writes
+    thousands per batch)."""
+    stamp = _timestamp(occurred_at)
+    rows = []
+    next_id = first_id
+    for action, subject_type, subject_id, details, idempotency_key in entries:
+        row = {"id": next_id, "occurred_at": stamp, "actor": actor, "action": action,
+               "subject_type": subject_type, "subject_id": subject_id,
+               "idempotency_key": idempotency_key, "details": details}
+        current_hash = _envelope_hash(prev_hash, row)
+        row["occurred_at"], row["prev_hash"], row["row_hash"] = occurred_at, prev_hash, current_hash
+        rows.append(row)
+        next_id, prev_hash = next_id + 1, current_hash
+    return rows
+
+
+def _envelope_hash(prev_hash: str, envelope: dict[str, Any]) -> str:
     body = None
     # The usual row: one walk of the details decides that orjson writes the RFC 8785 form.
-    if abs(content.id) <= SAFE_INTEGER and orjson_is_canonical(content.details):
+    if abs(envelope["id"]) <= SAFE_INTEGER and orjson_is_canonical(envelope["details"]):
         with contextlib.suppress(orjson.JSONEncodeError):  # a lone surrogate in a string
             body = orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)
     if body is None:
-        envelope["details"] = _hashable(content.details)
-        body = canonical_json(envelope)
+        body = canonical_json({**envelope, "details": _hashable(envelope["details"])})
     return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()
 
 

@@ -16,8 +16,8 @@ from pipeline_console.audit.chain import (
     GENESIS_HASH,
     BrokenLink,
     ChainedContent,
+    chain_rows,
     first_broken_link,
-    row_hash,
 )
 from pipeline_console.db import bulk_insert
 from pipeline_console.models import AuditEvent
@@ -48,21 +48,8 @@ async def append_audit(
         )
     ).first()
     next_id, prev_hash = (last.id + 1, last.row_hash) if last else (1, GENESIS_HASH)
-    rows = []
-    for entry in entries:
-        content = ChainedContent(
-            id=next_id,
-            occurred_at=now,
-            actor=actor,
-            action=entry.action,
-            subject_type=entry.subject_type,
-            subject_id=entry.subject_id,
-            idempotency_key=entry.idempotency_key,
-            details=entry.details,
-        )
-        current_hash = row_hash(prev_hash, content)
-        rows.append({**content.__dict__, "prev_hash": prev_hash, "row_hash": current_hash})
-        next_id, prev_hash = next_id + 1, current_hash
+    # An AuditEntry is the (action, subject_type, subject_id, details, key) chain_rows takes.
+    rows = chain_rows(prev_hash, next_id, now, actor, entries)
     await bulk_insert(session, _table, rows)
 
 
