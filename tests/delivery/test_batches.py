@@ -5,11 +5,14 @@ servers on 127.0.0.1, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import text
 
 from pipeline_console.delivery.service import claim_due, deliver_many
+from pipeline_console.errors import NotFound
 from tests.delivery.test_delivery import (
     add_system,
     attempts,
@@ -19,7 +22,7 @@ from tests.delivery.test_delivery import (
     run_pass,
 )
 from tests.sink import Answer, ScriptedServer
-from tests.support import message
+from tests.support import message, wait_for
 
 
 @pytest.fixture
@@ -102,3 +105,29 @@ async def test_a_batch_delivers_each_claimed_delivery_once_and_in_request_order(
     assert {result.outcome.value for result in again} == {"not_claimed"}
     assert (await run_pass(client))["delivered"] == 2
     assert sorted(sink.keys_received().values()) == [1] * 5
+
+
+async def test_an_outcome_that_cannot_be_recorded_does_not_strand_the_others(
+        client, sink, clock):
+    """When the batch's one transaction fails, each outcome is recorded on its own: here one
+    delivery's row disappears while its request is under way (deleted by hand, a stand-in
+    for any row the batch cannot record); the others are still recorded as delivered."""
+    sink.answer(Answer(200, delay_s=0.5))
+    await add_system(client, sink)
+    await ingest(client, *[message(1, entity_id=f"S-{n}") for n in range(3)])
+    deliverer = client.app.state.deliverer
+    claimed = await claim_due(deliverer, 3)
+    sending = asyncio.create_task(deliver_many(deliverer, claimed, trigger="scheduled",
+                                               actor="tester"))
+    await wait_for(lambda: len(sink.received) == 3, 5, "every request at the sink, waiting")
+    gone = claimed[1]
+    async with deliverer.database.transaction() as session:
+        await session.execute(text("DELETE FROM deliveries WHERE id = :id"), {"id": gone})
+
+    results = await sending
+
+    assert isinstance(results[1], NotFound)
+    assert [results[0].outcome.value, results[2].outcome.value] == ["delivered", "delivered"]
+    assert {d["id"]: d["status"] for d in await deliveries(client)} == {
+        claimed[0]: "delivered", claimed[2]: "delivered"}
+    assert [len(await attempts(client, claimed[n])) for n in (0, 2)] == [1, 1]

@@ -21,15 +21,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Row, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.clock import Clock
-from pipeline_console.db import Database, allocate_ids
+from pipeline_console.db import Database, allocate_ids, bulk_insert, bulk_update
 from pipeline_console.delivery.circuits import apply_event, free_trial, lock_circuit
 from pipeline_console.delivery.policy import (
     CircuitEvent,
@@ -60,6 +59,14 @@ from pipeline_console.models import (
 )
 
 LIVE_STATUSES = ("pending", "held", "in_flight", "delivered", "ambiguous")
+# The hot path (claim, check, record) uses the tables, not the ORM classes: per statement
+# the ORM's loading and unit of work cost more than the database did (profile of
+# benchmark 6). The rarer paths (supersession, dead letters, ambiguous outcomes, late
+# answers, circuits that change) still work on ORM objects.
+_deliveries = Delivery.__table__
+_systems = DownstreamSystem.__table__
+_circuits = Circuit.__table__
+_attempts = DeliveryAttempt.__table__
 log = logging.getLogger("pipeline_console.delivery")
 
 
@@ -120,8 +127,15 @@ async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
 
 
 async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) -> list[int]:
-    """claim_due in the caller's transaction. Deliveries of a system whose circuit is open
-    are held instead; a half-open circuit lets exactly one trial through.
+    """claim_due in the caller's transaction (the ids it claimed)."""
+    return [row.id for row in await claim_due_rows(session, deliverer, limit)]
+
+
+async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int) -> list[Row]:
+    """Claim up to `limit` due deliveries in the caller's transaction; returns the claimed
+    rows as they are now (every column: what deliver_many needs to send them, so that it
+    need not read them again). Deliveries of a system whose circuit is open are held
+    instead; a half-open circuit lets exactly one trial through.
 
     Lock order, the same everywhere: circuits (by name), then deliveries."""
     now = deliverer.clock()
@@ -131,11 +145,11 @@ async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) 
     # and sort the whole queue on every claim). Ties go in index order. The window is
     # wider than `limit` because rows waiting behind an older send of the same record are
     # left out below.
-    query = (select(Delivery.id, Delivery.system, Delivery.idempotency_key)
-             .where(Delivery.status == "pending", Delivery.next_attempt_at <= now)
-             .order_by(Delivery.next_attempt_at).limit(2 * limit + 10))
+    query = (select(_deliveries.c.id, _deliveries.c.system, _deliveries.c.idempotency_key)
+             .where(_deliveries.c.status == "pending", _deliveries.c.next_attempt_at <= now)
+             .order_by(_deliveries.c.next_attempt_at).limit(2 * limit + 10))
     if not deliverer.database.is_sqlite:
-        query = query.with_for_update(skip_locked=True, of=Delivery)
+        query = query.with_for_update(skip_locked=True)
     candidates = (await session.execute(query)).all()
     if not candidates:
         return []
@@ -144,8 +158,8 @@ async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) 
             if (row.system, row.idempotency_key) not in sending][:limit]
     systems = sorted({system for _, system in rows})
     timeouts = dict((await session.execute(
-        select(DownstreamSystem.name, DownstreamSystem.timeout_s)
-        .where(DownstreamSystem.name.in_(systems)))).all())
+        select(_systems.c.name, _systems.c.timeout_s)
+        .where(_systems.c.name.in_(systems)))).all())
     claimed, held = [], []
     for delivery_id, system in rows:
         circuit = circuits[system]
@@ -159,30 +173,31 @@ async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) 
                 held.append(delivery_id)
         else:
             claimed.append((delivery_id, system))
+    returned: dict[int, Row] = {}
     for system in sorted({system for _, system in claimed}):  # one statement per system
-        await session.execute(
-            update(Delivery).where(Delivery.id.in_(
+        result = await session.execute(
+            update(_deliveries).where(_deliveries.c.id.in_(
                 [delivery_id for delivery_id, name in claimed if name == system]))
             .values(status="in_flight", claimed_by=deliverer.worker_id,
                     claim_trigger="scheduled", updated_at=now,
-                    lease_expires_at=_lease(now, timeouts[system],
-                                            deliverer.lease_margin_s))
-            .execution_options(synchronize_session=False))
+                    lease_expires_at=_lease(now, timeouts[system], deliverer.lease_margin_s))
+            .returning(*_deliveries.c))
+        returned.update((row.id, row) for row in result.all())
     if held:
-        await session.execute(update(Delivery).where(Delivery.id.in_(held))
-                              .values(status="held", updated_at=now)
-                              .execution_options(synchronize_session=False))
-    return [delivery_id for delivery_id, _ in claimed]
+        await session.execute(update(_deliveries).where(_deliveries.c.id.in_(held))
+                              .values(status="held", updated_at=now))
+    return [returned[delivery_id] for delivery_id, _ in claimed]
 
 
-async def _circuits_for_claim(session: AsyncSession) -> dict[str, Circuit]:
-    """Every circuit, read; the open and half-open ones locked (by name). A closed circuit
-    is only read: claiming under it changes nothing in it, and workers claiming at once
-    need not queue on its row (a claim that commits just before an operator opens the
-    circuit is sent, like any send already under way). Holding deliveries and picking the
-    one trial of a half-open circuit must not race, hence the lock."""
-    circuits = {circuit.system: circuit for circuit in (await session.execute(
-        select(Circuit).execution_options(populate_existing=True))).scalars()}
+async def _circuits_for_claim(session: AsyncSession) -> dict[str, Any]:
+    """Every circuit's state, read; the open and half-open ones locked (by name), as ORM
+    objects that the claim may change. A closed circuit is only read: claiming under it
+    changes nothing in it, and workers claiming at once need not queue on its row (a claim
+    that commits just before an operator opens the circuit is sent, like any send already
+    under way). Holding deliveries and picking the one trial of a half-open circuit must
+    not race, hence the lock."""
+    circuits: dict[str, Any] = {row.system: row for row in (await session.execute(
+        select(_circuits.c.system, _circuits.c.state))).all()}
     for name in sorted(name for name, circuit in circuits.items() if circuit.state != "closed"):
         circuits[name] = await lock_circuit(session, name)
     return circuits
@@ -196,9 +211,9 @@ async def _records_being_sent(session: AsyncSession, keys: set[str]) -> set[tupl
     choose a status index instead, whose in_flight range fills with dead entries between
     two vacuums while a queue drains (265 ms per claim seen on PostgreSQL)."""
     rows = await session.execute(
-        select(Delivery.system, Delivery.idempotency_key)
-        .where(Delivery.idempotency_key.in_(sorted(keys)),
-               func.coalesce(Delivery.status, "") == "in_flight"))
+        select(_deliveries.c.system, _deliveries.c.idempotency_key)
+        .where(_deliveries.c.idempotency_key.in_(sorted(keys)),
+               func.coalesce(_deliveries.c.status, "") == "in_flight"))
     return {(system, key) for system, key in rows.all()}
 
 
@@ -261,7 +276,7 @@ async def deliver(deliverer: Deliverer, delivery_id: int, *, trigger: str,
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class Prepared:
     """A claimed delivery that is ours to send, with its system's settings."""
 
     config: SystemConfig
@@ -273,8 +288,10 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
-class _Sent:
-    prepared: _Prepared
+class Sent:
+    """A send's answer and what policy.classify made of it, waiting to be recorded."""
+
+    prepared: Prepared
     started_at: datetime
     result: SendResult
     classification: Classification
@@ -285,36 +302,65 @@ class _Sent:
         return self.prepared.request.delivery_id
 
 
+Claim = Callable[[AsyncSession], Awaitable[list[Row]]]
+
+
 async def deliver_many(
     deliverer: Deliverer, delivery_ids: Sequence[int] = (), *, trigger: str, actor: str,
-    claim: Callable[[AsyncSession], Awaitable[list[int]]] | None = None,
+    claim: Claim | None = None,
 ) -> list[DeliveryResult | BaseException]:
     """Send claimed deliveries and record what happened. THE way anything is sent.
 
-    One transaction checks that the claims are still ours (and that no newer version
-    supersedes one), the sends run at once outside any transaction, and one transaction
-    records every outcome. One result per id, in order; if recording the batch fails, each
-    outcome is recorded on its own, so that one bad row cannot strand the others (an
-    outcome that still cannot be recorded is returned as its exception: the delivery stays
-    claimed until its lease expires and it becomes ambiguous).
+    Three steps, each its own function (so that a caller could overlap the steps of
+    successive batches without a path of its own): prepare_batch checks in one transaction
+    that the claims are still ours (and that no newer version supersedes one), send runs
+    outside any transaction, record_sent records every outcome in one transaction. One
+    result per id, in order; if recording the batch fails, each outcome is recorded on its
+    own, so that one bad row cannot strand the others (an outcome that still cannot be
+    recorded is returned as its exception: the delivery stays claimed until its lease
+    expires and it becomes ambiguous).
 
     `claim`, instead of ids, claims them inside the checking transaction (the worker's pass:
     one transaction fewer per batch)."""
+    delivery_ids, prepared = await prepare_batch(deliverer, delivery_ids, claim=claim)
+    sent = await asyncio.gather(*(send(deliverer, item) for item in prepared.values()
+                                  if isinstance(item, Prepared)))
+    recorded = await record_sent(deliverer, sent, trigger=trigger, actor=actor)
+    return [recorded.get(delivery_id) or DeliveryResult(delivery_id, prepared[delivery_id])
+            for delivery_id in delivery_ids]
 
-    async def prepare(session: AsyncSession) -> tuple[list[int], dict[int, Any]]:
-        ids = list(delivery_ids) if claim is None else await claim(session)
-        return ids, await _prepare(session, deliverer, ids)
 
-    delivery_ids, prepared = await deliverer.database.run_transaction(prepare)
+async def prepare_batch(
+    deliverer: Deliverer, delivery_ids: Sequence[int] = (), *, claim: Claim | None = None,
+) -> tuple[list[int], dict[int, Prepared | Outcome]]:
+    """Step 1, one transaction: claim (with `claim`) or check the claims of `delivery_ids`;
+    returns the ids and, per id, what to send or why nothing is sent."""
 
-    async def send(item: _Prepared) -> _Sent:
-        started_at = deliverer.clock()
-        result = await deliverer.transports.send(item.config, item.request)
-        return _Sent(item, started_at, result, *classify(result, item.overrides))
+    async def work(session: AsyncSession) -> tuple[list[int], dict[int, Prepared | Outcome]]:
+        if claim is None:
+            return list(delivery_ids), await _prepare(session, deliverer, delivery_ids)
+        claimed = await claim(session)
+        return ([row.id for row in claimed],
+                await _prepare(session, deliverer, [row.id for row in claimed], claimed))
 
-    sent = await asyncio.gather(*(send(item) for item in prepared.values()
-                                  if isinstance(item, _Prepared)))
+    return await deliverer.database.run_transaction(work)
+
+
+async def send(deliverer: Deliverer, item: Prepared) -> Sent:
+    """Step 2, outside any transaction: the request, and the classification of its answer."""
+    started_at = deliverer.clock()
+    result = await deliverer.transports.send(item.config, item.request)
+    return Sent(item, started_at, result, *classify(result, item.overrides))
+
+
+async def record_sent(
+    deliverer: Deliverer, sent: Sequence[Sent], *, trigger: str, actor: str,
+) -> dict[int, DeliveryResult | BaseException]:
+    """Step 3: every outcome in one transaction; if that fails, each alone (an outcome
+    that still cannot be recorded is returned as its exception)."""
     recorded: dict[int, DeliveryResult | BaseException] = {}
+    if not sent:
+        return recorded
     try:
         recorded.update(await deliverer.database.run_transaction(
             lambda session: _record(session, deliverer, sent, trigger, actor)))
@@ -335,65 +381,80 @@ async def deliver_many(
         if not isinstance(recorded[item.delivery_id], BaseException):
             count_delivery_attempt(item.prepared.config.name, item.classification.value,
                                    item.result.latency_ms)
-    return [recorded.get(delivery_id) or DeliveryResult(delivery_id, prepared[delivery_id])
-            for delivery_id in delivery_ids]
+    return recorded
 
 
-async def _lock_deliveries(session: AsyncSession, delivery_ids: Sequence[int]) -> dict[
-        int, Delivery]:
-    """Lock the deliveries in id order (like every statement that locks several)."""
+async def _lock_rows(session: AsyncSession, delivery_ids: Sequence[int],
+                     *columns: Any) -> dict[int, Row]:
+    """Lock the deliveries in id order (like every statement that locks several) and read
+    `columns` of them (every column if none is named)."""
     rows = (await session.execute(
-        select(Delivery).where(Delivery.id.in_(sorted(set(delivery_ids))))
-        .order_by(Delivery.id).with_for_update().execution_options(populate_existing=True)
-    )).scalars()
-    locked = {delivery.id: delivery for delivery in rows}
+        select(*(columns or _deliveries.c)).where(_deliveries.c.id.in_(sorted(set(delivery_ids))))
+        .order_by(_deliveries.c.id).with_for_update())).all()
+    locked = {row.id: row for row in rows}
     for delivery_id in delivery_ids:
         if delivery_id not in locked:
             raise NotFound(f"delivery {delivery_id} does not exist")
     return locked
 
 
-async def _prepare(session: AsyncSession, deliverer: Deliverer,
-                   delivery_ids: Sequence[int]) -> dict[int, _Prepared | Outcome]:
-    """Which claims are still ours, which are superseded, and what to send for the rest."""
-    if not delivery_ids:
+async def _orm_deliveries(session: AsyncSession, ids: Sequence[int]) -> dict[int, Delivery]:
+    """ORM objects of deliveries this transaction has already locked (for the rare paths)."""
+    if not ids:
         return {}
-    locked = await _lock_deliveries(session, delivery_ids)
-    ours = [delivery for delivery in locked.values()
-            if delivery.status == "in_flight" and delivery.claimed_by == deliverer.worker_id]
-    out: dict[int, _Prepared | Outcome] = dict.fromkeys(locked, Outcome.NOT_CLAIMED)
+    return {delivery.id: delivery for delivery in (await session.execute(
+        select(Delivery).where(Delivery.id.in_(ids))
+        .execution_options(populate_existing=True))).scalars()}
+
+
+async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Sequence[int],
+                   claimed: Sequence[Row] | None = None) -> dict[int, Prepared | Outcome]:
+    """Which claims are still ours, which are superseded, and what to send for the rest.
+    `claimed`: rows this transaction has just claimed (ours, and locked)."""
+    out: dict[int, Prepared | Outcome] = {}
+    if claimed is None:
+        if not delivery_ids:
+            return {}
+        locked = await _lock_rows(session, delivery_ids)
+        ours = [row for row in locked.values()
+                if row.status == "in_flight" and row.claimed_by == deliverer.worker_id]
+        out = dict.fromkeys(locked, Outcome.NOT_CLAIMED)
+    else:
+        ours = list(claimed)
     if not ours:
         return out
-    sibling = aliased(Delivery)
+    delivery, sibling = _deliveries, _deliveries.alias("sibling")
     newer = dict((await session.execute(
-        select(Delivery.id, func.max(sibling.version))
+        select(delivery.c.id, func.max(sibling.c.version))
         .join(sibling, and_(
-            sibling.system == Delivery.system,
-            sibling.idempotency_key == Delivery.idempotency_key,
-            or_(sibling.version > Delivery.version,
-                and_(sibling.version == Delivery.version, sibling.id > Delivery.id)),
-            sibling.status.in_(LIVE_STATUSES)))
-        .where(Delivery.id.in_([delivery.id for delivery in ours]))
-        .group_by(Delivery.id)
+            sibling.c.system == delivery.c.system,
+            sibling.c.idempotency_key == delivery.c.idempotency_key,
+            or_(sibling.c.version > delivery.c.version,
+                and_(sibling.c.version == delivery.c.version, sibling.c.id > delivery.c.id)),
+            sibling.c.status.in_(LIVE_STATUSES)))
+        .where(delivery.c.id.in_([row.id for row in ours]))
+        .group_by(delivery.c.id)
     )).all())
     systems = {system.name: system for system in (await session.execute(
-        select(DownstreamSystem).where(
-            DownstreamSystem.name.in_({delivery.system for delivery in ours}))
-    )).scalars()}
-    for delivery in ours:
-        if delivery.id in newer:
-            await _supersede(session, delivery, newer[delivery.id], deliverer.clock())
-            out[delivery.id] = Outcome.SUPERSEDED
+        select(_systems).where(_systems.c.name.in_({row.system for row in ours})))).all()}
+    configs = {name: system_config(system) for name, system in systems.items()}
+    superseded = await _orm_deliveries(session, [row.id for row in ours if row.id in newer])
+    for row in ours:
+        if row.id in newer:
+            await _supersede(session, superseded[row.id], newer[row.id], deliverer.clock())
+            out[row.id] = Outcome.SUPERSEDED
             continue
-        system = systems[delivery.system]
-        out[delivery.id] = _Prepared(
-            system_config(system), build_request(delivery, delivery.attempts + 1),
+        system = systems[row.system]
+        out[row.id] = Prepared(
+            configs[row.system], build_request(row, row.attempts + 1),
             system.classification_overrides, system.max_attempts, system.failure_threshold,
             (system.backoff_base_s, system.backoff_max_s))
+    if superseded:
+        await session.flush()
     return out
 
 
-def _leaves_circuit_alone(circuit: Circuit, sent: Sequence[_Sent]) -> bool:
+def _leaves_circuit_alone(circuit: Any, sent: Sequence[Sent]) -> bool:
     """Whether these outcomes cannot change the circuit: it is closed with no failures and
     no trial, and every outcome is healthy. Then the circuit row is not locked, so that
     workers recording successes do not queue behind one another. (Had the row changed
@@ -404,73 +465,114 @@ def _leaves_circuit_alone(circuit: Circuit, sent: Sequence[_Sent]) -> bool:
                     for item in sent))
 
 
-async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[_Sent],
+class _AttemptRef(NamedTuple):
+    """What the next step needs of an attempt row written at the driver level."""
+
+    id: int
+    classification: str
+    rule: str
+
+
+async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Sent],
                   trigger: str, actor: str) -> dict[int, DeliveryResult]:
     """One transaction for a batch of outcomes: the attempt rows, each delivery's next
-    state, dead letters and ambiguous outcomes, the circuits' transitions, the audit."""
+    state, dead letters and ambiguous outcomes, the circuits' transitions, the audit.
+
+    The usual outcomes (delivered, retry later) of deliveries still claimed by us are
+    written as plain rows (one multi-row insert, one executemany per kind of update); a
+    delivery whose claim was lost, or that goes to the dead-letter or ambiguous queue, is
+    loaded as an ORM object and goes through _apply_step."""
     if not sent:
         return {}
     now = deliverer.clock()
     circuits: dict[str, Circuit | None] = {}
     for name in sorted({item.prepared.config.name for item in sent}):  # circuits first
-        circuit = await session.get(Circuit, name, populate_existing=True)
+        circuit = (await session.execute(
+            select(_circuits).where(_circuits.c.system == name))).first()
         if circuit is None or not _leaves_circuit_alone(
                 circuit, [item for item in sent if item.prepared.config.name == name]):
-            circuit = await lock_circuit(session, name)
+            circuits[name] = await lock_circuit(session, name)
         else:
-            circuit = None  # read, not locked: nothing to change
-        circuits[name] = circuit
-    locked = await _lock_deliveries(session, [item.delivery_id for item in sent])
-    ids = await allocate_ids(session, DeliveryAttempt.__table__, len(sent))
-    attempts = [DeliveryAttempt(
-        id=attempt_id, delivery_id=item.delivery_id, system=item.prepared.config.name,
-        attempt_number=item.prepared.request.attempt_number, trigger=trigger, actor=actor,
-        started_at=item.started_at, latency_ms=item.result.latency_ms,
-        request=item.prepared.request.summary(item.prepared.config),
-        response_status=item.result.status, response_body=item.result.body or None,
-        classification=item.classification.value, rule=item.rule, error=item.result.error,
-    ) for attempt_id, item in zip(ids, sent, strict=True)]
-    session.add_all(attempts)
-    await session.flush()
+            circuits[name] = None  # read, not locked: nothing to change
+    locked = await _lock_rows(session, [item.delivery_id for item in sent], _deliveries.c.id,
+                              _deliveries.c.status, _deliveries.c.claimed_by,
+                              _deliveries.c.attempts)
+    ids = await allocate_ids(session, _attempts, len(sent))
+    await bulk_insert(session, _attempts, [{
+        "id": attempt_id, "delivery_id": item.delivery_id, "system": item.prepared.config.name,
+        "attempt_number": item.prepared.request.attempt_number, "trigger": trigger,
+        "actor": actor, "started_at": item.started_at, "latency_ms": item.result.latency_ms,
+        "request": item.prepared.request.summary(item.prepared.config),
+        "response_status": item.result.status, "response_body": item.result.body or None,
+        "classification": item.classification.value, "rule": item.rule,
+        "error": item.result.error,
+    } for attempt_id, item in zip(ids, sent, strict=True)])
+
+    def ours(delivery_id: int) -> bool:
+        row = locked[delivery_id]
+        return row.status == "in_flight" and row.claimed_by == deliverer.worker_id
+
+    def step_of(item: Sent) -> Step:
+        attempts = max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
+        return next_step(item.classification, attempts, item.prepared.max_attempts)
+
+    objects = await _orm_deliveries(session, [
+        item.delivery_id for item in sent if not ours(item.delivery_id)
+        or step_of(item) in (Step.DEAD_LETTER, Step.AMBIGUOUS)])
     audit: list[AuditEntry] = []
     closing: list[int] = []
+    plain: dict[Step, list[dict[str, Any]]] = {Step.DELIVERED: [], Step.RETRY: []}
     recorded: dict[int, DeliveryResult] = {}
-    for item, attempt in zip(sent, attempts, strict=True):
-        delivery, circuit = locked[item.delivery_id], circuits[item.prepared.config.name]
-        ours = delivery.status == "in_flight" and delivery.claimed_by == deliverer.worker_id
-        late = None if ours else await _late_answer_to(session, delivery, deliverer.worker_id,
-                                                       item.classification)
-        if not ours and late is None:
-            # Another process recovered this delivery meanwhile; the attempt row tells what
-            # happened, and the circuit already counted the recovery.
-            if circuit is not None:
-                await free_trial(session, circuit, delivery.id, now)
-            recorded[delivery.id] = DeliveryResult(delivery.id, Outcome.NOT_CLAIMED,
-                                                   attempt.id, item.classification.value)
-            continue
-        delivery.attempts = max(delivery.attempts, item.prepared.request.attempt_number)
-        step = next_step(item.classification, delivery.attempts, item.prepared.max_attempts)
-        outcome = await _apply_step(session, delivery, step, attempt, item.result,
-                                    item.prepared.backoff, deliverer.rng, now, audit,
-                                    closing=closing)
+    for item, attempt_id in zip(sent, ids, strict=True):
+        attempt = _AttemptRef(attempt_id, item.classification.value, item.rule)
+        circuit = circuits[item.prepared.config.name]
+        delivery = objects.get(item.delivery_id)
+        late = None
+        if not ours(item.delivery_id):
+            late = await _late_answer_to(session, delivery, deliverer.worker_id,
+                                         item.classification)
+            if late is None:
+                # Another process recovered this delivery meanwhile; the attempt row tells
+                # what happened, and the circuit already counted the recovery.
+                if circuit is not None:
+                    await free_trial(session, circuit, item.delivery_id, now)
+                recorded[item.delivery_id] = DeliveryResult(
+                    item.delivery_id, Outcome.NOT_CLAIMED, attempt_id, attempt.classification)
+                continue
+        attempts = max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
+        step = next_step(item.classification, attempts, item.prepared.max_attempts)
+        if delivery is None:  # ours, delivered or retried: a plain row
+            values = _next_state(step, attempts, attempt, item.result, item.prepared.backoff,
+                                 deliverer.rng, now)
+            plain[step].append({**values, "id": item.delivery_id})
+            if step is Step.DELIVERED:
+                closing.append(item.delivery_id)
+            outcome = Outcome.DELIVERED if step is Step.DELIVERED else Outcome.RETRY
+        else:
+            delivery.attempts = attempts
+            outcome = await _apply_step(session, delivery, step, attempt, item.result,
+                                        item.prepared.backoff, deliverer.rng, now, audit,
+                                        closing=closing)
         if late is not None:
             audit.append(await _settle_late(session, late, delivery, item.classification, now))
         elif circuit is not None:
             audit += await apply_event(
                 session, circuit, breaker_event(item.classification),
                 threshold=item.prepared.threshold, now=now,
-                reason=f"delivery {delivery.id}: {item.classification.value} ({item.rule})",
+                reason=f"delivery {item.delivery_id}: {attempt.classification} ({item.rule})",
                 actor=actor)
         if circuit is not None:
-            await free_trial(session, circuit, delivery.id, now)
-        recorded[delivery.id] = DeliveryResult(delivery.id, outcome, attempt.id,
-                                               item.classification.value)
+            await free_trial(session, circuit, item.delivery_id, now)
+        recorded[item.delivery_id] = DeliveryResult(item.delivery_id, outcome, attempt_id,
+                                                    attempt.classification)
     if closing:  # before the new dead letters are flushed: they replace the open ones
         await session.execute(
             update(DeadLetter.__table__)
             .where(DeadLetter.__table__.c.delivery_id.in_(closing),
                    DeadLetter.__table__.c.status == "open")
             .values(status="closed", closed_at=now))
+    for rows in plain.values():
+        await bulk_update(session, _deliveries, "id", rows)
     await session.flush()
     await append_audit(session, audit, actor=actor, now=now)
     return recorded
@@ -506,14 +608,36 @@ async def _settle_late(session: AsyncSession, outcome: AmbiguousOutcome, deliver
                       delivery.idempotency_key)
 
 
+_STATUS_AFTER = {Step.DELIVERED: "delivered", Step.RETRY: "pending",
+                 Step.DEAD_LETTER: "dead_lettered", Step.AMBIGUOUS: "ambiguous"}
+
+
+def _next_state(step: Step, attempts: int, attempt: Any, result: SendResult,
+                backoff: tuple[float, float], rng: random.Random, now: datetime,
+                ) -> dict[str, Any]:
+    """The delivery's columns after an attempt: released, with its next status."""
+    values: dict[str, Any] = {
+        "status": _STATUS_AFTER[step], "attempts": attempts, "claimed_by": None,
+        "lease_expires_at": None, "updated_at": now,
+        "last_error": result.error or (
+            f"HTTP {result.status}" if attempt.classification != "success" else None)}
+    if step is Step.DELIVERED:
+        values["delivered_at"] = now
+    elif step is Step.RETRY:
+        values["next_attempt_at"] = now + timedelta(seconds=backoff_s(
+            attempts, *backoff, rng, retry_after_s=result.retry_after_s))
+    return values
+
+
 async def _apply_step(
-    session: AsyncSession, delivery: Delivery, step: Step, attempt: DeliveryAttempt,
+    session: AsyncSession, delivery: Delivery, step: Step, attempt: Any,
     result: SendResult, backoff: tuple[float, float], rng: random.Random, now: datetime,
     audit: list[AuditEntry], *, closing: list[int] | None = None,
 ) -> Outcome:
-    """The delivery's next state. Its open dead letters are closed at once, or, when the
-    caller passes `closing`, listed there for the caller to close in one statement before
-    it flushes."""
+    """The next state of a delivery loaded as an ORM object (`attempt`: the attempt row, or
+    anything with its id, classification and rule). Its open dead letters are closed at
+    once, or, when the caller passes `closing`, listed there for the caller to close in one
+    statement before it flushes."""
 
     async def close_dead_letters() -> None:
         if closing is None:
@@ -521,21 +645,14 @@ async def _apply_step(
         else:
             closing.append(delivery.id)
 
-    delivery.claimed_by = None
-    delivery.lease_expires_at = None
-    delivery.updated_at = now
-    delivery.last_error = result.error or (
-        f"HTTP {result.status}" if attempt.classification != "success" else None)
+    for name, value in _next_state(step, delivery.attempts, attempt, result, backoff, rng,
+                                   now).items():
+        setattr(delivery, name, value)
     key = delivery.idempotency_key
     if step is Step.DELIVERED:
-        delivery.status = "delivered"
-        delivery.delivered_at = now
         await close_dead_letters()
         return Outcome.DELIVERED
     if step is Step.RETRY:
-        delivery.status = "pending"
-        delivery.next_attempt_at = now + timedelta(seconds=backoff_s(
-            delivery.attempts, *backoff, rng, retry_after_s=result.retry_after_s))
         return Outcome.RETRY
     if step is Step.DEAD_LETTER:
         if attempt.classification == Classification.PERMANENT:
@@ -543,7 +660,6 @@ async def _apply_step(
                       f"{(result.body or '')[:300]}")
         else:
             reason = f"retries_exhausted: {delivery.attempts} attempts, last {attempt.rule}"
-        delivery.status = "dead_lettered"
         await close_dead_letters()  # the new entry replaces them
         session.add(DeadLetter(delivery_id=delivery.id, system=delivery.system,
                                idempotency_key=key, reason=reason,
@@ -553,7 +669,6 @@ async def _apply_step(
                                 {"system": delivery.system, "version": delivery.version,
                                  "reason": reason}, key))
         return Outcome.DEAD_LETTERED
-    delivery.status = "ambiguous"
     reason = f"{attempt.rule}: {result.error or 'no answer'}"
     session.add(AmbiguousOutcome(delivery_id=delivery.id, system=delivery.system,
                                  idempotency_key=key, reason=reason, attempt_id=attempt.id,
@@ -662,7 +777,7 @@ async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
     recovered = await recover_expired_leases(deliverer) if recover else 0
     results = await deliver_many(
         deliverer, trigger="scheduled", actor=actor,
-        claim=lambda session: claim_due_in(session, deliverer, min(limit, concurrency)))
+        claim=lambda session: claim_due_rows(session, deliverer, min(limit, concurrency)))
     counts = {"recovered_as_ambiguous": recovered, "claimed": len(results)}
     for result in results:
         if isinstance(result, BaseException):
