@@ -180,3 +180,18 @@ async def test_inspect_by_reference_needs_exactly_one_and_an_unknown_one_is_404(
     assert (await client.get("/api/v1/inspect")).status_code == 422
     assert (await client.get("/api/v1/inspect?correlation_id=a&message_id=b")).status_code == 422
     assert (await client.get("/api/v1/inspect?correlation_id=nope")).status_code == 404
+
+
+async def test_payloads_are_answered_as_stored_and_as_the_models_would(client, database):
+    """The long sections' payloads are spliced in as the database's JSON text: the answer
+    must still be what the models give, for text beyond ASCII, escapes and nesting."""
+    payload = {"name": "Zoë \U0001F600 \"quoted\" \\ back", "n": 9007199254740991,
+               "x": -0.5, "e": 1e-7, "nested": {"l": [1.5, None, True, {"k": []}]}}
+    await ingest(client, message(1, payload))
+    await ingest(client, message(2, {**payload, "name": "line\nbreak\u2028"}))
+    response = await inspect(client)
+    assert response.status_code == 200
+    body = response.json()
+    await same_as_the_models(database, body)
+    assert [row["payload"] for row in body["staging"]] == [
+        payload, {**payload, "name": "line\nbreak\u2028"}]

@@ -87,7 +87,7 @@ async def record(request: Request, key: str, database: DatabaseDep) -> Response:
             found = await inspect_record(session, key, limit=INSPECT_LIMIT)
     except DomainError as error:
         return error_page(request, error)
-    sections = found.sections
+    sections = found.decoded_sections()
     siblings = sorted({(c.correlation_id, c.idempotency_key) for c in sections["correlations"]
                        if c.idempotency_key != key})
     return page(request, "record.html", title=key, key=key, found=found, sections=sections,

@@ -19,6 +19,7 @@ from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.delivery import schemas as delivery
 from pipeline_console.errors import FieldError, InvalidInput
 from pipeline_console.inspector.service import inspect_event, inspect_record
+from pipeline_console.inspector.stored_json import fragment
 from pipeline_console.records.schemas import AttemptRead, ProductionRead, StagingRead
 from pipeline_console.replay.api import ExecutionRead, ItemRead, ReplayRead
 
@@ -132,9 +133,7 @@ async def inspect(database: DatabaseDep,
     async with database.read() as session:
         found = await inspect_record(session, key, limit=limit)
         try:
-            return Response(orjson.dumps(inspect_body(found, key, limit),
-                                         option=orjson.OPT_UTC_Z),
-                            media_type="application/json")
+            return Response(inspect_json(found, key, limit), media_type="application/json")
         except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits in a payload
             return inspect_model(found, key, limit)
 
@@ -170,8 +169,8 @@ def _dump(model: type[BaseModel], rows: list[Any]) -> list[dict[str, Any]]:
 
 
 def inspect_body(found: Any, key: str, limit: int) -> dict[str, Any]:
-    """The InspectRead answer as plain data for orjson (with OPT_UTC_Z, as pydantic writes
-    UTC datetimes): the long sections from the rows, the short ones through their models."""
+    """The InspectRead answer as plain data for orjson (`inspect_json`): the long sections
+    from the rows, the short ones through their models."""
     sections = found.sections
     return {
         "state": StateRead.model_validate(found.state, from_attributes=True).model_dump(
@@ -201,9 +200,16 @@ def inspect_body(found: Any, key: str, limit: int) -> dict[str, Any]:
     }
 
 
+def inspect_json(found: Any, key: str, limit: int) -> bytes:
+    """The answer's bytes: `inspect_body` written by orjson with OPT_UTC_Z (as pydantic
+    writes UTC datetimes) and the payloads written as the database holds them."""
+    return orjson.dumps(inspect_body(found, key, limit), default=fragment,
+                        option=orjson.OPT_UTC_Z)
+
+
 def inspect_model(found: Any, key: str, limit: int) -> InspectRead:
     """The same answer through the pydantic models (what FastAPI then validates and dumps)."""
-    sections = found.sections
+    sections = found.decoded_sections()
     return InspectRead(
         state=StateRead.model_validate(found.state, from_attributes=True),
         attempts=[AttemptRead.model_validate(r) for r in sections["attempts"]],

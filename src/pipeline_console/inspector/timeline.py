@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pipeline_console.inspector.stored_json import json_of
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -15,27 +17,33 @@ class Entry:
     ref: dict[str, Any]
 
 
+# The rows are SQLAlchemy Core rows, read through their mapping: a Row's attribute access
+# is a Python __getattr__ (0.7 µs), its mapping's lookup a C one; a timeline of 600 entries
+# read ten columns each.
+
 def attempt_entry(row: Any) -> Entry:
-    where = f" (message {row.message_id})" if row.message_id else ""
-    if row.decision == "rejected":
-        fields = ", ".join(error.get("field", "?") for error in row.errors or [])
-        summary = f"rejected{where}: {row.reason.removeprefix('rejected: ')} ({fields})"
+    row = row._mapping
+    decision, message_id = row["decision"], row["message_id"]
+    where = f" (message {message_id})" if message_id else ""
+    if decision == "rejected":
+        fields = ", ".join(error.get("field", "?") for error in json_of(row["errors"]) or [])
+        summary = f"rejected{where}: {row['reason'].removeprefix('rejected: ')} ({fields})"
     else:
-        summary = f"{row.decision}{where}: {row.reason}"
-        if row.staging_status:
-            summary += f"; staged as {row.staging_status}"
-    return Entry(row.received_at, f"ingestion.{row.decision}", summary,
-                 {"attempt_id": row.id})
+        summary = f"{decision}{where}: {row['reason']}"
+        if row["staging_status"]:
+            summary += f"; staged as {row['staging_status']}"
+    return Entry(row["received_at"], f"ingestion.{decision}", summary, {"attempt_id": row["id"]})
 
 
 def delivery_attempt_entry(row: Any) -> Entry:
-    answer = (f"HTTP {row.response_status}" if row.response_status is not None
-              else row.error or "no answer")
-    summary = (f"delivery {row.delivery_id} to {row.system}, try {row.attempt_number} "
-               f"({row.trigger}, by {row.actor}): {row.classification} by rule {row.rule} "
-               f"— {answer}")
-    return Entry(row.started_at, f"delivery.{row.classification}", summary,
-                 {"delivery_attempt_id": row.id, "delivery_id": row.delivery_id})
+    row = row._mapping
+    answer = (f"HTTP {row['response_status']}" if row["response_status"] is not None
+              else row["error"] or "no answer")
+    summary = (f"delivery {row['delivery_id']} to {row['system']}, try "
+               f"{row['attempt_number']} ({row['trigger']}, by {row['actor']}): "
+               f"{row['classification']} by rule {row['rule']} — {answer}")
+    return Entry(row["started_at"], f"delivery.{row['classification']}", summary,
+                 {"delivery_attempt_id": row["id"], "delivery_id": row["delivery_id"]})
 
 
 _AUDIT_SENTENCES = {
@@ -56,14 +64,16 @@ _AUDIT_SENTENCES = {
 
 
 def audit_entry(row: Any) -> Entry:
-    template = _AUDIT_SENTENCES.get(row.action)
+    row = row._mapping
+    action, details = row["action"], row["details"]
+    template = _AUDIT_SENTENCES.get(action)
     try:
-        sentence = template.format(**row.details) if template else None
+        sentence = template.format(**details) if template else None
     except (KeyError, IndexError):
         sentence = None
-    sentence = sentence or f"{row.action}: {row.details}"
-    return Entry(row.occurred_at, f"audit.{row.action}", f"{sentence} (by {row.actor})",
-                 {"audit_id": row.id})
+    sentence = sentence or f"{action}: {details}"
+    return Entry(row["occurred_at"], f"audit.{action}", f"{sentence} (by {row['actor']})",
+                 {"audit_id": row["id"]})
 
 
 def replay_entry(request: Any, item: Any) -> Entry:
