@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -83,8 +82,8 @@ def create_app(
         await _prepare_auth(app.state.database, settings, clock)
         app.state.group_commit = GroupCommitter(
             app.state.database, max_messages=settings.group_commit_max_messages)
-        async with httpx.AsyncClient() as client:
-            app.state.deliverer = Deliverer(app.state.database, Transports(client), clock,
+        async with Transports.open() as transports:
+            app.state.deliverer = Deliverer(app.state.database, transports, clock,
                                             worker_id=f"api:{worker_identity()}",
                                             lease_margin_s=settings.lease_margin_s)
             try:

@@ -111,8 +111,6 @@ def worker() -> None:
 @jobs_app.command("run")
 def run_job_command(name: str) -> None:
     """Run one pass of the job NAME and print its result as JSON."""
-    import httpx
-
     from pipeline_console.delivery.service import Deliverer
     from pipeline_console.delivery.transports import Transports
     from pipeline_console.delivery.worker import worker_identity
@@ -121,8 +119,8 @@ def run_job_command(name: str) -> None:
 
     async def work(database: Database) -> dict[str, Any]:
         settings = Settings()
-        async with httpx.AsyncClient() as client:
-            deliverer = Deliverer(database, Transports(client), system_clock,
+        async with Transports.open() as transports:
+            deliverer = Deliverer(database, transports, system_clock,
                                   worker_id=f"cli:{worker_identity()}",
                                   lease_margin_s=settings.lease_margin_s)
             record = await run_job(deliverer, settings, name, actor=CLI_ACTOR, trigger="cli")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import httpx
 import orjson
 from sqlalchemy import func, select
 
@@ -198,8 +197,8 @@ async def load_demo(database: Database, *, now: datetime,
                                "database (make demo starts from a fresh demo.db)")
     start = now - DURATION
     clock = DemoClock(start)
-    async with httpx.AsyncClient() as client:
-        deliverer = Deliverer(database, Transports(client), clock, worker_id="demo-worker",
+    async with Transports.open() as transports:
+        deliverer = Deliverer(database, transports, clock, worker_id="demo-worker",
                               rng=random.Random(5))
         story = Story(database, clock, start, deliverer)
         await _setup(story)

@@ -42,7 +42,8 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO) -> No
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access line has more in it
-    for name in ("httpx", "httpcore"):  # their INFO lines carry whole URLs, credentials too
+    # their INFO lines (httpx) may carry whole URLs, credentials too
+    for name in ("aiohttp.client", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-import httpx
-
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.service import Deliverer, claim_due, deliver, deliver_due
 from pipeline_console.delivery.transports import Transports
@@ -135,8 +133,8 @@ async def test_concurrent_workers_ingestion_and_operators_never_fail_or_reorder(
     errors: list[BaseException] = []
 
     async def worker(database: Database, number: int) -> None:
-        async with httpx.AsyncClient() as http:
-            deliverer = Deliverer(database, Transports(http), client.app.state.clock,
+        async with Transports.open() as transports:
+            deliverer = Deliverer(database, transports, client.app.state.clock,
                                   worker_id=f"stress-{number}")
             while not stop.is_set():
                 counts = await deliver_due(deliverer, limit=5, concurrency=5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -137,8 +136,8 @@ class TestExecution:
         created = (await replay(client, items=[{"dlq_id": e["id"]} for e in entries])).json()
         databases = [Database(create_engine(settings)) for _ in range(2)]
         try:
-            async with httpx.AsyncClient() as http:
-                runs = [execute_replay(Deliverer(db, Transports(http), client.app.state.clock,
+            async with Transports.open() as transports:
+                runs = [execute_replay(Deliverer(db, transports, client.app.state.clock,
                                                  worker_id=f"process-{n}"),
                                        created["id"], actor="operator")
                         for n, db in enumerate(databases)]

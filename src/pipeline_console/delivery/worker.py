@@ -15,7 +15,6 @@ import socket
 import time
 from collections.abc import Iterator
 
-import httpx
 from prometheus_client import start_http_server
 
 from pipeline_console.clock import system_clock
@@ -97,9 +96,8 @@ def serve_metrics(settings: Settings) -> Iterator[None]:
 
 async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> None:
     database = Database(create_engine(settings))
-    limits = httpx.Limits(max_connections=settings.worker_concurrency * 2)
-    async with httpx.AsyncClient(limits=limits) as client:
-        deliverer = Deliverer(database, Transports(client), system_clock,
+    async with Transports.open(max_connections=settings.worker_concurrency * 2) as transports:
+        deliverer = Deliverer(database, transports, system_clock,
                               worker_id=f"worker:{worker_identity()}",
                               lease_margin_s=settings.lease_margin_s)
         log.info("worker %s started", deliverer.worker_id)
