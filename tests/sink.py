@@ -36,6 +36,7 @@ class ScriptedServer:
         self.status_answers: dict[tuple[str, int], int] = {}
         self.received: list[Received] = []
         self.status_queries: list[str] = []
+        self.in_flight = self.most_in_flight = 0  # POSTs being answered, and the most at once
         self._lock = threading.Lock()
         server = self
 
@@ -49,8 +50,14 @@ class ScriptedServer:
                 with server._lock:
                     server.received.append(Received(self.path, dict(self.headers), body))
                     answer = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                time.sleep(answer.delay_s)
-                self._answer(answer.status, answer.body, answer.headers)
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    time.sleep(answer.delay_s)
+                    self._answer(answer.status, answer.body, answer.headers)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
             def do_GET(self) -> None:
                 parts = self.path.split("/")

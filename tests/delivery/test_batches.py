@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
 
-from pipeline_console.delivery.service import claim_due, deliver_many
+from pipeline_console.delivery.service import (
+    claim_due,
+    claim_due_rows,
+    deliver_due,
+    deliver_many,
+)
 from pipeline_console.errors import NotFound
 from tests.delivery.test_delivery import (
     add_system,
@@ -131,3 +137,27 @@ async def test_an_outcome_that_cannot_be_recorded_does_not_strand_the_others(
     assert {d["id"]: d["status"] for d in await deliveries(client)} == {
         claimed[0]: "delivered", claimed[2]: "delivered"}
     assert [len(await attempts(client, claimed[n])) for n in (0, 2)] == [1, 1]
+
+
+async def test_a_pass_claims_its_batch_and_sends_it_a_few_at_a_time(client, sink, clock):
+    """One claim for the whole batch, `concurrency` sends at once, and leases that last
+    until the last wave has had its whole deadline: no claim expires while it waits."""
+    sink.answer(Answer(200, delay_s=0.2))
+    await add_system(client, sink, timeout_s=2)
+    await ingest(client, *[message(1, entity_id=f"W-{n}") for n in range(5)])
+    deliverer = client.app.state.deliverer
+    now = clock()
+    async with deliverer.database.transaction() as session:
+        claimed = await claim_due_rows(session, deliverer, 5, concurrency=2)
+    waves, deadline = 3, 2 * 2 + 1  # ceil(5 / 2); total_deadline_s(2)
+    assert {row.lease_expires_at for row in claimed} == {
+        now + timedelta(seconds=waves * deadline + deliverer.lease_margin_s)}
+    results = await deliver_many(deliverer, [row.id for row in claimed], trigger="scheduled",
+                                 actor="tester", concurrency=2)
+    assert {result.outcome.value for result in results} == {"delivered"}
+    assert sink.most_in_flight == 2 and len(sink.received) == 5
+
+    await ingest(client, *[message(1, entity_id=f"V-{n}") for n in range(4)])
+    counts = await deliver_due(deliverer, limit=50, concurrency=3)
+    assert (counts["claimed"], counts["delivered"]) == (4, 4)
+    assert sink.most_in_flight == 3

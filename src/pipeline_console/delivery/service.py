@@ -131,11 +131,16 @@ async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) 
     return [row.id for row in await claim_due_rows(session, deliverer, limit)]
 
 
-async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int) -> list[Row]:
+async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int, *,
+                         concurrency: int | None = None) -> list[Row]:
     """Claim up to `limit` due deliveries in the caller's transaction; returns the claimed
     rows as they are now (every column: what deliver_many needs to send them, so that it
     need not read them again). Deliveries of a system whose circuit is open are held
     instead; a half-open circuit lets exactly one trial through.
+
+    The claims are sent `concurrency` at a time (all at once if None): each lease lasts
+    as many whole exchanges, at the slowest claimed system's deadline, as there are waves
+    of sends, so that no claim can expire while it waits for a free slot.
 
     Lock order, the same everywhere: circuits (by name), then deliveries."""
     now = deliverer.clock()
@@ -174,13 +179,15 @@ async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int
         else:
             claimed.append((delivery_id, system))
     returned: dict[int, Row] = {}
-    for system in sorted({system for _, system in claimed}):  # one statement per system
+    if claimed:
+        waves = 1 if concurrency is None else -(-len(claimed) // concurrency)
+        slowest = max(timeouts[system] for _, system in claimed)
+        lease = now + timedelta(seconds=waves * total_deadline_s(slowest)
+                                + deliverer.lease_margin_s)
         result = await session.execute(
-            update(_deliveries).where(_deliveries.c.id.in_(
-                [delivery_id for delivery_id, name in claimed if name == system]))
+            update(_deliveries).where(_deliveries.c.id.in_([id_ for id_, _ in claimed]))
             .values(status="in_flight", claimed_by=deliverer.worker_id,
-                    claim_trigger="scheduled", updated_at=now,
-                    lease_expires_at=_lease(now, timeouts[system], deliverer.lease_margin_s))
+                    claim_trigger="scheduled", updated_at=now, lease_expires_at=lease)
             .returning(*_deliveries.c))
         returned.update((row.id, row) for row in result.all())
     if held:
@@ -307,7 +314,7 @@ Claim = Callable[[AsyncSession], Awaitable[list[Row]]]
 
 async def deliver_many(
     deliverer: Deliverer, delivery_ids: Sequence[int] = (), *, trigger: str, actor: str,
-    claim: Claim | None = None,
+    claim: Claim | None = None, concurrency: int | None = None,
 ) -> list[DeliveryResult | BaseException]:
     """Send claimed deliveries and record what happened. THE way anything is sent.
 
@@ -321,9 +328,15 @@ async def deliver_many(
     expires and it becomes ambiguous).
 
     `claim`, instead of ids, claims them inside the checking transaction (the worker's pass:
-    one transaction fewer per batch)."""
+    one transaction fewer per batch). `concurrency`: at most that many sends at once."""
     delivery_ids, prepared = await prepare_batch(deliverer, delivery_ids, claim=claim)
-    sent = await asyncio.gather(*(send(deliverer, item) for item in prepared.values()
+    slots = asyncio.Semaphore(concurrency or len(prepared) or 1)
+
+    async def send_in_turn(item: Prepared) -> Sent:
+        async with slots:
+            return await send(deliverer, item)
+
+    sent = await asyncio.gather(*(send_in_turn(item) for item in prepared.values()
                                   if isinstance(item, Prepared)))
     recorded = await record_sent(deliverer, sent, trigger=trigger, actor=actor)
     return [recorded.get(delivery_id) or DeliveryResult(delivery_id, prepared[delivery_id])
@@ -769,15 +782,17 @@ async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
                       actor: str | None = None, recover: bool = True) -> dict[str, int]:
     """One pass of the worker: recover expired leases, claim what is due, send it.
 
-    It claims no more than it sends at once, so that no claim waits for a free slot while its
-    lease runs, and sends them with deliver_many. `recover=False` skips looking for expired
+    It claims up to `limit` and sends them with deliver_many, `concurrency` at a time (the
+    claims' leases cover the waits: claim_due_rows); one claim and one record transaction per
+    pass, whatever the concurrency. `recover=False` skips looking for expired
     leases (the worker looks only every few seconds: leases last longer). Attempts name the
     worker (or the person who ran the pass) as their actor."""
     actor = actor or deliverer.worker_id
     recovered = await recover_expired_leases(deliverer) if recover else 0
     results = await deliver_many(
-        deliverer, trigger="scheduled", actor=actor,
-        claim=lambda session: claim_due_rows(session, deliverer, min(limit, concurrency)))
+        deliverer, trigger="scheduled", actor=actor, concurrency=concurrency,
+        claim=lambda session: claim_due_rows(session, deliverer, limit,
+                                             concurrency=concurrency))
     counts = {"recovered_as_ambiguous": recovered, "claimed": len(results)}
     for result in results:
         if isinstance(result, BaseException):
