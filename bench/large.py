@@ -86,8 +86,8 @@ async def _prepare(database: Database, url: str, messages: int, now: datetime) -
     await database.engine.dispose()  # the bulk load wants the file (or database) to itself
     with phase(f"{database.engine.dialect.name}: bulk load (total)"):
         await bulk_load(url, messages=messages, keys=min(KEYS, messages), now=now)
-    async with httpx.AsyncClient() as client:
-        deliverer = Deliverer(database, Transports(client), system_clock, "bench-worker")
+    async with Transports.open() as transports:
+        deliverer = Deliverer(database, transports, system_clock, "bench-worker")
         with phase(f"{database.engine.dialect.name}: hot key through the services"):
             await _hot_key(database, deliverer, now)
         with phase(f"{database.engine.dialect.name}: attention queues through the services"):

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import httpx
 from sqlalchemy import event
 
 from bench.common import pg_dsn, sqlite_path
@@ -47,10 +46,10 @@ async def capture(url: str, key: str) -> list[tuple[str, str, Any]]:
             label[0] = f"report {name}"
             await build(session, now - timedelta(days=1), now)
     label[0] = "worker claim"
-    async with httpx.AsyncClient() as client:
+    async with Transports.open() as transports:
         # two hours on, billing's backlog is due: this claims (and leaves in flight) ten
         # deliveries, so run it on a database made for looking at plans
-        deliverer = Deliverer(database, Transports(client), lambda: now + timedelta(hours=2),
+        deliverer = Deliverer(database, transports, lambda: now + timedelta(hours=2),
                               "explain")
         await claim_due(deliverer, 10)
     await database.dispose()

@@ -161,3 +161,81 @@ async def test_a_pass_claims_its_batch_and_sends_it_a_few_at_a_time(client, sink
     counts = await deliver_due(deliverer, limit=50, concurrency=3)
     assert (counts["claimed"], counts["delivered"]) == (4, 4)
     assert sink.most_in_flight == 3
+
+
+async def test_a_system_failing_in_a_pass_gets_no_more_of_it_than_its_threshold(
+        client, sink, clock):
+    """The rest of its claims are released unsent, so that the circuit can open after the
+    pass as it would have had the deliveries been claimed a few at a time."""
+    sink.answer(Answer(503))
+    await add_system(client, sink, failure_threshold=2, max_attempts=10)
+    await ingest(client, *[message(1, entity_id=f"F-{n}") for n in range(6)])
+    deliverer = client.app.state.deliverer
+    counts = await deliver_due(deliverer, limit=50, concurrency=1)
+    assert (counts["claimed"], counts["retry"], counts["released"]) == (6, 2, 4)
+    assert len(sink.received) == 2
+    assert (await circuit(client))["state"] == "open"
+    unsent = [d for d in await deliveries(client) if d["attempts"] == 0]
+    assert len(unsent) == 4 and {d["status"] for d in unsent} == {"pending"}
+    for delivery in unsent:
+        assert await attempts(client, delivery["id"]) == []
+    clock.advance(seconds=120)
+    assert (await deliver_due(deliverer, limit=50, concurrency=1))["claimed"] == 0
+    assert {d["status"] for d in await deliveries(client)} == {"held"}
+
+
+async def test_a_stopping_worker_releases_the_claims_it_has_not_sent(client, sink, clock):
+    sink.answer(Answer(200, delay_s=0.3))
+    await add_system(client, sink)
+    await ingest(client, *[message(1, entity_id=f"T-{n}") for n in range(4)])
+    deliverer, stop = client.app.state.deliverer, asyncio.Event()
+    passing = asyncio.create_task(deliver_due(deliverer, limit=50, concurrency=1, stop=stop))
+    await wait_for(lambda: len(sink.received) == 1, 5, "the first send")
+    stop.set()
+    counts = await passing
+    assert (counts["claimed"], counts["delivered"], counts["released"]) == (4, 1, 3)
+    assert len(sink.received) == 1
+    by_status = sorted(d["status"] for d in await deliveries(client))
+    assert by_status == ["delivered", "pending", "pending", "pending"]
+    assert (await deliver_due(deliverer, limit=50, concurrency=4))["delivered"] == 3
+
+
+async def test_a_released_trial_hands_the_slot_to_the_next_held_delivery(client, sink, clock):
+    sink.answer(Answer(503))
+    await add_system(client, sink, failure_threshold=1, max_attempts=10)
+    await ingest(client, message(1, entity_id="H-1"))
+    await run_pass(client)
+    await ingest(client, message(1, entity_id="H-2"))
+    clock.advance(seconds=120)
+    await run_pass(client)
+    assert {d["status"] for d in await deliveries(client)} == {"held"}
+    await client.post("/api/v1/circuits/billing/reset", json={"reason": "fixed"})
+    sink.answer(Answer(200))
+    deliverer, stop = client.app.state.deliverer, asyncio.Event()
+    stop.set()  # the worker is stopping as the pass claims the circuit's one trial
+    counts = await deliver_due(deliverer, limit=50, concurrency=1, stop=stop)
+    assert (counts["claimed"], counts["released"]) == (1, 1)
+    assert len(sink.received) == 1  # only the first pass's failure
+    assert (await circuit(client))["state"] == "half_open"
+    # the trial's slot was handed on, not left taken by a delivery that was never sent
+    assert (await run_pass(client))["delivered"] == 1
+    assert (await circuit(client))["state"] == "closed"
+    assert (await run_pass(client))["delivered"] == 1
+
+
+async def test_a_send_that_fails_unexpectedly_does_not_lose_the_rest_of_the_batch(
+        client, sink, clock):
+    await add_system(client, sink, name="ok")
+    await client.post("/api/v1/systems", json={
+        "name": "broken", "transport": "simulated", "entity_types": ["customer"],
+        "simulation": {"seed": 1}})
+    deliverer = client.app.state.deliverer
+    async with deliverer.database.transaction() as session:  # a setting no API would take
+        await session.execute(text(
+            "UPDATE downstream_systems SET simulation = :bad WHERE name = 'broken'"),
+            {"bad": '{"outcomes": {"success": "x"}}'})
+    await ingest(client, message(1))
+    counts = await deliver_due(deliverer, limit=50, concurrency=10)
+    assert (counts["claimed"], counts["delivered"], counts["errors"]) == (2, 1, 1)
+    status = {d["system"]: d["status"] for d in await deliveries(client)}
+    assert status == {"ok": "delivered", "broken": "in_flight"}  # until its lease expires

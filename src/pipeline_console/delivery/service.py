@@ -89,6 +89,7 @@ class Outcome(StrEnum):
     AMBIGUOUS = "ambiguous"
     SUPERSEDED = "superseded"
     NOT_CLAIMED = "not_claimed"  # the lease was lost (another process recovered it)
+    RELEASED = "released"  # claimed but not sent (the worker stopping, the system failing)
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,7 @@ Claim = Callable[[AsyncSession], Awaitable[list[Row]]]
 async def deliver_many(
     deliverer: Deliverer, delivery_ids: Sequence[int] = (), *, trigger: str, actor: str,
     claim: Claim | None = None, concurrency: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> list[DeliveryResult | BaseException]:
     """Send claimed deliveries and record what happened. THE way anything is sent.
 
@@ -328,19 +330,78 @@ async def deliver_many(
     expires and it becomes ambiguous).
 
     `claim`, instead of ids, claims them inside the checking transaction (the worker's pass:
-    one transaction fewer per batch). `concurrency`: at most that many sends at once."""
+    one transaction fewer per batch). `concurrency`: at most that many sends at once; a
+    claim whose turn comes after `stop` is set, or after its system failed as often as its
+    circuit's threshold in this pass, is not sent but released (back to pending: nothing
+    was sent), so that a stopping worker stops soon and a failing system does not take the
+    rest of the batch before its circuit can open."""
     delivery_ids, prepared = await prepare_batch(deliverer, delivery_ids, claim=claim)
     slots = asyncio.Semaphore(concurrency or len(prepared) or 1)
+    failures: dict[str, int] = {}  # consecutive failures per system in this pass
 
-    async def send_in_turn(item: Prepared) -> Sent:
+    async def send_in_turn(item: Prepared) -> Sent | None:
         async with slots:
-            return await send(deliverer, item)
+            name = item.config.name
+            if (stop is not None and stop.is_set()) or (
+                    concurrency is not None and failures.get(name, 0) >= item.threshold):
+                return None
+            sent = await send(deliverer, item)
+            failing = breaker_event(sent.classification) is CircuitEvent.FAILURE
+            failures[name] = failures.get(name, 0) + 1 if failing else 0
+            return sent
 
-    sent = await asyncio.gather(*(send_in_turn(item) for item in prepared.values()
-                                  if isinstance(item, Prepared)))
-    recorded = await record_sent(deliverer, sent, trigger=trigger, actor=actor)
-    return [recorded.get(delivery_id) or DeliveryResult(delivery_id, prepared[delivery_id])
+    items = [item for item in prepared.values() if isinstance(item, Prepared)]
+    answers = await asyncio.gather(*(send_in_turn(item) for item in items),
+                                   return_exceptions=True)
+    results: dict[int, DeliveryResult | BaseException] = {}
+    unsent: list[Prepared] = []
+    for item, answer in zip(items, answers, strict=True):
+        if answer is None:
+            unsent.append(item)
+        elif isinstance(answer, BaseException):
+            # Not known whether it was sent: the claim stays until its lease expires and the
+            # delivery becomes ambiguous; the rest of the batch is recorded.
+            log.error("sending delivery %s failed unexpectedly", item.request.delivery_id,
+                      exc_info=answer)
+            results[item.request.delivery_id] = answer
+    results.update(await record_sent(deliverer, [answer for answer in answers
+                                                 if isinstance(answer, Sent)],
+                                     trigger=trigger, actor=actor))
+    if unsent:
+        results.update(await release_unsent(deliverer, unsent))
+    return [results.get(delivery_id) or DeliveryResult(delivery_id, prepared[delivery_id])
             for delivery_id in delivery_ids]
+
+
+async def release_unsent(deliverer: Deliverer,
+                         unsent: Sequence[Prepared]) -> dict[int, DeliveryResult]:
+    """Claims of this worker that were not sent, back to pending in one transaction (a
+    half-open circuit whose trial this was lets the next held delivery be the trial)."""
+
+    async def work(session: AsyncSession) -> dict[int, DeliveryResult]:
+        now = deliverer.clock()
+        ids = sorted(item.request.delivery_id for item in unsent)
+        trials = []
+        for name in sorted({item.config.name for item in unsent}):  # circuits first
+            trial = await session.scalar(select(_circuits.c.trial_delivery_id)
+                                         .where(_circuits.c.system == name))
+            if trial in ids:
+                trials.append((await lock_circuit(session, name), trial))
+        released = set((await session.execute(
+            update(_deliveries)
+            .where(_deliveries.c.id.in_(ids), _deliveries.c.status == "in_flight",
+                   _deliveries.c.claimed_by == deliverer.worker_id)
+            .values(status="pending", claimed_by=None, lease_expires_at=None,
+                    updated_at=now)
+            .returning(_deliveries.c.id))).scalars())
+        for circuit, trial in trials:
+            if trial in released:
+                await free_trial(session, circuit, trial, now)
+        return {delivery_id: DeliveryResult(
+            delivery_id, Outcome.RELEASED if delivery_id in released else Outcome.NOT_CLAIMED)
+            for delivery_id in ids}
+
+    return await deliverer.database.run_transaction(work)
 
 
 async def prepare_batch(
@@ -779,18 +840,21 @@ async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> 
 
 
 async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
-                      actor: str | None = None, recover: bool = True) -> dict[str, int]:
+                      actor: str | None = None, recover: bool = True,
+                      stop: asyncio.Event | None = None) -> dict[str, int]:
     """One pass of the worker: recover expired leases, claim what is due, send it.
 
     It claims up to `limit` and sends them with deliver_many, `concurrency` at a time (the
     claims' leases cover the waits: claim_due_rows); one claim and one record transaction per
-    pass, whatever the concurrency. `recover=False` skips looking for expired
-    leases (the worker looks only every few seconds: leases last longer). Attempts name the
-    worker (or the person who ran the pass) as their actor."""
+    pass, whatever the concurrency. Once `stop` is set, or a system has failed as often as
+    its circuit's threshold in this pass, the claims not yet sent are released instead.
+    `recover=False` skips looking for expired leases (the worker looks only every few
+    seconds: leases last longer). Attempts name the worker (or the person who ran the
+    pass) as their actor."""
     actor = actor or deliverer.worker_id
     recovered = await recover_expired_leases(deliverer) if recover else 0
     results = await deliver_many(
-        deliverer, trigger="scheduled", actor=actor, concurrency=concurrency,
+        deliverer, trigger="scheduled", actor=actor, concurrency=concurrency, stop=stop,
         claim=lambda session: claim_due_rows(session, deliverer, limit,
                                              concurrency=concurrency))
     counts = {"recovered_as_ambiguous": recovered, "claimed": len(results)}

@@ -1,8 +1,9 @@
-"""pipeline-console worker: claims due deliveries in small batches and sends them, until
-SIGTERM or SIGINT. On a signal it stops claiming, finishes the sends it holds, and exits;
-anything it could not finish is recovered as ambiguous by the next worker once its lease
-expires. Several workers (on several machines, on PostgreSQL) never send one delivery twice:
-claims use FOR UPDATE SKIP LOCKED."""
+"""pipeline-console worker: claims due deliveries in batches and sends them, until SIGTERM
+or SIGINT. On a signal it stops claiming, finishes the sends under way, releases the claims
+it has not sent yet (back to pending), and exits; anything it could not finish is recovered
+as ambiguous by the next worker once its lease expires. Several workers (on several
+machines, on PostgreSQL) never send one delivery twice: claims use FOR UPDATE SKIP
+LOCKED."""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> Non
                 try:
                     counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
                                                concurrency=settings.worker_concurrency,
-                                               recover=recover)
+                                               recover=recover, stop=stop)
                 except Exception:  # the database went away, say: keep going, loudly
                     log.exception("a delivery pass failed; trying again")
                     counts = {"claimed": 0}
