@@ -23,8 +23,10 @@ async def fill_every_queue(client, sink, *, more_systems=()) -> None:
     (billing); `more_systems` are added (by name) before anything is delivered."""
     await client.put("/api/v1/entity-types/customer",
                      json={"schema": {"required": ["country"]}})
-    sink.answer(Answer(400), Answer(200, delay_s=1.0))
-    await add_system(client, sink, timeout_s=0.3)
+    # the 400 must come back within the timeout even on a loaded machine (the sink's threads
+    # share the test's GIL): a 0.3 s timeout once turned it into a second ambiguous outcome
+    sink.answer(Answer(400), Answer(200, delay_s=3.0))
+    await add_system(client, sink, timeout_s=1.0)
     for name, entity_types in more_systems:
         await add_system(client, sink, name=name, entity_types=entity_types)
     await ingest(client, message(1, {"name": "A", "country": "DE"}, entity_id="A"),
