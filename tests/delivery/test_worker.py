@@ -105,3 +105,28 @@ async def test_several_workers_deliver_every_delivery_exactly_once(
         assert starts and {run["trigger"] for run in runs} == {"worker"}, job
         gaps = [(later - earlier).total_seconds() for earlier, later in pairwise(starts)]
         assert all(gap >= 29 for gap in gaps), (job, gaps)
+
+
+async def test_sigterm_mid_batch_releases_the_claims_not_yet_sent(
+        database_url, client, sink, clock, tmp_path):
+    """A real worker process with a batch of six, sending two at a time: SIGTERM while the
+    first two are at the sink. They finish and are recorded; the four never sent go back to
+    pending (no attempt, no lease), and the worker exits 0."""
+    clock.now = datetime.now(UTC)  # worker processes run on the real clock
+    sink.answer(Answer(200, delay_s=1.5))
+    await add_system(client, sink, timeout_s=10)
+    await ingest(client, *[message(1, entity_id=f"G-{n}") for n in range(6)])
+    log = tmp_path / "worker.log"
+    worker = start_worker(database_url, log, worker_concurrency=2, worker_batch_size=6)
+    try:
+        await wait_for(lambda: len(sink.received) == 2, 60, "the first two sends")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        worker.kill()
+    assert len(sink.received) == 2
+    statuses = Counter(d["status"] for d in await deliveries(client))
+    assert statuses == {"delivered": 2, "pending": 4}
+    for delivery in await deliveries(client, status="pending"):
+        assert delivery["attempts"] == 0 and delivery["claimed_by"] is None
+        assert await attempts(client, delivery["id"]) == []
