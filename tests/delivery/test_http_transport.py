@@ -20,7 +20,7 @@ from pipeline_console.delivery.transports import (
     Transports,
     build_request,
 )
-from tests.sink import Answer, ScriptedServer
+from tests.sink import Answer
 from tests.support import wait_for
 
 REQUEST = build_request(SimpleNamespace(
@@ -30,15 +30,6 @@ REQUEST = build_request(SimpleNamespace(
 
 def system(url: str, timeout_s: float = 2.0) -> SystemConfig:
     return SystemConfig("billing", "http", url, None, timeout_s, None)
-
-
-@pytest.fixture
-def sink() -> Iterator[ScriptedServer]:
-    server = ScriptedServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
