@@ -117,8 +117,10 @@ async def _lock_delivery(session: AsyncSession, delivery_id: int) -> Delivery:
     return delivery
 
 
-def _lease(now: datetime, timeout_s: float, margin_s: float) -> datetime:
-    return now + timedelta(seconds=total_deadline_s(timeout_s) + margin_s)
+def _lease(now: datetime, timeout_s: float, margin_s: float, waves: int = 1) -> datetime:
+    """When a claim expires: `waves` whole exchanges at this timeout's deadline, then the
+    margin."""
+    return now + timedelta(seconds=waves * total_deadline_s(timeout_s) + margin_s)
 
 
 async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
@@ -183,8 +185,7 @@ async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int
     if claimed:
         waves = 1 if concurrency is None else -(-len(claimed) // concurrency)
         slowest = max(timeouts[system] for _, system in claimed)
-        lease = now + timedelta(seconds=waves * total_deadline_s(slowest)
-                                + deliverer.lease_margin_s)
+        lease = _lease(now, slowest, deliverer.lease_margin_s, waves)
         result = await session.execute(
             update(_deliveries).where(_deliveries.c.id.in_([id_ for id_, _ in claimed]))
             .values(status="in_flight", claimed_by=deliverer.worker_id,
@@ -586,9 +587,11 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
         row = locked[delivery_id]
         return row.status == "in_flight" and row.claimed_by == deliverer.worker_id
 
+    def attempts_of(item: Sent) -> int:
+        return max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
+
     def step_of(item: Sent) -> Step:
-        attempts = max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
-        return next_step(item.classification, attempts, item.prepared.max_attempts)
+        return next_step(item.classification, attempts_of(item), item.prepared.max_attempts)
 
     objects = await _orm_deliveries(session, [
         item.delivery_id for item in sent if not ours(item.delivery_id)
@@ -613,8 +616,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
                 recorded[item.delivery_id] = DeliveryResult(
                     item.delivery_id, Outcome.NOT_CLAIMED, attempt_id, attempt.classification)
                 continue
-        attempts = max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
-        step = next_step(item.classification, attempts, item.prepared.max_attempts)
+        attempts, step = attempts_of(item), step_of(item)
         if delivery is None:  # ours, delivered or retried: a plain row
             values = _next_state(step, attempts, attempt, item.result, item.prepared.backoff,
                                  deliverer.rng, now)
