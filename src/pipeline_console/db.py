@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import operator
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -229,27 +231,72 @@ def _converter(column: Any, dialect: Any) -> Callable[[Any], Any] | None:
     return datetime_value
 
 
+@dataclass(frozen=True, slots=True)
+class Same:
+    """A value every row of a columnar write shares (the batch's timestamp, say): converted
+    once, not once per row."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A column's values already in the driver's form, made by `stored_form`: not converted
+    again. A payload written to several tables is serialized once."""
+
+    values: Sequence[Any]
+
+
+Column = Sequence[Any] | Same | Stored
+
+
+def stored_form(session: AsyncSession, table: Table, name: str) -> Callable[[Any], Any]:
+    """What the column's type turns a value into for the driver (JSON text, SQLite datetime
+    text), for values that several columnar writes share (see Stored)."""
+    convert = _converter(table.c[name], session.bind.dialect)
+    return convert if convert is not None else _unchanged
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+def _driver_columns(
+    dialect: Any, table: Table, columns: dict[str, Column]
+) -> list[tuple[Any, ...]]:
+    """Rows as the tuples the driver takes, built from columns: each column converted as its
+    type would convert it, by one map over the column (a Same value once), and the rows made
+    by one zip. No object per row but the row's own tuple."""
+    lengths = {len(column.values) if isinstance(column, Stored) else len(column)
+               for column in columns.values() if not isinstance(column, Same)}
+    if len(lengths) != 1:
+        raise ValueError(f"columns of different lengths, or none per row: {sorted(lengths)}")
+    count = lengths.pop()
+    parts: list[Any] = []
+    for name, column in columns.items():
+        if isinstance(column, Stored):
+            parts.append(column.values)
+            continue
+        convert = _converter(table.c[name], dialect)
+        if isinstance(column, Same):
+            parts.append(itertools.repeat(
+                column.value if convert is None else convert(column.value), count))
+        else:
+            parts.append(column if convert is None else map(convert, column))
+    return list(zip(*parts, strict=True))
+
+
 def _driver_rows(
     dialect: Any, table: Table, names: list[str], rows: Sequence[dict[str, Any]]
 ) -> list[tuple[Any, ...]]:
-    """Rows as the tuples the driver takes, converted as the column types would convert."""
-    converters = {
-        index: convert for index, name in enumerate(names)
-        if (convert := _converter(table.c[name], dialect)) is not None
-    }
-    if not converters:
-        if len(names) > 1:
-            return list(map(operator.itemgetter(*names), rows))
-        return [(row[names[0]],) for row in rows]
-    # Column by column: one map per converted column between two transpositions, instead of
-    # a Python loop over every value (a fifth of a batch's Python in the issue 8 profile).
+    """Rows as the tuples the driver takes, converted as the column types would convert.
+    Column by column (one map per converted column between two transpositions, instead of
+    a Python loop over every value: a fifth of a batch's Python in the issue 8 profile)."""
     if len(names) > 1:
         columns = list(zip(*map(operator.itemgetter(*names), rows), strict=True))
     else:
         columns = [[row[names[0]] for row in rows]]
-    for index, convert in converters.items():
-        columns[index] = list(map(convert, columns[index]))
-    return list(zip(*columns, strict=True))
+    return _driver_columns(dialect, table, dict(zip(names, columns, strict=True)))
 
 
 def _marks(dialect: Any, count: int, start: int = 1) -> list[str]:
@@ -264,15 +311,30 @@ async def bulk_insert(session: AsyncSession, table: Table, rows: Sequence[dict[s
     Every row has the same keys; values are converted exactly as the column types would
     (JSON as text, UTC datetimes as SQLite text or aware on PostgreSQL). Errors are still
     SQLAlchemy's, and the statement runs in the session's transaction."""
-    if not rows:
-        return
+    if rows:
+        names = list(rows[0])
+        await _insert(session, table, names,
+                      _driver_rows(session.bind.dialect, table, names, rows))
+
+
+async def insert_columns(session: AsyncSession, table: Table, columns: dict[str, Column]) -> None:
+    """bulk_insert for rows given as columns (name → one value per row, a Same value or
+    Stored values): a hot path builds no dict per row, and a value shared by every row or
+    written to several tables is converted once."""
+    if columns:
+        rows = _driver_columns(session.bind.dialect, table, columns)
+        if rows:
+            await _insert(session, table, list(columns), rows)
+
+
+async def _insert(session: AsyncSession, table: Table, names: list[str],
+                  rows: list[tuple[Any, ...]]) -> None:
     dialect = session.bind.dialect
-    names = list(rows[0])
     quote = dialect.identifier_preparer.quote
     statement = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
                  f"VALUES ({', '.join(_marks(dialect, len(names)))})")
     connection = await session.connection()
-    await connection.exec_driver_sql(statement, _driver_rows(dialect, table, names, rows))
+    await connection.exec_driver_sql(statement, rows)
 
 
 async def bulk_update(
@@ -298,34 +360,42 @@ _MAX_PARAMETERS = 30_000  # below SQLite's 32,766 and PostgreSQL's 32,767 per st
 
 
 async def insert_returning(
-    session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]], *,
-    conflict: str, returning: Sequence[str],
+    session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]] | dict[str, Column],
+    *, conflict: str, returning: Sequence[str],
 ) -> list[Any]:
-    """`INSERT … VALUES (…), (…) <conflict> RETURNING <returning>` for many rows, as few
-    statements as the parameter limit allows, values converted as bulk_insert converts them
-    (no per-row compile or bind processing). `conflict` is the ON CONFLICT clause, the same
-    text on both databases. Returns the returned rows."""
+    """`INSERT … VALUES (…), (…) <conflict> RETURNING <returning>` for many rows (dicts with
+    the same keys, or columns as insert_columns takes them), as few statements as the
+    parameter limit allows, values converted as bulk_insert converts them (no per-row compile
+    or bind processing). `conflict` is the ON CONFLICT clause, the same text on both
+    databases. Returns the returned rows."""
     if not rows:
         return []
     dialect = session.bind.dialect
-    names = list(rows[0])
+    if isinstance(rows, dict):
+        names = list(rows)
+        values = _driver_columns(dialect, table, rows)
+    else:
+        names = list(rows[0])
+        values = _driver_rows(dialect, table, names, rows)
     quote = dialect.identifier_preparer.quote
-    values = _driver_rows(dialect, table, names, rows)
     per_statement = max(1, _MAX_PARAMETERS // len(names))
     connection = await session.connection()
     returned: list[Any] = []
     for start in range(0, len(values), per_statement):
         chunk = values[start:start + per_statement]
-        marks = _marks(dialect, len(names) * len(chunk))
-        groups = ", ".join(
-            f"({', '.join(marks[i * len(names):(i + 1) * len(names)])})"
-            for i in range(len(chunk))
-        )
+        if dialect.name == "sqlite":  # every group the same text
+            groups = ", ".join([f"({', '.join('?' * len(names))})"] * len(chunk))
+        else:
+            marks = _marks(dialect, len(names) * len(chunk))
+            groups = ", ".join(
+                f"({', '.join(marks[i * len(names):(i + 1) * len(names)])})"
+                for i in range(len(chunk))
+            )
         statement = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
                      f"VALUES {groups} {conflict} "
                      f"RETURNING {', '.join(quote(n) for n in returning)}")
         result = await connection.exec_driver_sql(
-            statement, tuple(value for row in chunk for value in row))
+            statement, tuple(itertools.chain.from_iterable(chunk)))
         returned.extend(result.all())
     return returned
 

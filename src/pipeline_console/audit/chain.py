@@ -57,26 +57,26 @@ def row_hash(prev_hash: str, content: ChainedContent) -> str:
     })
 
 
-def chain_rows(
+def chain_hashes(
     prev_hash: str, first_id: int, occurred_at: datetime, actor: str,
     entries: Iterable[tuple[str, str, str, dict[str, Any], str | None]],
-) -> list[dict[str, Any]]:
-    """The audit rows for (action, subject_type, subject_id, details, idempotency_key)
-    entries, chained from `prev_hash` with ids from `first_id`: each hashed exactly as
-    `row_hash` hashes its ChainedContent, without building one per row (ingestion writes
-    thousands per batch)."""
+) -> tuple[list[str], list[str]]:
+    """The (prev_hash, row_hash) columns of the audit rows for (action, subject_type,
+    subject_id, details, idempotency_key) entries, chained from `prev_hash` with ids from
+    `first_id`: each row hashed exactly as `row_hash` hashes its ChainedContent, without
+    building one per row (ingestion writes thousands per batch)."""
     stamp = _timestamp(occurred_at)
-    rows = []
-    next_id = first_id
-    for action, subject_type, subject_id, details, idempotency_key in entries:
-        row = {"id": next_id, "occurred_at": stamp, "actor": actor, "action": action,
-               "subject_type": subject_type, "subject_id": subject_id,
-               "idempotency_key": idempotency_key, "details": details}
-        current_hash = _envelope_hash(prev_hash, row)
-        row["occurred_at"], row["prev_hash"], row["row_hash"] = occurred_at, prev_hash, current_hash
-        rows.append(row)
-        next_id, prev_hash = next_id + 1, current_hash
-    return rows
+    prevs: list[str] = []
+    hashes: list[str] = []
+    for row_id, (action, subject_type, subject_id, details, idempotency_key) in enumerate(
+            entries, first_id):
+        prevs.append(prev_hash)
+        prev_hash = _envelope_hash(prev_hash, {
+            "id": row_id, "occurred_at": stamp, "actor": actor, "action": action,
+            "subject_type": subject_type, "subject_id": subject_id,
+            "idempotency_key": idempotency_key, "details": details})
+        hashes.append(prev_hash)
+    return prevs, hashes
 
 
 def _envelope_hash(prev_hash: str, envelope: dict[str, Any]) -> str:

@@ -16,10 +16,10 @@ from pipeline_console.audit.chain import (
     GENESIS_HASH,
     BrokenLink,
     ChainedContent,
-    chain_rows,
+    chain_hashes,
     first_broken_link,
 )
-from pipeline_console.db import bulk_insert
+from pipeline_console.db import Same, insert_columns
 from pipeline_console.models import AuditEvent
 
 _CHAIN_LOCK = 0x70_63_61_75  # "pcau": the advisory lock id that serializes chain appends
@@ -48,9 +48,15 @@ async def append_audit(
         )
     ).first()
     next_id, prev_hash = (last.id + 1, last.row_hash) if last else (1, GENESIS_HASH)
-    # An AuditEntry is the (action, subject_type, subject_id, details, key) chain_rows takes.
-    rows = chain_rows(prev_hash, next_id, now, actor, entries)
-    await bulk_insert(session, _table, rows)
+    # An AuditEntry is the (action, subject_type, subject_id, details, key) chain_hashes takes.
+    prevs, hashes = chain_hashes(prev_hash, next_id, now, actor, entries)
+    actions, subject_types, subject_ids, details, keys = zip(*entries, strict=True)
+    await insert_columns(session, _table, {
+        "id": range(next_id, next_id + len(prevs)), "occurred_at": Same(now),
+        "actor": Same(actor), "action": actions, "subject_type": subject_types,
+        "subject_id": subject_ids, "idempotency_key": keys, "details": details,
+        "prev_hash": prevs, "row_hash": hashes,
+    })
 
 
 @dataclass(frozen=True)

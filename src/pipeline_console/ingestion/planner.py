@@ -12,16 +12,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline_console.ingestion.policy import CurrentState, Decision, decide
+
+QUARANTINE, ACCEPT_NEW, ACCEPT_SUPERSEDE = (
+    Decision.QUARANTINE, Decision.ACCEPT_NEW, Decision.ACCEPT_SUPERSEDE)
 
 # (entity_type, payload) → what the payload lacks to satisfy its schema; empty means complete.
 Completeness = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
 
 
-@dataclass(frozen=True)
-class IncomingMessage:
+class IncomingMessage(NamedTuple):
+    """A message that passed validation: what the planner decides on."""
+
     source_system: str
     entity_type: str
     entity_id: str
@@ -34,15 +38,19 @@ class IncomingMessage:
     occurred_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class KeySnapshot:
+# The planner's records are NamedTuples (and PlannedStaging a slotted dataclass): a batch makes
+# several per message, and a frozen dataclass's __init__ (object.__setattr__ per field) was a
+# measurable share of a batch (bench/notes/01-ingestion.md).
+
+
+class KeySnapshot(NamedTuple):
     """A key's state before the batch: its current state and its production version."""
 
     state: CurrentState
     production_version: int | None
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedStaging:
     message_index: int
     key: str
@@ -51,8 +59,7 @@ class PlannedStaging:
     validation_errors: list[dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class PlannedQuarantine:
+class PlannedQuarantine(NamedTuple):
     message_index: int
     key: str
     version: int
@@ -60,8 +67,7 @@ class PlannedQuarantine:
     current_payload: dict[str, Any] | None  # known when the current version is in this batch
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     decision: Decision
     reason: str
     staging_status: str | None  # the staged row's status right after this message was decided
@@ -69,11 +75,14 @@ class Outcome:
     quarantine_index: int | None  # into Plan.quarantines
 
 
-@dataclass(frozen=True)
-class AuditDraft:
+class AuditDraft(NamedTuple):
+    """An audit event about a record, in the shape append_audit takes (an AuditEntry's)."""
+
     action: str
-    key: str
+    subject_type: str
+    subject_id: str
     details: dict[str, Any]
+    idempotency_key: str | None
 
 
 @dataclass
@@ -95,84 +104,70 @@ def plan_batch(
     completeness: Completeness,
 ) -> Plan:
     plan = Plan()
+    outcomes, staging, audit = plan.outcomes, plan.staging, plan.audit
     states = {key: snapshot.state for key, snapshot in snapshots.items()}
     production = {key: snapshot.production_version for key, snapshot in snapshots.items()}
-    payloads_in_batch: dict[tuple[str, int, str], dict[str, Any]] = {}
+    latest_in_batch: dict[str, int] = {}  # key → index of its last accepted message here
     open_rows: dict[str, list[int]] = {}  # key → partial/complete staging rows of this batch
 
     for index, message in enumerate(messages):
         key = message.key
         current = states.get(key)
-        verdict = decide(current, message.version, message.payload_hash, message.source_system)
+        decision, reason = decide(current, message.version, message.payload_hash,
+                                  message.source_system)
 
-        if verdict.decision is Decision.QUARANTINE:
+        if decision is QUARANTINE:
             assert current is not None
-            plan.quarantines.append(
-                PlannedQuarantine(
-                    message_index=index,
-                    key=key,
-                    version=message.version,
-                    current=current,
-                    current_payload=payloads_in_batch.get(
-                        (key, current.version, current.payload_hash)
-                    ),
-                )
-            )
-            plan.outcomes.append(
-                Outcome(verdict.decision, verdict.reason, None, None, len(plan.quarantines) - 1)
-            )
+            latest = latest_in_batch.get(key)
+            # The key's current state came from this batch when a message of it was accepted
+            # here; its payload is then that message's.
+            plan.quarantines.append(PlannedQuarantine(
+                index, key, message.version, current,
+                messages[latest].payload if latest is not None else None,
+            ))
+            outcomes.append(Outcome(decision, reason, None, None, len(plan.quarantines) - 1))
             continue
-        if not verdict.decision.accepted:
-            plan.outcomes.append(Outcome(verdict.decision, verdict.reason, None, None, None))
+        if decision is not ACCEPT_NEW and decision is not ACCEPT_SUPERSEDE:
+            outcomes.append(Outcome(decision, reason, None, None, None))
             continue
 
         # Accepted: a newer version supersedes every not-yet-promoted older row of the key.
-        for row_index in open_rows.pop(key, []):
-            plan.staging[row_index].status = "superseded"
+        if key in open_rows:
+            for row_index in open_rows.pop(key):
+                staging[row_index].status = "superseded"
         if key in snapshots:
             plan.superseding_keys.add(key)
 
         errors = completeness(message.entity_type, message.payload)
         if errors:
             status = "partial"
-        elif production.get(key) is None or message.version > production[key]:  # type: ignore[operator]
+        elif (held := production.get(key)) is None or message.version > held:
             status = "promoted"
         else:
             status = "complete"
-        plan.staging.append(PlannedStaging(index, key, message.version, status, errors))
-        staging_index = len(plan.staging) - 1
+        staging_index = len(staging)
+        staging.append(PlannedStaging(index, key, message.version, status, errors))
         if status == "promoted":
             production[key] = message.version
             plan.production[key] = staging_index
         else:
             open_rows.setdefault(key, []).append(staging_index)
 
-        states[key] = CurrentState(message.version, message.payload_hash, message.source_system)
-        plan.new_states[key] = states[key]
-        payloads_in_batch[(key, message.version, message.payload_hash)] = message.payload
-        plan.outcomes.append(Outcome(verdict.decision, verdict.reason, status, staging_index, None))
-        plan.audit.append(
-            AuditDraft(
-                "record.accepted",
-                key,
-                {
-                    "decision": str(verdict.decision),
-                    "version": message.version,
-                    "source_system": message.source_system,
-                    "staging_status": status,
-                    "reason": verdict.reason,
-                },
-            )
-        )
+        states[key] = plan.new_states[key] = CurrentState(
+            message.version, message.payload_hash, message.source_system)
+        latest_in_batch[key] = index
+        outcomes.append(Outcome(decision, reason, status, staging_index, None))
+        audit.append(AuditDraft("record.accepted", "record", key, {
+            "decision": str(decision),
+            "version": message.version,
+            "source_system": message.source_system,
+            "staging_status": status,
+            "reason": reason,
+        }, key))
         if status == "promoted":
-            plan.audit.append(
-                AuditDraft("record.promoted", key, {"version": message.version,
-                                                    "source_system": message.source_system})
-            )
+            audit.append(AuditDraft("record.promoted", "record", key, {
+                "version": message.version, "source_system": message.source_system}, key))
         elif status == "partial":
-            plan.audit.append(
-                AuditDraft("record.staged_partial", key,
-                           {"version": message.version, "missing": errors})
-            )
+            audit.append(AuditDraft("record.staged_partial", "record", key,
+                                    {"version": message.version, "missing": errors}, key))
     return plan
-

@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import rfc8785
@@ -34,8 +33,7 @@ class Decision(StrEnum):
 REJECTED = "rejected"  # the attempt-log word for a malformed message (no decision was possible)
 
 
-@dataclass(frozen=True)
-class CurrentState:
+class CurrentState(NamedTuple):
     """What the pipeline holds for a key: the highest accepted version and its payload hash."""
 
     version: int
@@ -43,8 +41,7 @@ class CurrentState:
     source_system: str
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     decision: Decision
     reason: str
 

@@ -13,23 +13,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.opening import open_anomalies
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.db import (
+    Same,
+    Stored,
     allocate_ids,
-    bulk_insert,
     bulk_update,
+    insert_columns,
     insert_for,
     insert_returning,
+    stored_form,
 )
 from pipeline_console.entity_types.completeness import completeness_for
 from pipeline_console.ingestion.intake import RejectedMessage
-from pipeline_console.ingestion.planner import IncomingMessage, KeySnapshot, Plan, plan_batch
+from pipeline_console.ingestion.planner import (
+    IncomingMessage,
+    KeySnapshot,
+    Outcome,
+    Plan,
+    plan_batch,
+)
 from pipeline_console.ingestion.policy import REJECTED, CurrentState, Decision
 from pipeline_console.models import (
     Correlation,
@@ -80,19 +89,21 @@ async def ingest_messages(
         plan = plan_batch(messages, snapshots, completeness_for(schemas))
         anomaly_ids = await open_anomalies(session, messages, plan.quarantines, now, audit)
 
-    attempt_ids = await _write_attempts(session, items, messages, plan, anomaly_ids, now)
-    message_attempts = [
+    # Each payload is serialized once, for the attempt, staging and production rows alike.
+    payloads = list(map(stored_form(session, StagingRecord.__table__, "payload"),
+                        [message.payload for message in messages]))
+    attempt_ids = await _write_attempts(session, items, messages, payloads, plan, anomaly_ids,
+                                        now)
+    message_attempts = (attempt_ids if len(messages) == len(items) else [
         attempt_id for item, attempt_id in zip(items, attempt_ids, strict=True)
         if isinstance(item, IncomingMessage)
-    ]
+    ])
     if messages:
-        await _write_staging_and_production(session, messages, plan, message_attempts, now)
+        await _write_staging_and_production(session, messages, payloads, plan,
+                                            message_attempts, now)
         await _write_states(session, messages, snapshots, plan, now)
         await _write_correlations(session, messages, message_attempts, now)
-        audit.extend(
-            AuditEntry(draft.action, "record", draft.key, draft.details, draft.key)
-            for draft in plan.audit
-        )
+        audit.extend(plan.audit)  # an AuditDraft is an AuditEntry's shape
     await append_audit(session, audit, actor=actor, now=now)
 
     results: list[Accepted | Rejected] = []
@@ -142,6 +153,19 @@ async def _register_entity_types(
     return {row.name: row.json_schema for row in rows}
 
 
+# Built once: a literal IN list is coerced element by element on every call (SQLAlchemy
+# makes a bound value of each of a batch's hundreds of keys); an expanding parameter is not.
+_LOCK_STATES = (
+    select(RecordState.idempotency_key, RecordState.current_version,
+           RecordState.payload_hash, RecordState.source_system)
+    .where(RecordState.idempotency_key.in_(bindparam("keys", expanding=True)))
+    .order_by(RecordState.idempotency_key)
+    .with_for_update()
+)
+_PRODUCTION_VERSIONS = select(ProductionRecord.idempotency_key, ProductionRecord.version).where(
+    ProductionRecord.idempotency_key.in_(bindparam("keys", expanding=True)))
+
+
 async def _lock_states(
     session: AsyncSession, messages: Sequence[IncomingMessage], now: datetime
 ) -> dict[str, KeySnapshot]:
@@ -149,44 +173,28 @@ async def _lock_states(
     for message in messages:
         first_by_key.setdefault(message.key, message)
     keys = sorted(first_by_key)
+    firsts = [first_by_key[key] for key in keys]
     created = await insert_returning(
         session,
         RecordState.__table__,
-        [
-            {
-                "idempotency_key": key,
-                "entity_type": first_by_key[key].entity_type,
-                "entity_id": first_by_key[key].entity_id,
-                "current_version": first_by_key[key].version,
-                "payload_hash": first_by_key[key].payload_hash,
-                "source_system": first_by_key[key].source_system,
-                "first_seen_at": now,
-                "updated_at": now,
-            }
-            for key in keys
-        ],
+        {
+            "idempotency_key": keys,
+            "entity_type": [message.entity_type for message in firsts],
+            "entity_id": [message.entity_id for message in firsts],
+            "current_version": [message.version for message in firsts],
+            "payload_hash": [message.payload_hash for message in firsts],
+            "source_system": [message.source_system for message in firsts],
+            "first_seen_at": Same(now),
+            "updated_at": Same(now),
+        },
         conflict="ON CONFLICT (idempotency_key) DO NOTHING",
         returning=["idempotency_key"],
     )
     existing = sorted(set(keys) - {row[0] for row in created})
     if not existing:
         return {}
-    states = await session.execute(
-        select(
-            RecordState.idempotency_key,
-            RecordState.current_version,
-            RecordState.payload_hash,
-            RecordState.source_system,
-        )
-        .where(RecordState.idempotency_key.in_(existing))
-        .order_by(RecordState.idempotency_key)
-        .with_for_update()
-    )
-    production_rows = await session.execute(
-        select(ProductionRecord.idempotency_key, ProductionRecord.version).where(
-            ProductionRecord.idempotency_key.in_(existing)
-        )
-    )
+    states = await session.execute(_LOCK_STATES, {"keys": existing})
+    production_rows = await session.execute(_PRODUCTION_VERSIONS, {"keys": existing})
     production = {row.idempotency_key: row.version for row in production_rows}
     return {
         row.idempotency_key: KeySnapshot(
@@ -197,73 +205,90 @@ async def _lock_states(
     }
 
 
+class _Unparsed(NamedTuple):
+    """What the attempt log knows of a rejected message, in IncomingMessage's names."""
+
+    source_system: str | None
+    entity_type: str | None
+    entity_id: str | None
+    key: str | None
+    version: int | None
+    correlation_id: str | None
+    message_id: str | None
+    payload: None = None
+    payload_hash: None = None
+    occurred_at: None = None
+
+
 async def _write_attempts(
     session: AsyncSession,
     items: Sequence[IncomingMessage | RejectedMessage],
     messages: Sequence[IncomingMessage],
+    payloads: list[Any],
     plan: Plan,
     anomaly_ids: list[int],
     now: datetime,
 ) -> list[int]:
-    outcomes = iter(plan.outcomes)
-    rows = []
-    for item in items:
-        if isinstance(item, RejectedMessage):
-            rows.append(
-                {
-                    "received_at": now,
-                    "decision": REJECTED,
-                    "reason": f"rejected: {item.detail}",
-                    "source_system": item.known.get("source_system"),
-                    "entity_type": item.known.get("entity_type"),
-                    "entity_id": item.known.get("entity_id"),
-                    "idempotency_key": item.known.get("idempotency_key"),
-                    "version": item.known.get("version"),
-                    "message_id": item.known.get("message_id"),
-                    "correlation_id": item.known.get("correlation_id"),
-                    "raw_body": item.raw_body,
-                    "errors": [error.as_dict() for error in item.errors],
-                    "payload_hash": None, "payload": None, "occurred_at": None,
-                    "staging_status": None, "anomaly_id": None,
-                }
-            )
-            continue
-        outcome = next(outcomes)
-        rows.append(
-            {
-                "received_at": now,
-                "decision": str(outcome.decision),  # StrEnum: str() is its value, fast
-                "reason": outcome.reason,
-                "source_system": item.source_system,
-                "entity_type": item.entity_type,
-                "entity_id": item.entity_id,
-                "idempotency_key": item.key,
-                "version": item.version,
-                "payload_hash": item.payload_hash,
-                "payload": item.payload,
-                "message_id": item.message_id,
-                "correlation_id": item.correlation_id,
-                "occurred_at": item.occurred_at,
-                "staging_status": outcome.staging_status,
-                "anomaly_id": (
-                    anomaly_ids[outcome.quarantine_index]
-                    if outcome.quarantine_index is not None else None
-                ),
-                "raw_body": None, "errors": None,
-            }
-        )
-    # Every row carries every column (in one order) so that one statement covers the batch.
+    """One attempt row per item, written as columns (no dict per row)."""
     table = IngestionAttempt.__table__
-    ids = await allocate_ids(session, table, len(rows))
-    for id_, row in zip(ids, rows, strict=True):
-        row["id"] = id_
-    await bulk_insert(session, table, rows)
+    if len(messages) == len(items):
+        subjects: Sequence[Any] = messages
+        outcomes: Sequence[Outcome] = plan.outcomes
+        stored_payloads = payloads
+    else:  # rejections among them: they stand in the same columns
+        subjects, outcomes, stored_payloads = [], [], []
+        decided = iter(zip(messages, plan.outcomes, payloads, strict=True))
+        no_payload = stored_form(session, table, "payload")(None)
+        for item in items:
+            if isinstance(item, RejectedMessage):
+                known = item.known
+                subjects.append(_Unparsed(
+                    known.get("source_system"), known.get("entity_type"),
+                    known.get("entity_id"), known.get("idempotency_key"),
+                    known.get("version"), known.get("correlation_id"),
+                    known.get("message_id")))
+                outcomes.append(Outcome(REJECTED, f"rejected: {item.detail}",  # type: ignore[arg-type]
+                                        None, None, None))
+                stored_payloads.append(no_payload)
+            else:
+                message, outcome, payload = next(decided)
+                subjects.append(message)
+                outcomes.append(outcome)
+                stored_payloads.append(payload)
+    ids = await allocate_ids(session, table, len(items))
+    await insert_columns(session, table, {
+        "id": ids,
+        "received_at": Same(now),
+        "decision": [str(outcome.decision) for outcome in outcomes],  # a StrEnum's value
+        "reason": [outcome.reason for outcome in outcomes],
+        "source_system": [subject.source_system for subject in subjects],
+        "entity_type": [subject.entity_type for subject in subjects],
+        "entity_id": [subject.entity_id for subject in subjects],
+        "idempotency_key": [subject.key for subject in subjects],
+        "version": [subject.version for subject in subjects],
+        "payload_hash": [subject.payload_hash for subject in subjects],
+        "payload": Stored(stored_payloads),
+        "message_id": [subject.message_id for subject in subjects],
+        "correlation_id": [subject.correlation_id for subject in subjects],
+        "occurred_at": [subject.occurred_at for subject in subjects],
+        "staging_status": [outcome.staging_status for outcome in outcomes],
+        "anomaly_id": [
+            anomaly_ids[outcome.quarantine_index]
+            if outcome.quarantine_index is not None else None
+            for outcome in outcomes
+        ],
+        "raw_body": [item.raw_body if isinstance(item, RejectedMessage) else None
+                     for item in items],
+        "errors": [[error.as_dict() for error in item.errors]
+                   if isinstance(item, RejectedMessage) else None for item in items],
+    })
     return ids
 
 
 async def _write_staging_and_production(
     session: AsyncSession,
     messages: Sequence[IncomingMessage],
+    payloads: list[Any],
     plan: Plan,
     attempt_ids: list[int],
     now: datetime,
@@ -282,36 +307,30 @@ async def _write_staging_and_production(
     if not plan.staging:
         return
     table = StagingRecord.__table__
-    rows = []
-    for staged in plan.staging:
-        message = messages[staged.message_index]
-        rows.append(
-            {
-                "idempotency_key": staged.key,
-                "entity_type": message.entity_type,
-                "entity_id": message.entity_id,
-                "version": staged.version,
-                "source_system": message.source_system,
-                "payload": message.payload,
-                "payload_hash": message.payload_hash,
-                "status": staged.status,
-                "validation_errors": staged.validation_errors or None,
-                "correlation_id": message.correlation_id,
-                "attempt_id": attempt_ids[staged.message_index],
-                "anomaly_id": None,
-                "staged_at": now,
-                "updated_at": now,
-                "promoted_at": now if staged.status == "promoted" else None,
-            }
-        )
-    staging_ids = await allocate_ids(session, table, len(rows))
-    await bulk_insert(
-        session, table, [{"id": id_, **row} for id_, row in zip(staging_ids, rows, strict=True)]
-    )
-    production_rows = []
+    staging = plan.staging
+    staged = [messages[row.message_index] for row in staging]
+    staging_ids = await allocate_ids(session, table, len(staging))
+    await insert_columns(session, table, {
+        "id": staging_ids,
+        "idempotency_key": [row.key for row in staging],
+        "entity_type": [message.entity_type for message in staged],
+        "entity_id": [message.entity_id for message in staged],
+        "version": [row.version for row in staging],
+        "source_system": [message.source_system for message in staged],
+        "payload": Stored([payloads[row.message_index] for row in staging]),
+        "payload_hash": [message.payload_hash for message in staged],
+        "status": [row.status for row in staging],
+        "validation_errors": [row.validation_errors or None for row in staging],
+        "correlation_id": [message.correlation_id for message in staged],
+        "attempt_id": [attempt_ids[row.message_index] for row in staging],
+        "anomaly_id": Same(None),
+        "staged_at": Same(now),
+        "updated_at": Same(now),
+        "promoted_at": [now if row.status == "promoted" else None for row in staging],
+    })
+    production_rows, production_payloads = [], []
     for key, staging_index in sorted(plan.production.items()):
-        staged = plan.staging[staging_index]
-        message = messages[staged.message_index]
+        message = staged[staging_index]
         production_rows.append(
             {
                 "idempotency_key": key,
@@ -326,7 +345,8 @@ async def _write_staging_and_production(
                 "promoted_at": now,
             }
         )
-    await write_production(session, production_rows)
+        production_payloads.append(payloads[staging[staging_index].message_index])
+    await write_production(session, production_rows, stored_payloads=production_payloads)
 
 
 async def _write_states(

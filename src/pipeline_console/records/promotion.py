@@ -10,32 +10,39 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pipeline_console.db import insert_returning
+from pipeline_console.db import Column, Stored, insert_returning
 from pipeline_console.delivery.outbox import enqueue_deliveries
 from pipeline_console.models import ProductionRecord, StagingRecord
 
 _table = ProductionRecord.__table__
 
 
+_COLUMNS = ("entity_type", "entity_id", "version", "payload", "payload_hash", "source_system",
+            "correlation_id", "staging_id", "promoted_at")
+
+
 async def write_production(
-    session: AsyncSession, rows: Sequence[dict[str, Any]], *, allow_same_version: bool = False
+    session: AsyncSession, rows: Sequence[dict[str, Any]], *, allow_same_version: bool = False,
+    stored_payloads: Sequence[Any] | None = None,
 ) -> None:
     """Upsert production rows; an existing row is replaced only by a higher version
     (or, for an operator's anomaly resolution, by the same version). Every row written
-    queues one delivery per subscribed downstream system."""
+    queues one delivery per subscribed downstream system. `stored_payloads`: the rows'
+    payloads already serialized (db.stored_form), when the caller has them."""
     if not rows:
         return
-    columns = ("entity_type", "entity_id", "version", "payload", "payload_hash",
-               "source_system", "correlation_id", "staging_id", "promoted_at")
     guard = "<=" if allow_same_version else "<"
+    columns: dict[str, Column] = {
+        name: [row[name] for row in rows] for name in ("idempotency_key", *_COLUMNS)}
+    if stored_payloads is not None:
+        columns["payload"] = Stored(stored_payloads)
     # Only rows the guard let through were written; exactly those get deliveries queued,
     # in this same transaction (the transactional outbox).
     written = await insert_returning(
-        session, _table, [{"idempotency_key": row["idempotency_key"],
-                           **{column: row[column] for column in columns}} for row in rows],
+        session, _table, columns,
         conflict=(
             "ON CONFLICT (idempotency_key) DO UPDATE SET "
-            + ", ".join(f"{column} = excluded.{column}" for column in columns)
+            + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
             + f" WHERE production_records.version {guard} excluded.version"
         ),
         returning=["idempotency_key", "version"],
