@@ -51,9 +51,8 @@ from pipeline_console.models import (
 from pipeline_console.records.promotion import write_production
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """The decision for one message, as the API returns it."""
+class Accepted(NamedTuple):
+    """The decision for one message, as the API returns it (a NamedTuple: one per message)."""
 
     decision: str
     idempotency_key: str
@@ -99,7 +98,7 @@ async def ingest_messages(
         if isinstance(item, IncomingMessage)
     ])
     if messages:
-        await _write_staging_and_production(session, messages, payloads, plan,
+        await _write_staging_and_production(session, messages, payloads, plan, snapshots,
                                             message_attempts, now)
         await _write_states(session, messages, snapshots, plan, now)
         await _write_correlations(session, messages, message_attempts, now)
@@ -290,6 +289,7 @@ async def _write_staging_and_production(
     messages: Sequence[IncomingMessage],
     payloads: list[Any],
     plan: Plan,
+    snapshots: dict[str, KeySnapshot],
     attempt_ids: list[int],
     now: datetime,
 ) -> None:
@@ -346,7 +346,10 @@ async def _write_staging_and_production(
             }
         )
         production_payloads.append(payloads[staging[staging_index].message_index])
-    await write_production(session, production_rows, stored_payloads=production_payloads)
+    # A key with no state before this batch has no production row either.
+    await write_production(session, production_rows, stored_payloads=production_payloads,
+                           new_keys={row["idempotency_key"] for row in production_rows
+                                     if row["idempotency_key"] not in snapshots})
 
 
 async def _write_states(

@@ -4,13 +4,13 @@ goes down even if a caller is wrong."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pipeline_console.db import Column, Stored, insert_returning
+from pipeline_console.db import Column, Stored, insert_columns, insert_returning
 from pipeline_console.delivery.outbox import enqueue_deliveries
 from pipeline_console.models import ProductionRecord, StagingRecord
 
@@ -23,36 +23,53 @@ _COLUMNS = ("entity_type", "entity_id", "version", "payload", "payload_hash", "s
 
 async def write_production(
     session: AsyncSession, rows: Sequence[dict[str, Any]], *, allow_same_version: bool = False,
-    stored_payloads: Sequence[Any] | None = None,
+    stored_payloads: Sequence[Any] | None = None, new_keys: Collection[str] = (),
 ) -> None:
     """Upsert production rows; an existing row is replaced only by a higher version
     (or, for an operator's anomaly resolution, by the same version). Every row written
-    queues one delivery per subscribed downstream system. `stored_payloads`: the rows'
-    payloads already serialized (db.stored_form), when the caller has them."""
+    queues one delivery per subscribed downstream system.
+
+    `stored_payloads`: the rows' payloads already serialized (db.stored_form), when the
+    caller has them. `new_keys`: keys whose state this transaction created, so that no
+    production row can exist for them; theirs are plain inserts (one executemany, no
+    RETURNING to read), which fail loudly rather than overwrite if one did exist."""
     if not rows:
         return
-    guard = "<=" if allow_same_version else "<"
-    columns: dict[str, Column] = {
-        name: [row[name] for row in rows] for name in ("idempotency_key", *_COLUMNS)}
-    if stored_payloads is not None:
-        columns["payload"] = Stored(stored_payloads)
-    # Only rows the guard let through were written; exactly those get deliveries queued,
-    # in this same transaction (the transactional outbox).
-    written = await insert_returning(
-        session, _table, columns,
-        conflict=(
-            "ON CONFLICT (idempotency_key) DO UPDATE SET "
-            + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
-            + f" WHERE production_records.version {guard} excluded.version"
-        ),
-        returning=["idempotency_key", "version"],
-    )
-    promoted = {(key, version) for key, version in written}
+    payloads = list(stored_payloads) if stored_payloads is not None else None
+    fresh = [index for index, row in enumerate(rows) if row["idempotency_key"] in new_keys]
+    if fresh:
+        await insert_columns(session, _table, _columns([rows[i] for i in fresh], (
+            [payloads[i] for i in fresh] if payloads is not None else None)))
+    written = {(rows[i]["idempotency_key"], rows[i]["version"]) for i in fresh}
+    if len(fresh) < len(rows):
+        taken = set(fresh)
+        rest = [index for index in range(len(rows)) if index not in taken]
+        guard = "<=" if allow_same_version else "<"
+        # Only rows the guard let through were written; exactly those get deliveries queued,
+        # in this same transaction (the transactional outbox).
+        written.update(tuple(row) for row in await insert_returning(
+            session, _table, _columns([rows[i] for i in rest], (
+                [payloads[i] for i in rest] if payloads is not None else None)),
+            conflict=(
+                "ON CONFLICT (idempotency_key) DO UPDATE SET "
+                + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
+                + f" WHERE production_records.version {guard} excluded.version"
+            ),
+            returning=["idempotency_key", "version"],
+        ))
     await enqueue_deliveries(
         session,
-        [row for row in rows if (row["idempotency_key"], row["version"]) in promoted],
+        [row for row in rows if (row["idempotency_key"], row["version"]) in written],
         rows[0]["promoted_at"],
     )
+
+
+def _columns(rows: Sequence[dict[str, Any]], payloads: list[Any] | None) -> dict[str, Column]:
+    columns: dict[str, Column] = {
+        name: [row[name] for row in rows] for name in ("idempotency_key", *_COLUMNS)}
+    if payloads is not None:
+        columns["payload"] = Stored(payloads)
+    return columns
 
 
 def production_row(row: StagingRecord, now: datetime) -> dict[str, object]:

@@ -1,0 +1,66 @@
+"""write_production: the version guard, and the plain-insert path for keys a transaction
+created (ingestion's new keys), which must fail loudly rather than overwrite."""
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from pipeline_console.models import ProductionRecord, RecordState, StagingRecord
+from pipeline_console.records.promotion import write_production
+from tests.support import ingest_one, message
+
+NOW = datetime(2026, 11, 24, 11, 0, tzinfo=UTC)
+
+
+def _row(key: str, version: int, name: str, staging_id: int) -> dict:
+    entity_type, entity_id = key.split(":")
+    return {"idempotency_key": key, "entity_type": entity_type, "entity_id": entity_id,
+            "version": version, "payload": {"name": name}, "payload_hash": f"h{version}",
+            "source_system": "erp", "correlation_id": None, "staging_id": staging_id,
+            "promoted_at": NOW}
+
+
+async def _staging_id(database) -> int:
+    """Any staged row: production rows must point at one."""
+    async with database.read() as session:
+        return (await session.execute(select(StagingRecord.id).limit(1))).scalar_one()
+
+
+async def _production(database) -> dict[str, tuple[int, dict]]:
+    async with database.read() as session:
+        rows = (await session.execute(select(ProductionRecord))).scalars().all()
+    return {row.idempotency_key: (row.version, row.payload) for row in rows}
+
+
+async def test_a_key_claimed_new_that_has_a_production_row_fails_and_nothing_changes(database):
+    await ingest_one(database, message(entity_id="C-1", version=3, payload={"name": "kept"}))
+    staging_id = await _staging_id(database)
+    with pytest.raises(IntegrityError, match=r"(?i)unique"):
+        async with database.transaction() as session:
+            await write_production(
+                session, [_row("customer:C-1", 4, "overwritten?", staging_id)],
+                new_keys={"customer:C-1"})
+    assert (await _production(database))["customer:C-1"] == (3, {"name": "kept"})
+
+
+async def test_new_and_existing_keys_in_one_call_each_take_their_path(database):
+    await ingest_one(database, message(entity_id="C-1", version=3, payload={"name": "v3"}))
+    await ingest_one(database, message(entity_id="C-2", version=5, payload={"name": "v5"}))
+    staging_id = await _staging_id(database)
+    async with database.transaction() as session:
+        # As ingestion does for a key it sees first: the state row, then production.
+        session.add(RecordState(idempotency_key="customer:C-9", entity_type="customer",
+                                entity_id="C-9", current_version=1, payload_hash="h1",
+                                source_system="erp", first_seen_at=NOW, updated_at=NOW))
+        await session.flush()
+        await write_production(session, [
+            _row("customer:C-1", 4, "v4", staging_id),  # newer: replaces
+            _row("customer:C-2", 4, "v4", staging_id),  # older: the guard keeps v5
+            _row("customer:C-9", 1, "new", staging_id),  # claimed new: inserted
+        ], new_keys={"customer:C-9"})
+    production = await _production(database)
+    assert production["customer:C-1"] == (4, {"name": "v4"})
+    assert production["customer:C-2"] == (5, {"name": "v5"})
+    assert production["customer:C-9"] == (1, {"name": "new"})
