@@ -1,6 +1,5 @@
 """The audit log's hash chain: each row's hash covers its content and the previous row's hash."""
 
-import contextlib
 import functools
 import hashlib
 from collections.abc import Iterable
@@ -83,8 +82,10 @@ def _envelope_hash(prev_hash: str, envelope: dict[str, Any]) -> str:
     body = None
     # The usual row: one walk of the details decides that orjson writes the RFC 8785 form.
     if abs(envelope["id"]) <= SAFE_INTEGER and orjson_is_canonical(envelope["details"]):
-        with contextlib.suppress(orjson.JSONEncodeError):  # a lone surrogate in a string
+        try:
             body = orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a lone surrogate in a string
+            body = None
     if body is None:
         body = canonical_json({**envelope, "details": _hashable(envelope["details"])})
     return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()

@@ -98,27 +98,42 @@ ASTRAL = "\U00010000"  # the first code point beyond the Basic Multilingual Plan
 
 
 def orjson_is_canonical(value: Any) -> bool:
-    """Whether orjson's sorted output of `value` is its RFC 8785 form (see canonical_json)."""
+    """Whether orjson's sorted output of `value` is its RFC 8785 form (see canonical_json).
+    Scalars inside a container are checked where they are found, not pushed on the stack:
+    most values checked (an audit row's details, say) are one flat object."""
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return _canonical_scalar(value)
     stack = [value]
     while stack:
         item = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if -SAFE_INTEGER <= item <= SAFE_INTEGER:
-                continue
-            return False
-        if kind is dict:
+        if type(item) is dict:
             for key in item:
                 if type(key) is not str or not (key.isascii() or max(key) < ASTRAL):
                     return False
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
+            children = item.values()
         else:
+            children = item
+        for child in children:
+            kind = type(child)
+            if kind is str or kind is bool or child is None:
+                continue
+            if kind is int:
+                if -SAFE_INTEGER <= child <= SAFE_INTEGER:
+                    continue
+                return False
+            if kind is dict or kind is list:
+                stack.append(child)
+                continue
             return False
     return True
+
+
+def _canonical_scalar(value: Any) -> bool:
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    return kind is int and -SAFE_INTEGER <= value <= SAFE_INTEGER
 
 
 def payload_hash(payload: Any, *, plain: bool | None = None) -> str:
