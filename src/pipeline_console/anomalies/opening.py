@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import bindparam, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry
@@ -14,6 +14,26 @@ from pipeline_console.db import allocate_ids, bulk_insert
 from pipeline_console.ingestion.diff import field_diff
 from pipeline_console.ingestion.planner import IncomingMessage, PlannedQuarantine
 from pipeline_console.models import Anomaly, StagingRecord
+
+# Built once, with expanding parameters: a literal IN list (of tuples, above all) is coerced
+# element by element on every call.
+_OPEN_ANOMALIES = select(
+    Anomaly.id, Anomaly.idempotency_key, Anomaly.version,
+    Anomaly.current_payload_hash, Anomaly.incoming_payload_hash,
+).where(Anomaly.status == "open",
+        Anomaly.idempotency_key.in_(bindparam("keys", expanding=True)))
+_STORED_PAYLOADS = select(
+    StagingRecord.idempotency_key, StagingRecord.version,
+    StagingRecord.payload_hash, StagingRecord.payload,
+).where(
+    # The keys alone first, so both databases reach the rows through the
+    # (idempotency_key, version) index: matched on the triples alone, SQLite
+    # scanned the whole staging table (8 ms per batch at 20,000 messages).
+    StagingRecord.idempotency_key.in_(bindparam("keys", expanding=True)),
+    tuple_(
+        StagingRecord.idempotency_key, StagingRecord.version, StagingRecord.payload_hash,
+    ).in_(bindparam("triples", expanding=True)),
+)
 
 
 async def open_anomalies(
@@ -27,12 +47,7 @@ async def open_anomalies(
     if not quarantines:
         return []
     keys = sorted({quarantine.key for quarantine in quarantines})
-    open_rows = await session.execute(
-        select(
-            Anomaly.id, Anomaly.idempotency_key, Anomaly.version,
-            Anomaly.current_payload_hash, Anomaly.incoming_payload_hash,
-        ).where(Anomaly.status == "open", Anomaly.idempotency_key.in_(keys))
-    )
+    open_rows = await session.execute(_OPEN_ANOMALIES, {"keys": keys})
     known = {
         (row.idempotency_key, row.version, row.current_payload_hash, row.incoming_payload_hash):
         row.id
@@ -44,21 +59,8 @@ async def open_anomalies(
     }
     current_payloads: dict[tuple[str, int, str], dict[str, Any]] = {}
     if wanted:
-        stored = await session.execute(
-            select(
-                StagingRecord.idempotency_key, StagingRecord.version,
-                StagingRecord.payload_hash, StagingRecord.payload,
-            ).where(
-                # The keys alone first, so both databases reach the rows through the
-                # (idempotency_key, version) index: matched on the triples alone, SQLite
-                # scanned the whole staging table (8 ms per batch at 20,000 messages).
-                StagingRecord.idempotency_key.in_(sorted({key for key, _, _ in wanted})),
-                tuple_(
-                    StagingRecord.idempotency_key, StagingRecord.version,
-                    StagingRecord.payload_hash,
-                ).in_(sorted(wanted)),
-            )
-        )
+        stored = await session.execute(_STORED_PAYLOADS, {
+            "keys": sorted({key for key, _, _ in wanted}), "triples": sorted(wanted)})
         for row in stored:
             current_payloads[(row.idempotency_key, row.version, row.payload_hash)] = row.payload
 

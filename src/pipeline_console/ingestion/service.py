@@ -172,11 +172,10 @@ async def _lock_states(
     for message in messages:
         first_by_key.setdefault(message.key, message)
     keys = sorted(first_by_key)
-    firsts = [first_by_key[key] for key in keys]
-    created = await insert_returning(
-        session,
-        RecordState.__table__,
-        {
+
+    def new_states(keys: list[str]) -> dict[str, Any]:
+        firsts = [first_by_key[key] for key in keys]
+        return {
             "idempotency_key": keys,
             "entity_type": [message.entity_type for message in firsts],
             "entity_id": [message.entity_id for message in firsts],
@@ -185,14 +184,28 @@ async def _lock_states(
             "source_system": [message.source_system for message in firsts],
             "first_seen_at": Same(now),
             "updated_at": Same(now),
-        },
-        conflict="ON CONFLICT (idempotency_key) DO NOTHING",
-        returning=["idempotency_key"],
-    )
-    existing = sorted(set(keys) - {row[0] for row in created})
+        }
+
+    if session.bind.dialect.name == "sqlite":
+        # The transaction holds the database's write lock from its first statement (BEGIN
+        # IMMEDIATE): no other writer can create a key between this read and the insert, so
+        # the new keys are one plain executemany (no statement of thousands of parameters
+        # to parse, no RETURNING rows to read).
+        states = (await session.execute(_LOCK_STATES, {"keys": keys})).all()
+        known = {row.idempotency_key for row in states}
+        await insert_columns(session, RecordState.__table__,
+                             new_states([key for key in keys if key not in known]))
+        existing = sorted(known)
+    else:
+        created = await insert_returning(
+            session, RecordState.__table__, new_states(keys),
+            conflict="ON CONFLICT (idempotency_key) DO NOTHING", returning=["idempotency_key"],
+        )
+        existing = sorted(set(keys) - {row[0] for row in created})
+        states = (await session.execute(_LOCK_STATES, {"keys": existing})).all() if existing \
+            else []
     if not existing:
         return {}
-    states = await session.execute(_LOCK_STATES, {"keys": existing})
     production_rows = await session.execute(_PRODUCTION_VERSIONS, {"keys": existing})
     production = {row.idempotency_key: row.version for row in production_rows}
     return {
