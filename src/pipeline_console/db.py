@@ -283,7 +283,7 @@ def _driver_columns(
                 column.value if convert is None else convert(column.value), count))
         else:
             parts.append(column if convert is None else map(convert, column))
-    return list(zip(*parts, strict=True))
+    return list(zip(*parts, strict=False))  # the lengths were checked above
 
 
 def _driver_rows(
