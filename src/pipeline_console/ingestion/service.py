@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.opening import open_anomalies
@@ -217,6 +217,15 @@ async def _lock_states(
     }
 
 
+_staging = StagingRecord.__table__
+_SUPERSEDE_STAGED = (
+    update(_staging)
+    .where(_staging.c.idempotency_key.in_(bindparam("keys", expanding=True)),
+           _staging.c.status.in_(("partial", "complete")))
+    .values(status=bindparam("superseded"), updated_at=bindparam("now"))
+)
+
+
 class _Unparsed(NamedTuple):
     """What the attempt log knows of a rejected message, in IncomingMessage's names."""
 
@@ -307,16 +316,8 @@ async def _write_staging_and_production(
     now: datetime,
 ) -> None:
     if plan.superseding_keys:
-        await session.execute(
-            update(StagingRecord.__table__)
-            .where(
-                and_(
-                    StagingRecord.__table__.c.idempotency_key.in_(sorted(plan.superseding_keys)),
-                    StagingRecord.__table__.c.status.in_(("partial", "complete")),
-                )
-            )
-            .values(status="superseded", updated_at=now)
-        )
+        await session.execute(_SUPERSEDE_STAGED, {
+            "keys": sorted(plan.superseding_keys), "superseded": "superseded", "now": now})
     if not plan.staging:
         return
     table = StagingRecord.__table__
