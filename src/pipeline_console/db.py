@@ -247,6 +247,8 @@ class Stored:
     values: Sequence[Any]
 
 
+# A plain sequence is always one value per row: a value shared by every row (a JSON list
+# above all) must be wrapped in Same, or it would be spread over the rows.
 Column = Sequence[Any] | Same | Stored
 
 

@@ -1,11 +1,12 @@
 """ingest_messages: decide a batch with the planner, then persist the plan with a few
 statements per table. The caller owns the transaction (this module never commits).
 
-Race-safety: the first message of a new key inserts the key's state row with
+Race-safety: on PostgreSQL the first message of a new key inserts the key's state row with
 INSERT … ON CONFLICT DO NOTHING (keys in sorted order, so concurrent batches cannot deadlock);
 every other key is read with SELECT … FOR UPDATE. A transaction that loses the race for a new
 key waits on the winner's insert, then reads and decides against the winner's row. On SQLite
-the write transaction already holds the database's write lock (BEGIN IMMEDIATE).
+the write transaction already holds the database's write lock (BEGIN IMMEDIATE), so the batch
+reads the known keys' states and inserts the new ones with a plain executemany.
 """
 
 from __future__ import annotations
