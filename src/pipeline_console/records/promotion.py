@@ -35,21 +35,28 @@ async def write_production(
     RETURNING to read), which fail loudly rather than overwrite if one did exist."""
     if not rows:
         return
-    payloads = list(stored_payloads) if stored_payloads is not None else None
-    fresh = [index for index, row in enumerate(rows) if row["idempotency_key"] in new_keys]
+    fresh: list[int] = []
+    existing: list[int] = []
+    for index, row in enumerate(rows):
+        (fresh if row["idempotency_key"] in new_keys else existing).append(index)
+
+    def columns(indices: list[int]) -> dict[str, Column]:
+        chosen = [rows[i] for i in indices]
+        out: dict[str, Column] = {
+            name: [row[name] for row in chosen] for name in ("idempotency_key", *_COLUMNS)}
+        if stored_payloads is not None:
+            out["payload"] = Stored([stored_payloads[i] for i in indices])
+        return out
+
     if fresh:
-        await insert_columns(session, _table, _columns([rows[i] for i in fresh], (
-            [payloads[i] for i in fresh] if payloads is not None else None)))
+        await insert_columns(session, _table, columns(fresh))
     written = {(rows[i]["idempotency_key"], rows[i]["version"]) for i in fresh}
-    if len(fresh) < len(rows):
-        taken = set(fresh)
-        rest = [index for index in range(len(rows)) if index not in taken]
+    if existing:
         guard = "<=" if allow_same_version else "<"
         # Only rows the guard let through were written; exactly those get deliveries queued,
         # in this same transaction (the transactional outbox).
         written.update(tuple(row) for row in await insert_returning(
-            session, _table, _columns([rows[i] for i in rest], (
-                [payloads[i] for i in rest] if payloads is not None else None)),
+            session, _table, columns(existing),
             conflict=(
                 "ON CONFLICT (idempotency_key) DO UPDATE SET "
                 + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
@@ -62,14 +69,6 @@ async def write_production(
         [row for row in rows if (row["idempotency_key"], row["version"]) in written],
         rows[0]["promoted_at"],
     )
-
-
-def _columns(rows: Sequence[dict[str, Any]], payloads: list[Any] | None) -> dict[str, Column]:
-    columns: dict[str, Column] = {
-        name: [row[name] for row in rows] for name in ("idempotency_key", *_COLUMNS)}
-    if payloads is not None:
-        columns["payload"] = Stored(payloads)
-    return columns
 
 
 def production_row(row: StagingRecord, now: datetime) -> dict[str, object]:
