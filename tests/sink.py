@@ -36,7 +36,10 @@ class ScriptedServer:
         self.status_answers: dict[tuple[str, int], int] = {}
         self.received: list[Received] = []
         self.status_queries: list[str] = []
-        self.in_flight = self.most_in_flight = 0  # POSTs being answered, and the most at once
+        # POSTs received and not yet answered, and the most at once. A request stops counting
+        # before its answer is written: the client may send its next one as soon as it has
+        # read the answer, so counting until after the write would overlap the two.
+        self.in_flight = self.most_in_flight = 0
         self._lock = threading.Lock()
         server = self
 
@@ -54,10 +57,10 @@ class ScriptedServer:
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
                 try:
                     time.sleep(answer.delay_s)
-                    self._answer(answer.status, answer.body, answer.headers)
                 finally:
                     with server._lock:
                         server.in_flight -= 1
+                self._answer(answer.status, answer.body, answer.headers)
 
             def do_GET(self) -> None:
                 parts = self.path.split("/")
