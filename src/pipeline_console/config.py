@@ -15,6 +15,11 @@ class Settings(BaseSettings):
     )
     database_pool_size: int = Field(default=10, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    sqlite_checkpoint: Literal["background", "commit"] = Field(
+        default="background",
+        description="where a SQLite file's write-ahead log is copied back into the database: "
+                    "a thread of each process after its commits, or SQLite's default, inside "
+                    "the commit that takes the log past 1,000 pages")
 
     log_format: Literal["json", "text"] = Field(
         default="json", description="one JSON object per log line, or readable text")
