@@ -353,18 +353,20 @@ def _unchanged(value: Any) -> Any:
 
 
 def _driver_columns(
-    dialect: Any, table: Table, columns: dict[str, Column]
+    dialect: Any, table: Table, columns: dict[str, Column] | Sequence[tuple[str, Column]]
 ) -> list[tuple[Any, ...]]:
-    """Rows as the tuples the driver takes, built from columns: each column converted as its
-    type would convert it, by one map over the column (a Same value once), and the rows made
-    by one zip. No object per row but the row's own tuple."""
+    """Rows as the tuples the driver takes, built from columns (name → values, or (name,
+    values) pairs when a name recurs): each converted as the named column's type would
+    convert it, by one map over the column (a Same value once), and the rows made by one
+    zip. No object per row but the row's own tuple."""
+    pairs = list(columns.items()) if isinstance(columns, dict) else columns
     lengths = {len(column.values) if isinstance(column, Stored) else len(column)
-               for column in columns.values() if not isinstance(column, Same)}
+               for _, column in pairs if not isinstance(column, Same)}
     if len(lengths) != 1:
         raise ValueError(f"columns of different lengths, or none per row: {sorted(lengths)}")
     count = lengths.pop()
     parts: list[Any] = []
-    for name, column in columns.items():
+    for name, column in pairs:
         if isinstance(column, Stored):
             parts.append(column.values)
             continue
@@ -426,6 +428,22 @@ async def _insert(session: AsyncSession, table: Table, names: list[str],
                  f"VALUES ({', '.join(_marks(dialect, len(names)))})")
     connection = await session.connection()
     await connection.exec_driver_sql(statement, rows)
+
+
+async def execute_columns(
+    session: AsyncSession, table: Table, statement: str,
+    parameters: Sequence[tuple[str, Column]],
+) -> int:
+    """`statement` (the caller's SQL, in the driver's parameter style) run once per row by
+    the driver's executemany, with its parameters given in order as (column name, one value
+    per row) pairs, each converted as that column of `table` converts. Returns the number
+    of rows the statement changed (summed over the rows, as the driver counts them)."""
+    rows = _driver_columns(session.bind.dialect, table, parameters)
+    if not rows:
+        return 0
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(statement, rows)
+    return result.rowcount
 
 
 async def bulk_update(

@@ -155,15 +155,17 @@ async def _register_entity_types(
 
 # Built once: a literal IN list is coerced element by element on every call (SQLAlchemy
 # makes a bound value of each of a batch's hundreds of keys); an expanding parameter is not.
+# The key's production version comes with its state (one statement, not two); on PostgreSQL
+# only the state row is locked.
 _LOCK_STATES = (
     select(RecordState.idempotency_key, RecordState.current_version,
-           RecordState.payload_hash, RecordState.source_system)
+           RecordState.payload_hash, RecordState.source_system, ProductionRecord.version)
+    .outerjoin(ProductionRecord,
+               ProductionRecord.idempotency_key == RecordState.idempotency_key)
     .where(RecordState.idempotency_key.in_(bindparam("keys", expanding=True)))
     .order_by(RecordState.idempotency_key)
-    .with_for_update()
+    .with_for_update(of=RecordState)
 )
-_PRODUCTION_VERSIONS = select(ProductionRecord.idempotency_key, ProductionRecord.version).where(
-    ProductionRecord.idempotency_key.in_(bindparam("keys", expanding=True)))
 
 
 async def _lock_states(
@@ -193,10 +195,9 @@ async def _lock_states(
         # the new keys are one plain executemany (no statement of thousands of parameters
         # to parse, no RETURNING rows to read).
         states = (await session.execute(_LOCK_STATES, {"keys": keys})).all()
-        known = {row.idempotency_key for row in states}
+        known = {row[0] for row in states}
         await insert_columns(session, RecordState.__table__,
                              new_states([key for key in keys if key not in known]))
-        existing = sorted(known)
     else:
         created = await insert_returning(
             session, RecordState.__table__, new_states(keys),
@@ -205,17 +206,9 @@ async def _lock_states(
         existing = sorted(set(keys) - {row[0] for row in created})
         states = (await session.execute(_LOCK_STATES, {"keys": existing})).all() if existing \
             else []
-    if not existing:
-        return {}
-    production_rows = await session.execute(_PRODUCTION_VERSIONS, {"keys": existing})
-    production = {row.idempotency_key: row.version for row in production_rows}
-    return {
-        row.idempotency_key: KeySnapshot(
-            CurrentState(row.current_version, row.payload_hash, row.source_system),
-            production.get(row.idempotency_key),
-        )
-        for row in states
-    }
+    # (key, current version, payload hash, source system, production version)
+    return {key: KeySnapshot(CurrentState(version, payload_hash, source), production)
+            for key, version, payload_hash, source, production in states}
 
 
 _staging = StagingRecord.__table__
@@ -361,10 +354,14 @@ async def _write_staging_and_production(
             }
         )
         production_payloads.append(payloads[staging[staging_index].message_index])
-    # A key with no state before this batch has no production row either.
-    await write_production(session, production_rows, stored_payloads=production_payloads,
-                           new_keys={row["idempotency_key"] for row in production_rows
-                                     if row["idempotency_key"] not in snapshots})
+    # A key with no state before this batch has no production row either; the others'
+    # production versions were read with their states, under the lock held since.
+    await write_production(
+        session, production_rows, stored_payloads=production_payloads,
+        new_keys={row["idempotency_key"] for row in production_rows
+                  if row["idempotency_key"] not in snapshots},
+        held_versions={key: snapshot.production_version
+                       for key, snapshot in snapshots.items()})
 
 
 async def _write_states(
