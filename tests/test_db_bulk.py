@@ -48,7 +48,7 @@ async def _stored(database: Database, ids: list[int]) -> list[tuple]:
 PAYLOADS = [{"name": "Ada", "nested": {"list": [1, 2, "ü"]}}, {}, None]
 
 
-async def test_bulk_insert_and_insert_columns_store_what_sqlalchemy_stores(database):
+async def test_the_driver_level_writes_store_what_sqlalchemy_stores(database):
     reference = [_attempt(n, payload) for n, payload in enumerate(PAYLOADS, 1)]
     async with database.transaction() as session:
         await session.execute(insert(_attempts), reference)
@@ -62,7 +62,13 @@ async def test_bulk_insert_and_insert_columns_store_what_sqlalchemy_stores(datab
             "payload": Stored([form(row["payload"]) for row in reference]),
             "decision": Same("accept_new"),
         })
+        # PostgreSQL: one array per column through unnest; SQLite: a VALUES list
+        await insert_returning(session, _attempts,
+                               [{**row, "id": row["id"] + 30} for row in reference],
+                               conflict="ON CONFLICT (id) DO NOTHING", returning=["id"])
     by_sqlalchemy = await _stored(database, [1, 2, 3])
+    assert await _stored(database, [31, 32, 33]) == [
+        (str(int(row[0]) + 30), *row[1:]) for row in by_sqlalchemy]
     assert await _stored(database, [11, 12, 13]) == [
         (str(int(row[0]) + 10), *row[1:]) for row in by_sqlalchemy]
     assert await _stored(database, [21, 22, 23]) == [
@@ -71,8 +77,8 @@ async def test_bulk_insert_and_insert_columns_store_what_sqlalchemy_stores(datab
         read = (await session.execute(
             select(IngestionAttempt).where(IngestionAttempt.id > 20).order_by(
                 IngestionAttempt.id))).scalars().all()
-    assert [row.payload for row in read] == PAYLOADS
-    assert [row.received_at for row in read] == [row["received_at"] for row in reference]
+    assert [row.payload for row in read] == PAYLOADS * 2
+    assert [row.received_at for row in read] == [row["received_at"] for row in reference] * 2
 
 
 async def test_a_same_value_is_shared_by_every_row_and_columns_must_agree(database):

@@ -277,6 +277,9 @@ def insert_for(dialect: str) -> Any:
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
+_SEQUENCES: dict[tuple[str, str], str] = {}  # (database, table) → its id sequence
+
+
 async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[int]:
     """Reserve `count` ids for rows about to be inserted, so that a batch is one multi-row
     INSERT without RETURNING (which SQLite would otherwise split into one INSERT per row).
@@ -288,10 +291,18 @@ async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[in
     if count == 0:
         return []
     if session.bind.dialect.name == "postgresql":
+        # The sequence's name is a literal of the statement: looked up per id (a parameter
+        # the planner cannot fold), it was 3.5 of the 4.5 ms that 1,000 ids took.
+        place = (session.bind.url.render_as_string(hide_password=True), table.name)
+        sequence = _SEQUENCES.get(place)
+        if sequence is None:
+            sequence = await session.scalar(text("SELECT pg_get_serial_sequence(:table, 'id')"),
+                                            {"table": table.name})
+            _SEQUENCES[place] = sequence
+        literal = sequence.replace("'", "''")
         result = await session.execute(
-            text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) "
-                 "FROM generate_series(1, :count)"),
-            {"table": table.name, "count": count},
+            text(f"SELECT nextval('{literal}'::regclass) FROM generate_series(1, :count)"),
+            {"count": count},
         )
         return sorted(result.scalars())
     highest = await session.scalar(text(f"SELECT coalesce(max(id), 0) FROM {table.name}"))
@@ -465,18 +476,22 @@ async def bulk_update(
     await connection.exec_driver_sql(statement, _driver_rows(dialect, table, [*names, key], rows))
 
 
-_MAX_PARAMETERS = 30_000  # below SQLite's 32,766 and PostgreSQL's 32,767 per statement
+_MAX_PARAMETERS = 30_000  # below SQLite's 32,766 per statement
 
 
 async def insert_returning(
     session: AsyncSession, table: Table, rows: Sequence[dict[str, Any]] | dict[str, Column],
     *, conflict: str, returning: Sequence[str],
 ) -> list[Any]:
-    """`INSERT … VALUES (…), (…) <conflict> RETURNING <returning>` for many rows (dicts with
-    the same keys, or columns as insert_columns takes them), as few statements as the
-    parameter limit allows, values converted as bulk_insert converts them (no per-row compile
-    or bind processing). `conflict` is the ON CONFLICT clause, the same text on both
-    databases. Returns the returned rows."""
+    """`INSERT … <conflict> RETURNING <returning>` for many rows (dicts with the same keys,
+    or columns as insert_columns takes them), values converted as bulk_insert converts them
+    (no per-row compile or bind processing). `conflict` is the ON CONFLICT clause, the same
+    text on both databases. Returns the returned rows.
+
+    PostgreSQL: one statement whose text never changes, `INSERT … SELECT * FROM unnest($1::
+    type[], …)`, one array per column (a VALUES list of 1,000 rows took three times as long
+    to plan and run, and was a new statement for every row count). SQLite: VALUES (…), (…),
+    as few statements as its parameter limit allows."""
     if not rows:
         return []
     dialect = session.bind.dialect
@@ -486,25 +501,26 @@ async def insert_returning(
     else:
         names = list(rows[0])
         values = _driver_rows(dialect, table, names, rows)
+    if not values:
+        return []
     quote = dialect.identifier_preparer.quote
-    per_statement = max(1, _MAX_PARAMETERS // len(names))
+    head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)})"
+    tail = f"{conflict} RETURNING {', '.join(quote(n) for n in returning)}"
     connection = await session.connection()
+    if dialect.name == "postgresql":
+        arrays = ", ".join(f"${n}::{table.c[name].type.compile(dialect=dialect)}[]"
+                           for n, name in enumerate(names, 1))
+        result = await connection.exec_driver_sql(
+            f"{head} SELECT * FROM unnest({arrays}) {tail}",
+            tuple(map(list, zip(*values, strict=True))))
+        return list(result.all())
+    per_statement = max(1, _MAX_PARAMETERS // len(names))
     returned: list[Any] = []
     for start in range(0, len(values), per_statement):
         chunk = values[start:start + per_statement]
-        if dialect.name == "sqlite":  # every group the same text
-            groups = ", ".join([f"({', '.join('?' * len(names))})"] * len(chunk))
-        else:
-            marks = _marks(dialect, len(names) * len(chunk))
-            groups = ", ".join(
-                f"({', '.join(marks[i * len(names):(i + 1) * len(names)])})"
-                for i in range(len(chunk))
-            )
-        statement = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
-                     f"VALUES {groups} {conflict} "
-                     f"RETURNING {', '.join(quote(n) for n in returning)}")
+        groups = ", ".join([f"({', '.join('?' * len(names))})"] * len(chunk))
         result = await connection.exec_driver_sql(
-            statement, tuple(itertools.chain.from_iterable(chunk)))
+            f"{head} VALUES {groups} {tail}", tuple(itertools.chain.from_iterable(chunk)))
         returned.extend(result.all())
     return returned
 
