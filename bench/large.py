@@ -83,7 +83,7 @@ async def _prepare(database: Database, url: str, messages: int, now: datetime) -
             failure_threshold=1000,
             simulation={"seed": 3, "outcomes": {"permanent": 1.0, "ambiguous": 1.0}}),
             actor="bench", now=now)
-    await database.engine.dispose()  # the bulk load wants the file (or database) to itself
+    await database.dispose()  # the bulk load wants the file (or database) to itself
     with phase(f"{database.engine.dialect.name}: bulk load (total)"):
         await bulk_load(url, messages=messages, keys=min(KEYS, messages), now=now)
     async with Transports.open() as transports:

@@ -94,7 +94,15 @@ async def test_the_log_is_copied_back_after_each_commit_and_stays_bounded(
         count = (await session.execute(text("SELECT count(*) FROM ingestion_attempts")))
         assert count.scalar_one() == written
     await database.dispose()
-    assert not checkpointer.running
+    assert not checkpointer.running  # its connection closed: the file is free
+    exclusive = sqlite3.connect(sqlite_url.removeprefix("sqlite+aiosqlite:///"))
+    assert exclusive.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    assert exclusive.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    exclusive.close()
+    # and the Database still works: the next commit starts the thread again
+    before = checkpointer.rounds
+    await _write(database, 10_000, 1)
+    await wait_for(lambda: checkpointer.rounds > before, 2, "a round after the restart")
 
 
 async def test_commit_mode_leaves_it_to_sqlite(sqlite_url):

@@ -173,12 +173,17 @@ class WalCheckpointer:
         self._wake.set()
 
     def stop(self) -> None:
-        """Wake the thread and wait for it (at most one checkpoint round)."""
+        """Wake the thread and wait for it (at most one checkpoint round); its connection
+        to the file is closed. The next commit's notify starts it again."""
         with self._start_lock:
             self._stopping = True
+            thread, self._thread = self._thread, None
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        if thread is not None:
+            thread.join()
+        with self._start_lock:
+            self._stopping = False
+            self._wake.clear()
 
     @property
     def running(self) -> bool:
@@ -258,6 +263,8 @@ class Database:
         raise AssertionError("unreachable")
 
     async def dispose(self) -> None:
+        """Close every connection to the database, the checkpointer's too (the Database can
+        still be used afterwards: connections are opened again as needed)."""
         if self.checkpointer is not None:
             await asyncio.to_thread(self.checkpointer.stop)
         await self.engine.dispose()
