@@ -7,9 +7,9 @@ middleware. They exist only here, never in the product app.
 - POST /bench/insert: the same, then inserts one row in its own write transaction (the
   product's Database.transaction: on SQLite BEGIN IMMEDIATE behind the process's writer lock).
 
-Run with `python -m bench.app --port P` (uvicorn with factory=True, logging configured as
-`pipeline-console serve` configures it), PIPELINE_CONSOLE_DATABASE_URL naming a migrated
-database.
+Run with `python -m bench.app --port P` (uvicorn with factory=True, logging and the garbage
+collector set up as `pipeline-console serve` sets them), PIPELINE_CONSOLE_DATABASE_URL naming
+a migrated database.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pipeline_console.db import Database
 from pipeline_console.ingestion.api import read_bounded
 from pipeline_console.ingestion.intake import BodyError, RejectedMessage, decode_json, parse_message
 from pipeline_console.logs import configure_logging
+from pipeline_console.process import settle_long_lived_objects
 
 metadata = MetaData()
 bench_rows = Table(
@@ -59,6 +60,7 @@ def create_bench_app() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_format)
     app = create_app(settings)
+    settle_long_lived_objects()  # as `serve` does
     product_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager

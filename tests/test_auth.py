@@ -13,7 +13,13 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from pipeline_console.app import create_app
 from pipeline_console.auth.dependencies import Public, Requires
 from pipeline_console.auth.roles import ROLES, allows
-from pipeline_console.auth.tokens import create_token, hash_token, new_token, revoke_token
+from pipeline_console.auth.tokens import (
+    TokenCache,
+    create_token,
+    hash_token,
+    new_token,
+    revoke_token,
+)
 from pipeline_console.config import Settings
 from pipeline_console.demo import load_demo
 from pipeline_console.models import ApiToken
@@ -309,3 +315,42 @@ async def test_a_revoked_bootstrap_value_is_refused_loudly(database_url, databas
     with pytest.raises(Exception, match="revoked"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_requests_that_miss_the_cache_together_share_one_lookup(client, database, clock):
+    """32 requests with a token the process has not seen (or whose entry just expired) read
+    it once, not 32 times; a wrong token is refused for all who sent it together."""
+    token = await make_token(database, "viewer", name="busy-sender", now=clock.now)
+    cache = client.app.state.token_cache
+    for round_ in range(2):
+        before = cache.lookups
+        answers = await asyncio.gather(*(
+            client.get("/api/v1/records", headers={"Authorization": f"Bearer {token}"})
+            for _ in range(32)))
+        assert [answer.status_code for answer in answers] == [200] * 32
+        assert cache.lookups - before == 1, round_
+        clock.advance(seconds=6)  # the entry expires: the next burst misses together again
+    before = cache.lookups
+    wrong = await asyncio.gather(*(
+        client.get("/api/v1/records", headers={"Authorization": f"Bearer {new_token()}"})
+        for _ in range(3)))
+    assert [answer.status_code for answer in wrong] == [401] * 3
+    assert cache.lookups - before == 3  # three different tokens: three lookups
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_shared_lookup(clock):
+    cache = TokenCache(5, clock)
+    release = asyncio.Event()
+
+    async def lookup() -> tuple[str, str]:
+        await release.wait()
+        return ("someone", "viewer")
+
+    first = asyncio.create_task(cache.resolve("pc_token", lookup))
+    second = asyncio.create_task(cache.resolve("pc_token", lookup))
+    await asyncio.sleep(0)
+    first.cancel()
+    release.set()
+    assert await second == ("someone", "viewer")
+    assert first.cancelled() and cache.lookups == 1
+    assert cache.get("pc_token") == ("someone", "viewer")

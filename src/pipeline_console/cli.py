@@ -58,11 +58,14 @@ def serve(
     """Apply pending migrations, then serve the API (and console) over HTTP."""
     from pipeline_console.app import create_app
     from pipeline_console.logs import configure_logging
+    from pipeline_console.process import settle_long_lived_objects
 
     settings = Settings()
     configure_logging(settings.log_format)
     migrate()
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+    application = create_app(settings)
+    settle_long_lived_objects()
+    uvicorn.run(application, host=host, port=port, log_config=None,
                 timeout_graceful_shutdown=30)
 
 
@@ -102,9 +105,11 @@ def worker() -> None:
     """Deliver due deliveries until SIGTERM/SIGINT (run as many as you like on PostgreSQL)."""
     from pipeline_console.delivery.worker import run_worker
     from pipeline_console.logs import configure_logging
+    from pipeline_console.process import settle_long_lived_objects
 
     settings = Settings()
     configure_logging(settings.log_format)
+    settle_long_lived_objects()
     asyncio.run(run_worker(settings))
 
 

@@ -31,15 +31,16 @@ class Requires:
                 request.cookies.get(SESSION_COOKIE) if self.cookie else None)
             if not token:
                 raise Unauthorized("send an API token: Authorization: Bearer <token>")
-            cache = request.app.state.token_cache
-            known = cache.get(token)
-            if known is None:
-                async with request.app.state.database.read() as session:
+            database = request.app.state.database
+
+            async def lookup() -> tuple[str, str] | None:
+                async with database.read() as session:
                     found = await find_active(session, token)
-                if found is None:
-                    raise Unauthorized("the token is unknown or revoked")
-                known = (found.name, found.role)
-                cache.put(token, *known)
+                return None if found is None else (found.name, found.role)
+
+            known = await request.app.state.token_cache.resolve(token, lookup)
+            if known is None:
+                raise Unauthorized("the token is unknown or revoked")
             actor = Actor(name=known[0], role=known[1])
             if not allows(actor.role, self.role):
                 raise Forbidden(f"the role {actor.role} may not do this; it needs "
