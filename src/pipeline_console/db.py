@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote as url_quote
 
 import orjson
-from sqlalchemy import Table, event, func, text
+from sqlalchemy import JSON, Table, event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -324,6 +324,16 @@ def _converter(column: Any, dialect: Any) -> Callable[[Any], Any] | None:
     process = column.type.dialect_impl(dialect).bind_processor(dialect)
     if process is None:
         return None
+    if isinstance(column.type, JSON):
+        # A JSON column's None is stored as its serialized form ('null', the type's
+        # none_as_null=False): made once, not once per row (most attempts have no errors
+        # and most staged rows no validation errors: two of every message's JSON values).
+        none_form = process(None)
+
+        def json_value(value: Any) -> Any:
+            return none_form if value is None else process(value)
+
+        return json_value
     if not isinstance(column.type, UTCDateTime):
         return process
     cache: dict[datetime, Any] = {}
