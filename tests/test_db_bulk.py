@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert, select, text
+from sqlalchemy.exc import DBAPIError
 
 from pipeline_console.db import (
     Database,
@@ -119,3 +120,27 @@ async def test_insert_returning_takes_rows_or_columns_and_returns_only_what_it_w
     async with database.read() as session:
         seen = (await session.execute(select(RecordState.first_seen_at))).scalars().all()
     assert seen == [NOW] * 3
+
+
+async def test_a_string_too_long_for_its_column_is_never_cut(database, backend):
+    """PostgreSQL's insert_returning sends strings as text arrays: the insert into
+    VARCHAR(64) refuses one too long (an explicit cast to VARCHAR(64) would cut it).
+    SQLite does not enforce lengths at all: it keeps the whole string."""
+    long_name = "x" * 65
+    row = {"idempotency_key": "k", "entity_type": "customer", "entity_id": "k",
+           "current_version": 1, "payload_hash": "h", "source_system": long_name,
+           "first_seen_at": NOW, "updated_at": NOW}
+    async with database.transaction() as session:
+        await put_entity_type(session, "customer", None, actor="test", now=NOW)
+    if backend == "postgresql":
+        with pytest.raises(DBAPIError, match="too long"):
+            async with database.transaction() as session:
+                await insert_returning(session, RecordState.__table__, [row],
+                                       conflict="ON CONFLICT DO NOTHING",
+                                       returning=["idempotency_key"])
+        return
+    async with database.transaction() as session:
+        await insert_returning(session, RecordState.__table__, [row],
+                               conflict="ON CONFLICT DO NOTHING", returning=["idempotency_key"])
+    async with database.read() as session:
+        assert await session.scalar(select(RecordState.source_system)) == long_name

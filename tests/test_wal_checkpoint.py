@@ -2,6 +2,7 @@
 (db.WalCheckpointer), not inside the commits: the log stays bounded, every commit survives
 a killed process, and PostgreSQL has no such thread."""
 
+import asyncio
 import os
 import shutil
 import signal
@@ -17,7 +18,13 @@ import pytest
 from sqlalchemy import text
 
 from pipeline_console.config import Settings
-from pipeline_console.db import CHECKPOINT_FALLBACK_PAGES, Database, bulk_insert, create_engine
+from pipeline_console.db import (
+    CHECKPOINT_FALLBACK_PAGES,
+    Database,
+    WalCheckpointer,
+    bulk_insert,
+    create_engine,
+)
 from pipeline_console.models import IngestionAttempt
 from tests.support import wait_for
 
@@ -157,4 +164,26 @@ def test_a_process_killed_while_its_log_is_copied_back_loses_no_commit(sqlite_ur
         count = connection.execute("SELECT count(*) FROM ingestion_attempts").fetchone()[0]
         assert count >= reported * 20
     finally:
+        connection.close()
+
+
+async def test_a_checkpointer_that_cannot_open_the_file_says_so_and_tries_again_later(
+        tmp_path, caplog):
+    path = tmp_path / "not-yet.db"
+    checkpointer = WalCheckpointer(str(path), idle_s=0.2)
+    checkpointer.notify()  # the thread never creates the file: it logs and ends
+    await wait_for(lambda: not checkpointer.running, 2, "the thread to end")
+    assert "cannot open" in caplog.text and not path.exists()
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("CREATE TABLE t (x)")
+    connection.commit()
+    checkpointer.notify()  # within idle_s of the failure: not yet
+    assert not checkpointer.running
+    await asyncio.sleep(0.25)
+    checkpointer.notify()
+    try:
+        await wait_for(lambda: checkpointer.rounds > 0, 2, "a checkpoint after the retry")
+    finally:
+        checkpointer.stop()
         connection.close()

@@ -16,6 +16,7 @@ import operator
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote as url_quote
 
 import orjson
-from sqlalchemy import JSON, Table, event, func, text
+from sqlalchemy import JSON, String, Table, event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -154,55 +155,64 @@ class WalCheckpointer:
     def __init__(self, path: str, *, idle_s: float = 5.0) -> None:
         self.path = path
         self.idle_s = idle_s
-        self.rounds = 0  # completed checkpoint calls, for tests and diagnostics
+        self.rounds = 0  # checkpoints completed, for tests and diagnostics
         self.last: tuple[int, int, int] | None = None  # SQLite's (busy, log, checkpointed)
         self._wake = threading.Event()
-        self._stopping = False
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._stop: threading.Event | None = None  # the running thread's own stop signal
+        self._failed_at = float("-inf")  # when the thread last could not open the file
 
     def notify(self) -> None:
         """A commit happened: copy the log back soon. Starts the thread on first use (by
-        then the file exists: the thread never creates one)."""
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None and not self._stopping:
-                    self._thread = threading.Thread(
-                        target=self._run, name="sqlite-wal-checkpoint", daemon=True)
-                    self._thread.start()
+        then the file exists: the thread never creates one), and again if it ended because
+        it could not open the file (at most once per `idle_s`)."""
+        with self._lock:
+            if (self._thread is None or not self._thread.is_alive()) and \
+                    time.monotonic() - self._failed_at >= self.idle_s:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,),
+                                                name="sqlite-wal-checkpoint", daemon=True)
+                self._thread.start()
         self._wake.set()
 
     def stop(self) -> None:
-        """Wake the thread and wait for it (at most one checkpoint round); its connection
-        to the file is closed. The next commit's notify starts it again."""
-        with self._start_lock:
-            self._stopping = True
-            thread, self._thread = self._thread, None
-        self._wake.set()
+        """Stop the thread and wait for it (at most one checkpoint round); its connection
+        to the file is closed. The next commit's notify starts a new one."""
+        with self._lock:
+            thread, stop, self._thread, self._stop = self._thread, self._stop, None, None
+        if stop is not None:
+            stop.set()
+            self._wake.set()
         if thread is not None:
             thread.join()
-        with self._start_lock:
-            self._stopping = False
-            self._wake.clear()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
-    def _run(self) -> None:
-        connection = sqlite3.connect(f"file:{url_quote(self.path)}?mode=rw", uri=True,
-                                     isolation_level=None, check_same_thread=False)
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            connection = sqlite3.connect(f"file:{url_quote(self.path)}?mode=rw", uri=True,
+                                         isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            self._failed_at = time.monotonic()
+            log.exception("WAL checkpointer: cannot open %s; commits copy the log back "
+                          "themselves past %d pages", self.path, CHECKPOINT_FALLBACK_PAGES)
+            return
         try:
             while True:
                 self._wake.wait(self.idle_s)
                 self._wake.clear()
-                if self._stopping:
+                if stop.is_set():
                     return
                 try:
                     self.last = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error:  # the commit-time fallback still bounds the log
                     log.exception("WAL checkpoint of %s failed", self.path)
-                self.rounds += 1
+                else:
+                    self.rounds += 1
         finally:
             connection.close()
 
@@ -305,8 +315,10 @@ async def allocate_ids(session: AsyncSession, table: Any, count: int) -> list[in
         if sequence is None:
             sequence = await session.scalar(text("SELECT pg_get_serial_sequence(:table, 'id')"),
                                             {"table": table.name})
+            if sequence is None:
+                raise RuntimeError(f"{table.name}.id has no sequence to draw ids from")
             _SEQUENCES[place] = sequence
-        literal = sequence.replace("'", "''")
+        literal = sequence.replace("'", "''").replace(":", "\\:")  # text() reads :name
         result = await session.execute(
             text(f"SELECT nextval('{literal}'::regclass) FROM generate_series(1, :count)"),
             {"count": count},
@@ -493,6 +505,15 @@ async def bulk_update(
     await connection.exec_driver_sql(statement, _driver_rows(dialect, table, [*names, key], rows))
 
 
+def _array_element(column: Any, dialect: Any) -> str:
+    """The element type of the array a column's values travel in through unnest. Strings go
+    as text, so that the insert's own assignment to VARCHAR(n) refuses one too long (an
+    explicit cast to VARCHAR(n) would cut it silently)."""
+    if isinstance(column.type, String):
+        return "TEXT"
+    return column.type.compile(dialect=dialect)
+
+
 _MAX_PARAMETERS = 30_000  # below SQLite's 32,766 per statement
 
 
@@ -525,7 +546,7 @@ async def insert_returning(
     tail = f"{conflict} RETURNING {', '.join(quote(n) for n in returning)}"
     connection = await session.connection()
     if dialect.name == "postgresql":
-        arrays = ", ".join(f"${n}::{table.c[name].type.compile(dialect=dialect)}[]"
+        arrays = ", ".join(f"${n}::{_array_element(table.c[name], dialect)}[]"
                            for n, name in enumerate(names, 1))
         result = await connection.exec_driver_sql(
             f"{head} SELECT * FROM unnest({arrays}) {tail}",

@@ -123,21 +123,27 @@ class TokenCache:
         pending = self._lookups.get(key)
         if pending is None:
             self.lookups += 1
-            pending = asyncio.ensure_future(self._look_up(token, key, lookup))
+            pending = asyncio.ensure_future(self._look_up(token, lookup))
             self._lookups[key] = pending
+            pending.add_done_callback(lambda done: self._forget(key, done))
         # shielded: a caller that goes away does not cancel the others' lookup
         return await asyncio.shield(pending)
 
-    async def _look_up(self, token: str, key: str,
+    async def _look_up(self, token: str,
                        lookup: Callable[[], Awaitable[tuple[str, str] | None]]
                        ) -> tuple[str, str] | None:
-        try:
-            found = await lookup()
-            if found is not None:
-                self.put(token, *found)
-            return found
-        finally:
+        found = await lookup()
+        if found is not None:
+            self.put(token, *found)
+        return found
+
+    def _forget(self, key: str, done: asyncio.Future[tuple[str, str] | None]) -> None:
+        """The lookup ended (or was cancelled before it began): the next miss looks again.
+        Its error, if every waiter had gone, is marked as seen (they all got or lost it)."""
+        if self._lookups.get(key) is done:
             del self._lookups[key]
+        if not done.cancelled():
+            done.exception()
 
     def get(self, token: str) -> tuple[str, str] | None:
         """(name, role) of a token seen within the lifetime, else None."""

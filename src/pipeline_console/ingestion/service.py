@@ -354,8 +354,9 @@ async def _write_staging_and_production(
             }
         )
         production_payloads.append(payloads[staging[staging_index].message_index])
-    # A key with no state before this batch has no production row either; the others'
-    # production versions were read with their states, under the lock held since.
+    # A key with no state before this batch has no production row either. On SQLite the
+    # others' production versions were read with their states, under the write lock held
+    # since (write_production uses them there only; PostgreSQL keeps its guarded upsert).
     await write_production(
         session, production_rows, stored_payloads=production_payloads,
         new_keys={row["idempotency_key"] for row in production_rows

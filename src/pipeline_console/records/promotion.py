@@ -37,7 +37,8 @@ async def write_production(
     `held_versions`: on SQLite, the production version (None: no row) of every other row's
     key as this transaction read it; the write lock has been held since, so those rows too
     are plain statements: an insert, or an update whose version guard stays in its WHERE
-    clause and which fails the transaction loudly if a row did not match what was read."""
+    clause and which fails the transaction loudly if a row did not match what was read.
+    Each key appears at most once in `rows`."""
     if not rows:
         return
     plain_reads = held_versions is not None and session.bind.dialect.name == "sqlite"
