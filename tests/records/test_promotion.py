@@ -32,6 +32,22 @@ async def _staging_id(database) -> int:
         return (await session.execute(select(StagingRecord.id).limit(1))).scalar_one()
 
 
+async def _c1_at_3_and_c2_at_5(database) -> int:
+    """customer:C-1 in production at version 3 and C-2 at 5; returns a staged row's id."""
+    await ingest_one(database, message(entity_id="C-1", version=3, payload={"name": "v3"}))
+    await ingest_one(database, message(entity_id="C-2", version=5, payload={"name": "v5"}))
+    return await _staging_id(database)
+
+
+async def _add_state(session, entity_id: str, version: int) -> None:
+    """A key's state row, as ingestion writes it for a key it sees first (before production)."""
+    session.add(RecordState(idempotency_key=f"customer:{entity_id}", entity_type="customer",
+                            entity_id=entity_id, current_version=version,
+                            payload_hash=f"h{version}", source_system="erp",
+                            first_seen_at=NOW, updated_at=NOW))
+    await session.flush()
+
+
 async def _production(database) -> dict[str, tuple[int, dict]]:
     async with database.read() as session:
         rows = (await session.execute(select(ProductionRecord))).scalars().all()
@@ -50,15 +66,9 @@ async def test_a_key_claimed_new_that_has_a_production_row_fails_and_nothing_cha
 
 
 async def test_new_and_existing_keys_in_one_call_each_take_their_path(database):
-    await ingest_one(database, message(entity_id="C-1", version=3, payload={"name": "v3"}))
-    await ingest_one(database, message(entity_id="C-2", version=5, payload={"name": "v5"}))
-    staging_id = await _staging_id(database)
+    staging_id = await _c1_at_3_and_c2_at_5(database)
     async with database.transaction() as session:
-        # As ingestion does for a key it sees first: the state row, then production.
-        session.add(RecordState(idempotency_key="customer:C-9", entity_type="customer",
-                                entity_id="C-9", current_version=1, payload_hash="h1",
-                                source_system="erp", first_seen_at=NOW, updated_at=NOW))
-        await session.flush()
+        await _add_state(session, "C-9", 1)
         await write_production(session, [
             _row("customer:C-1", 4, "v4", staging_id),  # newer: replaces
             _row("customer:C-2", 4, "v4", staging_id),  # older: the guard keeps v5
@@ -80,18 +90,13 @@ async def test_held_versions_write_what_the_guard_lets_through_and_queue_exactly
         database):
     """On SQLite the rows are a plain update and insert; PostgreSQL ignores held_versions
     and upserts. Either way the same rows are written and get a delivery."""
-    await ingest_one(database, message(entity_id="C-1", version=3, payload={"name": "v3"}))
-    await ingest_one(database, message(entity_id="C-2", version=5, payload={"name": "v5"}))
-    staging_id = await _staging_id(database)
+    staging_id = await _c1_at_3_and_c2_at_5(database)
     async with database.transaction() as session:
         await create_system(session, SystemCreate(name="crm", transport="simulated",
                                                       entity_types=["customer"]),
                             actor="tester", now=NOW)
     async with database.transaction() as session:
-        session.add(RecordState(idempotency_key="customer:C-3", entity_type="customer",
-                                entity_id="C-3", current_version=2, payload_hash="h2",
-                                source_system="erp", first_seen_at=NOW, updated_at=NOW))
-        await session.flush()
+        await _add_state(session, "C-3", 2)
         await write_production(session, [
             _row("customer:C-1", 4, "v4", staging_id),  # newer than held 3: updated
             _row("customer:C-2", 5, "v5 again", staging_id),  # not newer than 5: kept

@@ -362,7 +362,8 @@ async def _write_staging_and_production(
         new_keys={row["idempotency_key"] for row in production_rows
                   if row["idempotency_key"] not in snapshots},
         held_versions={key: snapshot.production_version
-                       for key, snapshot in snapshots.items()})
+                       for key, snapshot in snapshots.items()}
+        if session.bind.dialect.name == "sqlite" else None)
 
 
 async def _write_states(
