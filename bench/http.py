@@ -152,9 +152,9 @@ async def _drive(clients: list[httpx.AsyncClient], path: str, bodies: list[bytes
 
     The load generator's own garbage collector is off while it drives (collected just
     before): a full collection of this process stopped every client at once, and each
-    request then under way was timed as slow although the server had answered it. They
-    grew with the responses kept: 63, 105 and 124 ms in one drive of 6,000 requests (see
-    bench/notes/23-http.md)."""
+    request then under way was timed as slow although the server had answered it. Those
+    collections grew with the responses kept: 63, 105 and 124 ms in one drive of 6,000
+    requests (see bench/notes/23-http.md)."""
     next_index = 0
     latencies: list[float] = []
     responses: list[Any] = [None] * len(bodies)
@@ -168,6 +168,7 @@ async def _drive(clients: list[httpx.AsyncClient], path: str, bodies: list[bytes
             responses[index] = await client.post(path, content=bodies[index])
             latencies.append(time.perf_counter() - began)
 
+    collecting = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -177,7 +178,8 @@ async def _drive(clients: list[httpx.AsyncClient], path: str, bodies: list[bytes
         await asyncio.gather(*(sender(client) for client in clients))
         elapsed = time.perf_counter() - started
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     return elapsed, latencies, responses[:next_index]
 
 
