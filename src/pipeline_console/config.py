@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -92,8 +92,30 @@ class Settings(BaseSettings):
         default=30.0, ge=0,
         description="a claimed delivery whose worker is silent this long after the system's "
         "timeout becomes ambiguous")
+    lease_safety_s: float = Field(
+        default=5.0, ge=0,
+        description="a claimed delivery is sent only if its whole exchange (the system's "
+        "timeout) and this many seconds more still fit in its lease; otherwise it is "
+        "released unsent")
+    worker_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="how often a worker tells the database it is alive")
+    worker_lost_after_s: float = Field(
+        default=30.0, gt=0,
+        description="a worker whose heartbeat is older than this is lost: its claims become "
+        "ambiguous (worker_lost) at once, without waiting for their leases")
     worker_metrics_port: int = Field(
         default=0, ge=0, le=65535,
         description="port on which a worker serves its Prometheus counters (0: it does not)")
     worker_metrics_host: str = Field(
         default="127.0.0.1", description="address the worker's metrics port listens on")
+
+    @model_validator(mode="after")
+    def _margins_that_can_hold(self) -> "Settings":
+        if self.lease_safety_s >= self.lease_margin_s:
+            raise ValueError("lease_safety_s must be smaller than lease_margin_s, or no "
+                             "claim could ever be sent")
+        if self.worker_lost_after_s < 3 * self.worker_heartbeat_s:
+            raise ValueError("worker_lost_after_s must be at least three heartbeats "
+                             "(worker_heartbeat_s), or a live worker would be taken for lost")
+        return self
+

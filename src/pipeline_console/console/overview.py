@@ -26,8 +26,8 @@ router = APIRouter(include_in_schema=False)
 DECISIONS = ["accept_new", "accept_supersede", "skip_duplicate", "quarantine", "skip_stale",
              "rejected"]
 DECISION_COLOURS = ["#1a7f37", "#4ac26b", "#8c959f", "#cf222e", "#bf8700", "#6e40c9"]
-OUTCOMES = ["success", "transient", "permanent", "ambiguous"]
-OUTCOME_COLOURS = ["#1a7f37", "#bf8700", "#cf222e", "#6e40c9"]
+OUTCOMES = ["success", "transient", "permanent", "ambiguous", "worker_lost"]
+OUTCOME_COLOURS = ["#1a7f37", "#bf8700", "#cf222e", "#6e40c9", "#8c959f"]
 INSPECT_LIMIT = 100
 
 

@@ -14,6 +14,9 @@ class Classification(StrEnum):
     TRANSIENT = "transient"  # retry with backoff
     PERMANENT = "permanent"  # dead-letter at once
     AMBIGUOUS = "ambiguous"  # may or may not have been applied: never retried blindly
+    # Ambiguous too, but because our worker stopped (or its lease ran out) before it
+    # recorded an answer: says nothing about the downstream system's health.
+    WORKER_LOST = "worker_lost"
 
 
 class Failure(StrEnum):
@@ -87,7 +90,7 @@ class Step(StrEnum):
 def next_step(classification: Classification, attempts_made: int, max_attempts: int) -> Step:
     if classification is Classification.SUCCESS:
         return Step.DELIVERED
-    if classification is Classification.AMBIGUOUS:
+    if classification in (Classification.AMBIGUOUS, Classification.WORKER_LOST):
         return Step.AMBIGUOUS
     if classification is Classification.PERMANENT or attempts_made >= max_attempts:
         return Step.DEAD_LETTER
@@ -103,6 +106,7 @@ class CircuitState(StrEnum):
 class CircuitEvent(StrEnum):
     HEALTHY = "healthy"  # a success, or a permanent answer: the system is up
     FAILURE = "failure"  # a transient or ambiguous outcome
+    NONE = "none"  # an outcome that says nothing about the system (worker_lost)
     RESET = "reset"  # an operator lets one trial through
     FORCE_OPEN = "force_open"  # an operator stops deliveries
 
@@ -120,6 +124,8 @@ class TransitionRefused(ValueError):
 def breaker_event(classification: Classification) -> CircuitEvent:
     if classification in (Classification.TRANSIENT, Classification.AMBIGUOUS):
         return CircuitEvent.FAILURE
+    if classification is Classification.WORKER_LOST:
+        return CircuitEvent.NONE  # only the downstream's answers (or silence) move a circuit
     return CircuitEvent.HEALTHY
 
 
@@ -127,6 +133,8 @@ def transition(breaker: Breaker, event: CircuitEvent, threshold: int) -> Breaker
     """The breaker's next state. No transition is time-based: only an operator's reset
     leaves `open`, and only through `half_open`."""
     state = breaker.state
+    if event is CircuitEvent.NONE:
+        return breaker
     if event is CircuitEvent.RESET:
         if state is not CircuitState.OPEN:
             raise TransitionRefused(f"the circuit is {state.value}; only an open circuit resets")

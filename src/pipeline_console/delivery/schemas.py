@@ -40,7 +40,10 @@ HttpUrl = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00-\x
                     AfterValidator(_http_url)]
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000,
                                           pattern=r"^[^\x00]*$")]
-ClassificationWord = Literal["success", "transient", "permanent", "ambiguous"]
+# What an operator's override may make of an answer.
+OverrideWord = Literal["success", "transient", "permanent", "ambiguous"]
+# What an attempt can be: worker_lost is the pipeline's own, never an override's.
+ClassificationWord = Literal["success", "transient", "permanent", "ambiguous", "worker_lost"]
 
 
 def _unique(names: list[str] | None) -> list[str] | None:
@@ -55,7 +58,7 @@ class ClassificationOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: int = Field(ge=100, le=599)
-    classification: ClassificationWord
+    classification: OverrideWord
 
 
 class Simulation(BaseModel):
@@ -64,7 +67,7 @@ class Simulation(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(default=0, ge=0, le=2**31)
-    outcomes: dict[ClassificationWord, float] = Field(
+    outcomes: dict[OverrideWord, float] = Field(
         default_factory=lambda: {"success": 1.0},
         description="relative weights of each outcome")
     latency_ms: float = Field(default=1.0, ge=0, le=60_000)

@@ -10,6 +10,7 @@ from pipeline_console.models.delivery import (
     Delivery,
     DeliveryAttempt,
     DownstreamSystem,
+    Worker,
 )
 from pipeline_console.models.jobs import JobRun, JobSchedule
 from pipeline_console.models.records import (
@@ -45,4 +46,5 @@ __all__ = [
     "ReplayItem",
     "ReplayRequest",
     "StagingRecord",
+    "Worker",
 ]

@@ -28,7 +28,9 @@ from pipeline_console.models.records import (
 DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "dead_lettered", "ambiguous", "held",
                      "superseded")
 TRIGGERS = ("scheduled", "manual", "replay", "resolution")
-CLASSIFICATIONS = ("success", "transient", "permanent", "ambiguous")
+# worker_lost: the worker that held the claim stopped (or its lease ran out) before it
+# recorded an answer. Ambiguous for the delivery, but not the downstream system's doing.
+CLASSIFICATIONS = ("success", "transient", "permanent", "ambiguous", "worker_lost")
 
 
 def _in(column: str, words: tuple[str, ...]) -> str:
@@ -191,3 +193,20 @@ class AmbiguousOutcome(Base):
         Index(None, "delivery_id"),
         Index(None, "idempotency_key", "id"),
     )
+
+
+class Worker(Base):
+    """A worker process: registered when it starts, seen at every heartbeat. Its status is
+    derived: stopped once it said so, lost once its heartbeat is older than
+    WORKER_LOST_AFTER_S, alive otherwise."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index(None, "last_seen_at"),)
