@@ -339,7 +339,7 @@ class TestAmbiguousOutcomes:
         [delivery] = await deliveries(client)
         assert delivery["status"] == "ambiguous"
         [attempt] = await attempts(client, delivery["id"])
-        assert (attempt["classification"], attempt["rule"]) == ("ambiguous", "lease_expired")
+        assert (attempt["classification"], attempt["rule"]) == ("worker_lost", "lease_expired")
 
 
 class TestSystems:

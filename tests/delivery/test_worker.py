@@ -47,7 +47,7 @@ async def test_a_worker_killed_mid_send_leaves_the_delivery_ambiguous(
     [delivery] = await deliveries(client)
     assert delivery["status"] == "ambiguous"
     [attempt] = await attempts(client, delivery["id"])
-    assert (attempt["classification"], attempt["rule"]) == ("ambiguous", "lease_expired")
+    assert (attempt["classification"], attempt["rule"]) == ("worker_lost", "lease_expired")
     assert attempt["actor"].startswith("worker:")
 
     # A new worker never sends it blindly: the operator (or a status query) decides.

@@ -1,0 +1,117 @@
+"""What the steps of a delivery share: the Deliverer (everything a delivery needs, passed in
+so that tests control time), the claim's lease as the worker sees it, and what passes from
+one step to the next (Prepared → Sent → DeliveryResult)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pipeline_console.clock import Clock
+from pipeline_console.db import Database
+from pipeline_console.delivery.policy import Classification, SendResult
+from pipeline_console.delivery.transports import (
+    DeliveryRequest,
+    SystemConfig,
+    Transports,
+    total_deadline_s,
+)
+
+if TYPE_CHECKING:
+    from pipeline_console.delivery.workers import Liveness
+
+
+@dataclass
+class Deliverer:
+    """Everything a delivery needs: passed in, so tests control time and randomness.
+
+    `clock` is the wall clock the database's timestamps use; `monotonic` is the one the
+    fence uses (a frozen or suspended process sees it jump, the wall clock can be set back).
+    `liveness` is a worker's heartbeat: with it, a claim is also void once the heartbeat
+    may have looked lost to another worker (API processes have none: only leases apply)."""
+
+    database: Database
+    transports: Transports
+    clock: Clock
+    worker_id: str
+    lease_margin_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    lease_safety_s: float = 5.0
+    monotonic: Callable[[], float] = time.monotonic
+    liveness: Liveness | None = None
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD_LETTERED = "dead_lettered"
+    AMBIGUOUS = "ambiguous"
+    SUPERSEDED = "superseded"
+    NOT_CLAIMED = "not_claimed"  # the lease was lost (another process recovered it)
+    RELEASED = "released"  # claimed but not sent (stopping, a failing system, the fence)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    delivery_id: int
+    outcome: Outcome
+    attempt_id: int | None = None
+    classification: str | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claim as its holder sees it: valid until `deadline` on the holder's monotonic clock
+    (computed conservatively: the clock is read before the transaction that confirmed the
+    claim), and only while the holder's heartbeat epoch is still `epoch`."""
+
+    deadline: float
+    epoch: int | None = None
+
+
+def system_config(system: Any) -> SystemConfig:
+    return SystemConfig(system.name, system.transport, system.url, system.status_url,
+                        system.timeout_s, system.simulation)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A claimed delivery that is ours to send, with its system's settings and its lease."""
+
+    config: SystemConfig
+    request: DeliveryRequest
+    overrides: list[dict[str, Any]]
+    max_attempts: int
+    threshold: int
+    backoff: tuple[float, float]
+    lease: Lease
+
+    @property
+    def delivery_id(self) -> int:
+        return self.request.delivery_id
+
+    @property
+    def exchange_s(self) -> float:
+        """The longest one send may take (the transport's whole deadline)."""
+        return total_deadline_s(self.config.timeout_s)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A send's answer and what policy.classify made of it, waiting to be recorded."""
+
+    prepared: Prepared
+    started_at: datetime
+    result: SendResult
+    classification: Classification
+    rule: str
+
+    @property
+    def delivery_id(self) -> int:
+        return self.prepared.request.delivery_id
+

@@ -1,0 +1,384 @@
+"""Claims and their leases: who may send a delivery, until when, and what happens to claims
+whose holder went away. The fence — the one check that stands between a claim and a send —
+is `may_send`, at the end of this module.
+
+A claim is a delivery moved to in_flight with `claimed_by` and `lease_expires_at` (wall
+clock, for other processes). Its holder also keeps the lease on its own monotonic clock
+(base.Lease), read before the transaction that confirmed the claim, so that a process frozen
+(SIGSTOP, a VM paused, a long GC) finds out when it wakes that the time has gone. A claim
+ends in one of three ways: its send is recorded (recording.py), it is released unsent (back
+to pending: nothing left), or another process recovers it — its lease ran out, or its
+worker's heartbeat stopped — and makes it ambiguous with the classification worker_lost:
+it may have been sent, so it is never simply sent again, and it says nothing about the
+downstream system, so it never moves a circuit.
+
+Lock order, the same everywhere: circuits (by name), then deliveries (by id)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.delivery.base import (
+    Deliverer,
+    DeliveryResult,
+    Lease,
+    Outcome,
+    Prepared,
+    system_config,
+)
+from pipeline_console.delivery.circuits import free_trial, lock_circuit
+from pipeline_console.delivery.policy import Classification, SendResult, Step
+from pipeline_console.delivery.recording import apply_step
+from pipeline_console.delivery.transports import build_request, total_deadline_s
+from pipeline_console.errors import Conflict, NotFound
+from pipeline_console.metrics import count_delivery_attempt
+from pipeline_console.models import (
+    Circuit,
+    Delivery,
+    DeliveryAttempt,
+    DownstreamSystem,
+    Worker,
+)
+
+_deliveries = Delivery.__table__
+_systems = DownstreamSystem.__table__
+_circuits = Circuit.__table__
+_workers = Worker.__table__
+
+
+def lease_until(now: datetime, timeout_s: float, margin_s: float, waves: int = 1) -> datetime:
+    """When a claim expires: `waves` whole exchanges at this timeout's deadline, then the
+    margin."""
+    return now + timedelta(seconds=waves * total_deadline_s(timeout_s) + margin_s)
+
+
+def epoch_of(deliverer: Deliverer) -> int | None:
+    return None if deliverer.liveness is None else deliverer.liveness.epoch
+
+
+async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
+    """Claim up to `limit` due deliveries for this worker, in a transaction of its own."""
+    return await deliverer.database.run_transaction(
+        lambda session: claim_due_in(session, deliverer, limit))
+
+
+async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) -> list[int]:
+    """claim_due in the caller's transaction (the ids it claimed)."""
+    return [row.id for row in await claim_due_rows(session, deliverer, limit)]
+
+
+async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int, *,
+                         concurrency: int | None = None,
+                         budgets: Mapping[str, int] | None = None) -> list[Row]:
+    """Claim up to `limit` due deliveries in the caller's transaction; returns the claimed
+    rows as they are now (every column: what a send needs, so that it need not read them
+    again). Deliveries of a system whose circuit is open are held instead; a half-open
+    circuit lets exactly one trial through.
+
+    `concurrency`: the claims are sent that many at a time, so each lease lasts as many
+    whole exchanges as there are waves (all at once if None). `budgets`: at most that many
+    claims of the named systems (0: none) — the worker's per-system share of its slots."""
+    now = deliverer.clock()
+    circuits = await _circuits_for_claim(session)
+    # Due rows in next_attempt_at order: the (status, next_attempt_at) index gives the order
+    # and the scan stops after the window (ordering by id as well made both databases read
+    # and sort the whole queue on every claim). The window is wider than `limit` because
+    # rows waiting behind an older send of the same record are left out below.
+    query = (select(_deliveries.c.id, _deliveries.c.system, _deliveries.c.idempotency_key)
+             .where(_deliveries.c.status == "pending", _deliveries.c.next_attempt_at <= now)
+             .order_by(_deliveries.c.next_attempt_at).limit(2 * limit + 10))
+    full = sorted(name for name, budget in (budgets or {}).items() if budget <= 0)
+    if full:
+        query = query.where(_deliveries.c.system.not_in(full))
+    if not deliverer.database.is_sqlite:
+        query = query.with_for_update(skip_locked=True)
+    candidates = (await session.execute(query)).all()
+    if not candidates:
+        return []
+    sending = await _records_being_sent(session, {row.idempotency_key for row in candidates})
+    left = dict(budgets or {})
+    rows = []
+    for row in candidates:
+        if len(rows) == limit:
+            break
+        if (row.system, row.idempotency_key) in sending or left.get(row.system, 1) <= 0:
+            continue
+        if row.system in left:
+            left[row.system] -= 1
+        rows.append((row.id, row.system, row.idempotency_key))
+    if not deliverer.database.is_sqlite:
+        rows = await _lock_records(session, rows)
+    timeouts = dict((await session.execute(
+        select(_systems.c.name, _systems.c.timeout_s)
+        .where(_systems.c.name.in_(sorted({system for _, system, _ in rows}))))).all())
+    claimed, held = [], []
+    for delivery_id, system, _ in rows:
+        circuit = circuits[system]
+        if circuit.state == "open":
+            held.append(delivery_id)
+        elif circuit.state == "half_open":
+            if circuit.trial_delivery_id is None:
+                circuit.trial_delivery_id = delivery_id
+                claimed.append((delivery_id, system))
+            else:
+                held.append(delivery_id)
+        else:
+            claimed.append((delivery_id, system))
+    returned: dict[int, Row] = {}
+    if claimed:
+        waves = 1 if concurrency is None else -(-len(claimed) // concurrency)
+        slowest = max(timeouts[system] for _, system in claimed)
+        lease = lease_until(now, slowest, deliverer.lease_margin_s, waves)
+        result = await session.execute(
+            update(_deliveries).where(_deliveries.c.id.in_([id_ for id_, _ in claimed]))
+            .values(status="in_flight", claimed_by=deliverer.worker_id,
+                    claim_trigger="scheduled", updated_at=now, lease_expires_at=lease)
+            .returning(*_deliveries.c))
+        returned.update((row.id, row) for row in result.all())
+    if held:
+        await session.execute(update(_deliveries).where(_deliveries.c.id.in_(held))
+                              .values(status="held", updated_at=now))
+    return [returned[delivery_id] for delivery_id, _ in claimed]
+
+
+async def _circuits_for_claim(session: AsyncSession) -> dict[str, Any]:
+    """Every circuit's state, read; the open and half-open ones locked (by name), as ORM
+    objects that the claim may change. A closed circuit is only read: claiming under it
+    changes nothing in it, and workers claiming at once need not queue on its row (a claim
+    that commits just before an operator opens the circuit is sent, like any send already
+    under way). Holding deliveries and picking the one trial of a half-open circuit must
+    not race, hence the lock."""
+    circuits: dict[str, Any] = {row.system: row for row in (await session.execute(
+        select(_circuits.c.system, _circuits.c.state))).all()}
+    for name in sorted(name for name, circuit in circuits.items() if circuit.state != "closed"):
+        circuits[name] = await lock_circuit(session, name)
+    return circuits
+
+
+async def _records_being_sent(session: AsyncSession, keys: set[str]) -> set[tuple[str, str]]:
+    """(system, key) of the in-flight deliveries of these records: a delivery waits while
+    another of the same record to the same system is being sent, so that the system
+    receives a record's versions in order. Looked up by key (the (idempotency_key, system,
+    version) index); the status is compared as an expression so that the planner cannot
+    choose a status index instead, whose in_flight range fills with dead entries between
+    two vacuums while a queue drains (265 ms per claim seen on PostgreSQL)."""
+    rows = await session.execute(
+        select(_deliveries.c.system, _deliveries.c.idempotency_key)
+        .where(_deliveries.c.idempotency_key.in_(sorted(keys)),
+               func.coalesce(_deliveries.c.status, "") == "in_flight"))
+    return {(system, key) for system, key in rows.all()}
+
+
+async def _lock_records(session: AsyncSession,
+                        rows: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """PostgreSQL: keep only the rows whose (system, record) this transaction could take a
+    transaction-scoped advisory lock on. _records_being_sent sees only committed claims; two
+    workers claiming two versions of one record at the same moment would each miss the
+    other's and send both at once, in any order. The lock makes the second one wait for
+    the next pass instead (by then the first claim is committed and visible)."""
+    if not rows:
+        return rows
+    keys = sorted({f"{system}\x1f{key}" for _, system, key in rows})
+    taken = set((await session.execute(
+        text("SELECT k FROM unnest(CAST(:keys AS text[])) AS k "
+             "WHERE pg_try_advisory_xact_lock(hashtextextended(k, 7))"),
+        {"keys": keys})).scalars())
+    return [row for row in rows if f"{row[1]}\x1f{row[2]}" in taken]
+
+
+async def claim_one(
+    deliverer: Deliverer, delivery_id: int, *, trigger: str, allowed: tuple[str, ...],
+) -> None:
+    """Claim one named delivery for an operator action (deliver now, resolution, replay)."""
+
+    async def work(session: AsyncSession) -> None:
+        await claim_in(session, deliverer, delivery_id, trigger=trigger, allowed=allowed)
+
+    await deliverer.database.run_transaction(work)
+
+
+async def claim_in(session: AsyncSession, deliverer: Deliverer, delivery_id: int, *,
+                   trigger: str, allowed: tuple[str, ...]) -> None:
+    """claim_one inside the caller's transaction, so that a caller can check something and
+    claim in one atomic step (replay does)."""
+    now = deliverer.clock()
+    system = await session.scalar(select(Delivery.system).where(Delivery.id == delivery_id))
+    if system is None:
+        raise NotFound(f"delivery {delivery_id} does not exist")
+    circuit = await lock_circuit(session, system)
+    delivery = await lock_delivery(session, delivery_id)
+    if delivery.status not in allowed:
+        raise Conflict(f"delivery {delivery_id} is {delivery.status}; "
+                       f"this action needs it {' or '.join(allowed)}")
+    if circuit.state == "open":
+        raise Conflict(f"the circuit of {system} is open; nothing is sent until "
+                       "an operator resets it")
+    if circuit.state == "half_open":
+        if circuit.trial_delivery_id not in (None, delivery_id):
+            raise Conflict(f"the circuit of {system} is half-open and its trial "
+                           f"delivery {circuit.trial_delivery_id} is under way")
+        circuit.trial_delivery_id = delivery_id
+    in_flight = await session.scalar(
+        select(Delivery.id).where(Delivery.system == system,
+                                  Delivery.idempotency_key == delivery.idempotency_key,
+                                  Delivery.status == "in_flight").limit(1))
+    if in_flight is None and not deliverer.database.is_sqlite and not await _lock_records(
+            session, [(delivery_id, system, delivery.idempotency_key)]):
+        in_flight = "being claimed"
+    if in_flight is not None:
+        raise Conflict(f"delivery {in_flight} of the same record to {system} is being "
+                       "sent; try again when it has an outcome")
+    timeout = await session.scalar(
+        select(DownstreamSystem.timeout_s).where(DownstreamSystem.name == system))
+    delivery.status = "in_flight"
+    delivery.claimed_by = deliverer.worker_id
+    delivery.claim_trigger = trigger
+    delivery.lease_expires_at = lease_until(now, timeout, deliverer.lease_margin_s)
+    delivery.updated_at = now
+    await session.flush()
+
+
+async def lock_delivery(session: AsyncSession, delivery_id: int) -> Delivery:
+    delivery = (
+        await session.execute(
+            select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if delivery is None:
+        raise NotFound(f"delivery {delivery_id} does not exist")
+    return delivery
+
+
+def lease_of(deliverer: Deliverer, row: Any, started: float, wall: datetime) -> Lease:
+    """The claim's lease on this process's monotonic clock. `started`: the monotonic clock
+    read before the transaction that confirmed the claim; `wall`: the wall clock read after
+    it (so the remaining time is, if anything, underestimated)."""
+    left = (row.lease_expires_at - wall).total_seconds() if row.lease_expires_at else 0.0
+    return Lease(started + left, epoch_of(deliverer))
+
+
+def may_send(deliverer: Deliverer, item: Prepared) -> bool:
+    """THE FENCE, checked right before every send: the whole exchange and the safety margin
+    must still fit in the claim's lease, and (for a worker) its heartbeat must have held
+    since the claim, so that no other process can have recovered the claim yet. A claim
+    that fails it is released unsent, or — if it was recovered meanwhile — left as it is."""
+    now = deliverer.monotonic()
+    if now + item.exchange_s + deliverer.lease_safety_s > item.lease.deadline:
+        return False
+    liveness = deliverer.liveness
+    return liveness is None or liveness.holds(item.lease.epoch, now)
+
+
+async def release_unsent(deliverer: Deliverer,
+                         unsent: Sequence[Prepared]) -> dict[int, DeliveryResult]:
+    """Claims of this worker that were not sent, back to pending in one transaction (a
+    half-open circuit whose trial this was lets the next held delivery be the trial). A
+    claim no longer ours (recovered meanwhile) is left alone: NOT_CLAIMED."""
+
+    async def work(session: AsyncSession) -> dict[int, DeliveryResult]:
+        now = deliverer.clock()
+        ids = sorted(item.request.delivery_id for item in unsent)
+        trials = []
+        for name in sorted({item.config.name for item in unsent}):  # circuits first
+            trial = await session.scalar(select(_circuits.c.trial_delivery_id)
+                                         .where(_circuits.c.system == name))
+            if trial in ids:
+                trials.append((await lock_circuit(session, name), trial))
+        released = set((await session.execute(
+            update(_deliveries)
+            .where(_deliveries.c.id.in_(ids), _deliveries.c.status == "in_flight",
+                   _deliveries.c.claimed_by == deliverer.worker_id)
+            .values(status="pending", claimed_by=None, lease_expires_at=None,
+                    updated_at=now)
+            .returning(_deliveries.c.id))).scalars())
+        for circuit, trial in trials:
+            if trial in released:
+                await free_trial(session, circuit, trial, now)
+        return {delivery_id: DeliveryResult(
+            delivery_id, Outcome.RELEASED if delivery_id in released else Outcome.NOT_CLAIMED)
+            for delivery_id in ids}
+
+    if not unsent:
+        return {}
+    return await deliverer.database.run_transaction(work)
+
+
+def lost_workers_clause(now: datetime, lost_after_s: float) -> Any:
+    """Workers whose claims are void: stopped (a stopped worker released what it could; what
+    it still holds, it could not finish), or silent for lost_after_s."""
+    return or_(_workers.c.stopped_at.is_not(None),
+               _workers.c.last_seen_at < now - timedelta(seconds=lost_after_s))
+
+
+async def recover_lost_claims(deliverer: Deliverer, *, lost_after_s: float | None = None,
+                              limit: int = 100) -> int:
+    """In-flight deliveries whose lease ran out, or whose worker is lost or stopped, become
+    ambiguous with the classification worker_lost: the request may have reached the system,
+    so it is never simply sent again; the status query (or a person) finds out. The circuit
+    is left alone: a worker's trouble is not the system's. (If the worker was only slow
+    and its answer arrives after all, the answer settles the outcome: recording.py.)"""
+    async def work(session: AsyncSession) -> list[str]:
+        now = deliverer.clock()
+        conditions = [Delivery.lease_expires_at < now]
+        if lost_after_s is not None:
+            conditions.append(Delivery.claimed_by.in_(
+                select(_workers.c.id).where(lost_workers_clause(now, lost_after_s))))
+        lost = (Delivery.status == "in_flight", or_(*conditions))
+        names = sorted((await session.execute(
+            select(Delivery.system).where(*lost).group_by(Delivery.system))).scalars())
+        if not names:
+            return []
+        circuits = {name: await lock_circuit(session, name) for name in names}  # circuits first
+        query = (select(Delivery).where(*lost, Delivery.system.in_(names))
+                 .order_by(Delivery.id).limit(limit))
+        if not deliverer.database.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        expired = list((await session.execute(query)).scalars())
+        systems = {name: await session.get(DownstreamSystem, name)
+                   for name in sorted({delivery.system for delivery in expired})}
+        audit: list[AuditEntry] = []
+        for delivery in expired:
+            worker = delivery.claimed_by or "unknown"
+            lease_over = delivery.lease_expires_at is not None and delivery.lease_expires_at < now
+            why = ("its lease ran out" if lease_over
+                   else "its heartbeat stopped (lost) or it stopped")
+            attempt = DeliveryAttempt(
+                delivery_id=delivery.id, system=delivery.system,
+                attempt_number=delivery.attempts + 1,
+                trigger=delivery.claim_trigger or "scheduled", actor=worker,
+                started_at=delivery.updated_at,
+                request=build_request(delivery, delivery.attempts + 1).summary(
+                    system_config(systems[delivery.system])),
+                classification=Classification.WORKER_LOST.value,
+                rule="lease_expired" if lease_over else "worker_lost",
+                error=f"worker {worker} held this claim, but {why} before it recorded an "
+                      "outcome; the request may have been sent",
+            )
+            session.add(attempt)
+            await session.flush()
+            delivery.attempts += 1
+            await apply_step(session, delivery, Step.AMBIGUOUS, attempt,
+                             SendResult(error=attempt.error), (0, 0), random.Random(0), now,
+                             audit)
+            await free_trial(session, circuits[delivery.system], delivery.id, now)
+        await session.flush()
+        await append_audit(session, audit, actor="system", now=now)
+        return [delivery.system for delivery in expired]
+
+    recovered = await deliverer.database.run_transaction(work)
+    for system in recovered:  # attempt rows too, though nothing was timed
+        count_delivery_attempt(system, Classification.WORKER_LOST.value)
+    return len(recovered)
+
+
+async def recover_expired_leases(deliverer: Deliverer, limit: int = 100) -> int:
+    """recover_lost_claims by lease expiry alone (processes that know no heartbeats)."""
+    return await recover_lost_claims(deliverer, limit=limit)
