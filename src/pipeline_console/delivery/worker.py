@@ -1,9 +1,11 @@
-"""pipeline-console worker: claims due deliveries in batches and sends them, until SIGTERM
-or SIGINT. On a signal it stops claiming, finishes the sends under way, releases the claims
-it has not sent yet (back to pending), and exits; anything it could not finish is recovered
-as ambiguous by the next worker once its lease expires. Several workers (on several
-machines, on PostgreSQL) never send one delivery twice: claims use FOR UPDATE SKIP
-LOCKED."""
+"""pipeline-console worker: registers itself, heartbeats, keeps up to WORKER_CONCURRENCY
+sends in flight (pipeline.py), runs the scheduled jobs and recovers lost claims, until
+SIGTERM or SIGINT. On a signal it stops claiming, finishes the sends under way, releases
+the claims it has not sent yet (back to pending), records that it stopped, and exits;
+anything it could not finish is recovered as ambiguous (worker_lost) by the next worker.
+Several workers (on several machines, on PostgreSQL) never send one delivery twice: claims
+use FOR UPDATE SKIP LOCKED, and the fence (claims.may_send) stops a worker that was frozen
+from sending what another worker may have recovered."""
 
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ from prometheus_client import start_http_server
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
-from pipeline_console.delivery.service import Deliverer, deliver_due
+from pipeline_console.delivery.claims import recover_lost_claims
+from pipeline_console.delivery.pipeline import Pipeline
+from pipeline_console.delivery.service import Deliverer
 from pipeline_console.delivery.transports import Transports
+from pipeline_console.delivery.workers import Identity, Liveness, heartbeat, mark_stopped
 from pipeline_console.jobs.registry import run_job
 from pipeline_console.jobs.schedule import (
     RETRY_FAILED_AFTER,
@@ -41,6 +46,7 @@ MAX_SCHEDULE_WAIT_S = 60.0
 # Expired leases are looked for this often, not on every pass: a lease lasts at least a
 # second beyond the system's timeout, and a pass with work takes milliseconds.
 RECOVER_EVERY_S = 5.0
+RECOVER_LIMIT = 100  # recovered per transaction
 
 
 async def _run_if_due(deliverer: Deliverer, settings: Settings, scheduled: Scheduled) -> float:
@@ -96,34 +102,62 @@ def serve_metrics(settings: Settings) -> Iterator[None]:
 
 
 async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> None:
+    """Three loops side by side: the heartbeat, the delivery pipeline, and housekeeping
+    (scheduled jobs, recovering lost claims). The pipeline ends once `stop` is set and what
+    was under way is recorded; then the worker says it stopped."""
     database = Database(create_engine(settings))
+    identity = Identity.new()
+    liveness = Liveness(settings.worker_lost_after_s, settings.lease_safety_s)
     async with Transports.open(max_connections=settings.worker_concurrency * 2) as transports:
-        deliverer = Deliverer(database, transports, system_clock,
-                              worker_id=f"worker:{worker_identity()}",
-                              lease_margin_s=settings.lease_margin_s)
+        deliverer = Deliverer(database, transports, system_clock, worker_id=identity.id,
+                              lease_margin_s=settings.lease_margin_s,
+                              lease_safety_s=settings.lease_safety_s, liveness=liveness)
+        pipeline = Pipeline(deliverer, settings.worker_concurrency, settings.worker_batch_size,
+                            stop, poll_interval_s=settings.worker_poll_interval_s)
+        background = [asyncio.create_task(_beat(deliverer, identity, settings, stop)),
+                      asyncio.create_task(_housekeeping(deliverer, settings, stop))]
         log.info("worker %s started", deliverer.worker_id)
-        schedule = worker_schedule(settings)
-        next_check = dict.fromkeys((scheduled.job for scheduled in schedule), 0.0)
-        next_recovery = 0.0
         try:
-            while not stop.is_set():
-                for scheduled in schedule:
-                    if time.time() >= next_check[scheduled.job]:
-                        next_check[scheduled.job] = await _run_if_due(deliverer, settings,
-                                                                      scheduled)
-                recover = time.monotonic() >= next_recovery
-                if recover:
-                    next_recovery = time.monotonic() + RECOVER_EVERY_S
-                try:
-                    counts = await deliver_due(deliverer, limit=settings.worker_batch_size,
-                                               concurrency=settings.worker_concurrency,
-                                               recover=recover, stop=stop)
-                except Exception:  # the database went away, say: keep going, loudly
-                    log.exception("a delivery pass failed; trying again")
-                    counts = {"claimed": 0}
-                if counts["claimed"] == 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), settings.worker_poll_interval_s)
+            await pipeline.run()
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            try:
+                await mark_stopped(database, identity, system_clock())
+            except Exception:
+                log.exception("could not record that worker %s stopped", identity.id)
             await database.dispose()
             log.info("worker %s stopped", deliverer.worker_id)
+
+
+async def _beat(deliverer: Deliverer, identity: Identity, settings: Settings,
+                stop: asyncio.Event) -> None:
+    """Heartbeat every WORKER_HEARTBEAT_S; through a database outage, keep trying (until a
+    heartbeat commits again, the fence lets nothing be sent)."""
+    assert deliverer.liveness is not None
+    while not stop.is_set():
+        try:
+            await heartbeat(deliverer.database, identity, deliverer.liveness, deliverer.clock())
+        except Exception as error:
+            log.warning("heartbeat failed: %s", error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.worker_heartbeat_s)
+
+
+async def _housekeeping(deliverer: Deliverer, settings: Settings, stop: asyncio.Event) -> None:
+    """Scheduled jobs when due, and lost claims recovered every RECOVER_EVERY_S."""
+    schedule = worker_schedule(settings)
+    next_check = dict.fromkeys((scheduled.job for scheduled in schedule), 0.0)
+    while not stop.is_set():
+        for scheduled in schedule:
+            if time.time() >= next_check[scheduled.job]:
+                next_check[scheduled.job] = await _run_if_due(deliverer, settings, scheduled)
+        try:
+            while await recover_lost_claims(
+                    deliverer, lost_after_s=settings.worker_lost_after_s) == RECOVER_LIMIT:
+                pass
+        except Exception as error:  # the database went away, say: keep going, loudly
+            log.warning("recovering lost claims failed: %s", error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RECOVER_EVERY_S)

@@ -1,0 +1,269 @@
+"""The worker's delivery pipeline: up to `concurrency` sends in flight at all times.
+
+A pass of claim → send all → record (deliver_many) waits for its slowest send before it
+claims again: one answer after a second holds up every slot (head-of-line blocking). Here
+the three steps overlap instead. A claim transaction runs whenever slots are free or about
+to be; each finished send frees its slot at once for the next claim in the queue; finished
+sends are recorded together, in one transaction, while the others are still on the wire.
+Every claim still goes through the same steps as deliver_many (prepare_batch, the fence,
+send, record_sent, release_unsent); only their timing differs.
+
+Fairness: when more than one system exists, one system holds at most `share` of the slots
+(three quarters of them, at least one fewer than all), so a slow or backlogged system cannot
+take every slot; a free slot goes to the system with the fewest sends in flight. With a
+concurrency of 1 there is nothing to share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pipeline_console.delivery.base import Deliverer, DeliveryResult, Prepared, Sent
+from pipeline_console.delivery.claims import claim_due_rows, may_send, release_unsent
+from pipeline_console.delivery.policy import CircuitEvent, breaker_event
+from pipeline_console.delivery.recording import record_sent
+from pipeline_console.delivery.service import prepare_batch, send
+from pipeline_console.models import DownstreamSystem
+
+log = logging.getLogger("pipeline_console.worker")
+
+MAX_BACKOFF_S = 10.0
+RECORD_TRIES = 30  # an outcome that cannot be recorded this often is left to recovery
+
+
+def share_of(concurrency: int, systems: int) -> int:
+    """The most slots one system may hold."""
+    if systems <= 1:
+        return concurrency
+    return max(1, concurrency - max(1, concurrency // 4))
+
+
+@dataclass
+class Pipeline:
+    deliverer: Deliverer
+    concurrency: int
+    batch_size: int
+    stop: asyncio.Event
+    poll_interval_s: float = 1.0
+    on_result: Callable[[DeliveryResult | BaseException], None] | None = None
+
+    queued: dict[str, deque[Prepared]] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # consecutive, per system
+    thresholds: dict[str, int] = field(default_factory=dict)
+    to_record: list[tuple[Sent, int]] = field(default_factory=list)  # (sent, tries so far)
+    to_release: list[Prepared] = field(default_factory=list)
+    systems: int = 1
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+    _claiming: bool = False
+    _recording: bool = False
+    _releasing: bool = False
+    _next_claim: float = 0.0
+    _claim_backoff: float = 0.0
+    _next_record: float = 0.0
+    _record_backoff: float = 0.0
+    _next_release: float = 0.0
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until `stop` is set and everything under way is sent and recorded."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                stopping = self.stop.is_set()
+                if stopping:
+                    for waiting in self.queued.values():
+                        self.to_release.extend(waiting)
+                        waiting.clear()
+                self._dispatch()
+                now = loop.time()
+                if not stopping and not self._claiming and now >= self._next_claim \
+                        and self._room() > 0:
+                    self._start(self._claim())
+                if self.to_record and not self._recording and (
+                        now >= self._next_record or stopping):
+                    self._start(self._record())
+                if self.to_release and not self._releasing and (
+                        now >= self._next_release or stopping):
+                    self._start(self._release())
+                if stopping and not self._tasks and not self.to_release and (
+                        not self.to_record):
+                    return
+                self._wake.clear()
+                timeout = max(0.01, min(
+                    [t - now for t in (self._next_claim, self._next_record, self._next_release)
+                     if t > now]
+                    or [self.poll_interval_s]))
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(self.stop.wait())
+                await asyncio.wait({waiter, stopper}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _start(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a delivery step failed unexpectedly", exc_info=task.exception())
+        self._wake.set()
+
+    # -- slots ------------------------------------------------------------------------
+
+    def _total(self, counts: dict[str, int] | dict[str, deque]) -> int:
+        return sum(len(v) if isinstance(v, deque) else v for v in counts.values())
+
+    def _room(self) -> int:
+        """How many more claims this worker may hold (sent or waiting): its slots, and as
+        many again waiting, so that a freed slot never waits for a claim transaction."""
+        return min(self.batch_size, 2 * self.concurrency - self._total(self.in_flight)
+                   - self._total(self.queued))
+
+    def _budgets(self) -> dict[str, int]:
+        share = share_of(self.concurrency, self.systems)
+        names = set(self.queued) | set(self.in_flight) | set(self.failures)
+        budgets = {}
+        for name in names:
+            if self.failures.get(name, 0) >= self.thresholds.get(name, 1 << 30):
+                budgets[name] = 0  # failing: no more claims until the circuit has its say
+            else:
+                budgets[name] = (2 * share - self.in_flight.get(name, 0)
+                                 - len(self.queued.get(name, ())))
+        return budgets
+
+    def _dispatch(self) -> None:
+        """Start sends while slots are free: the system with the fewest in flight first."""
+        share = share_of(self.concurrency, self.systems)
+        while self._total(self.in_flight) < self.concurrency and not self.stop.is_set():
+            ready = [name for name, waiting in self.queued.items()
+                     if waiting and self.in_flight.get(name, 0) < share]
+            if not ready:
+                return
+            name = min(ready, key=lambda n: self.in_flight.get(n, 0))
+            item = self.queued[name].popleft()
+            if self.failures.get(name, 0) >= item.threshold or not may_send(self.deliverer,
+                                                                            item):
+                self.to_release.append(item)  # never sent: back to pending
+                continue
+            self.in_flight[name] = self.in_flight.get(name, 0) + 1
+            self._start(self._send(item))
+
+    # -- the steps --------------------------------------------------------------------
+
+    async def _claim(self) -> None:
+        self._claiming = True
+        loop = asyncio.get_running_loop()
+        limit, budgets = self._room(), self._budgets()
+
+        async def claim(session: AsyncSession):
+            self.systems = await session.scalar(
+                select(func.count()).select_from(DownstreamSystem.__table__)) or 1
+            return await claim_due_rows(session, self.deliverer, limit, budgets=budgets)
+
+        try:
+            ids, prepared = await prepare_batch(self.deliverer, claim=claim)
+        except Exception:
+            self._claim_backoff = min(max(self._claim_backoff * 2, 0.5), MAX_BACKOFF_S)
+            self._next_claim = loop.time() + self._claim_backoff
+            log.exception("claiming failed; trying again in %.1f s", self._claim_backoff)
+            return
+        finally:
+            self._claiming = False
+        self._claim_backoff = 0.0
+        for delivery_id in ids:
+            item = prepared[delivery_id]
+            if isinstance(item, Prepared):
+                self.thresholds[item.config.name] = item.threshold
+                self.queued.setdefault(item.config.name, deque()).append(item)
+            elif self.on_result is not None:
+                self.on_result(DeliveryResult(delivery_id, item))
+        if not ids:  # nothing due: look again after the poll interval
+            self._next_claim = loop.time() + self.poll_interval_s
+
+    async def _send(self, item: Prepared) -> None:
+        name = item.config.name
+        try:
+            sent = await send(self.deliverer, item)
+        except Exception as error:
+            # Not known whether it left: the claim stays until it is recovered (worker_lost)
+            log.error("sending delivery %s failed unexpectedly", item.delivery_id,
+                      exc_info=error)
+            if self.on_result is not None:
+                self.on_result(error)
+            return
+        finally:
+            self.in_flight[name] -= 1
+        failing = breaker_event(sent.classification) is CircuitEvent.FAILURE
+        self.failures[name] = self.failures.get(name, 0) + 1 if failing else 0
+        self.to_record.append((sent, 0))
+
+    async def _record(self) -> None:
+        self._recording = True
+        loop = asyncio.get_running_loop()
+        batch, self.to_record = self.to_record, []
+        try:
+            results = await record_sent(self.deliverer, [sent for sent, _ in batch],
+                                        trigger="scheduled", actor=self.deliverer.worker_id)
+        except Exception as error:  # record_sent returns failures; this is a bug
+            results = {sent.delivery_id: error for sent, _ in batch}
+        finally:
+            self._recording = False
+        again = []
+        for sent, tries in batch:
+            result = results[sent.delivery_id]
+            if isinstance(result, BaseException) and tries + 1 < RECORD_TRIES and (
+                    not self.stop.is_set() or tries == 0):
+                again.append((sent, tries + 1))  # the database may be back in a moment
+                continue
+            if isinstance(result, BaseException):
+                log.error("the outcome of delivery %s could not be recorded; it will be "
+                          "recovered as worker_lost", sent.delivery_id, exc_info=result)
+            if self.on_result is not None:
+                self.on_result(result)
+        for name in {sent.prepared.config.name for sent, _ in batch}:
+            if self.failures.get(name, 0) >= self.thresholds.get(name, 1 << 30):
+                # recorded: the circuit has counted them; its state now decides the claims
+                self.failures[name] = 0
+        if again:
+            self.to_record = again + self.to_record
+            self._record_backoff = min(max(self._record_backoff * 2, 0.5), MAX_BACKOFF_S)
+            self._next_record = loop.time() + self._record_backoff
+            log.warning("%d outcomes could not be recorded; trying again in %.1f s",
+                        len(again), self._record_backoff)
+        else:
+            self._record_backoff = 0.0
+
+    async def _release(self) -> None:
+        self._releasing = True
+        batch, self.to_release = self.to_release, []
+        try:
+            results = await release_unsent(self.deliverer, batch)
+        except Exception:
+            if self.stop.is_set():
+                log.exception("releasing %d unsent claims failed while stopping; they will "
+                              "be recovered as worker_lost", len(batch))
+                return
+            self.to_release = batch + self.to_release  # nothing was sent: keep trying
+            self._next_release = asyncio.get_running_loop().time() + MAX_BACKOFF_S / 4
+            log.exception("releasing %d unsent claims failed; trying again", len(batch))
+            return
+        finally:
+            self._releasing = False
+        if self.on_result is not None:
+            for result in results.values():
+                self.on_result(result)
