@@ -18,6 +18,7 @@ class Answer:
     delay_s: float = 0.0
     body: str = "ok"
     headers: dict[str, str] = field(default_factory=dict)
+    hold: threading.Event | None = None  # answer only once the test sets it
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class ScriptedServer:
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
                 try:
+                    if answer.hold is not None:
+                        answer.hold.wait(120)
                     time.sleep(answer.delay_s)
                 finally:
                     with server._lock:

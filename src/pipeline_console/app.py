@@ -39,12 +39,14 @@ from pipeline_console.console.overview import router as console_overview
 from pipeline_console.console.queues import router as console_queues
 from pipeline_console.console.templating import HERE as CONSOLE_HERE
 from pipeline_console.console.templating import html_error
+from pipeline_console.console.workers import router as console_workers
 from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.api import router as delivery_router
 from pipeline_console.delivery.service import Deliverer
 from pipeline_console.delivery.transports import Transports
 from pipeline_console.delivery.worker import worker_identity
+from pipeline_console.delivery.workers_api import router as workers_router
 from pipeline_console.entity_types.api import router as entity_types_router
 from pipeline_console.errors import NotFound
 from pipeline_console.ingestion.api import router as ingestion_router
@@ -109,11 +111,12 @@ def create_app(
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
-                   dashboard_router, jobs_router, reports_router):
+                   dashboard_router, jobs_router, reports_router, workers_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
-    for router in (console_auth, console_overview, console_queues, console_admin):
+    for router in (console_auth, console_overview, console_queues, console_admin,
+                   console_workers):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     _describe_hand_parsed_bodies(app, [MessageIn, BatchIn])

@@ -330,7 +330,8 @@ async def _operators(story: Story, settings: Settings) -> None:
     story.clock.now = story.start + DURATION  # now; the trial waits for a worker
     async with database.read() as session:
         items = await attention(session, now=story.clock(),
-                                stale_partial_after_s=settings.stale_partial_after_s)
+                                stale_partial_after_s=settings.stale_partial_after_s,
+                                worker_lost_after_s=settings.worker_lost_after_s)
     story.say("the dashboard now: " + ", ".join(
         f"{item.name}{f' ({item.system})' if item.system else ''} {item.count}"
         for item in items if item.count))

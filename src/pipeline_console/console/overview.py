@@ -40,7 +40,8 @@ class Chart:
 async def _attention(database: Any, settings: Any, now: Any) -> list[Any]:
     async with database.read() as session:
         return await attention(session, now=now,
-                               stale_partial_after_s=settings.stale_partial_after_s)
+                               stale_partial_after_s=settings.stale_partial_after_s,
+                                worker_lost_after_s=settings.worker_lost_after_s)
 
 
 @router.get("/", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])

@@ -11,6 +11,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import hour_bucket
+from pipeline_console.delivery.workers import lost_worker_summary
 from pipeline_console.models import (
     AmbiguousOutcome,
     Anomaly,
@@ -49,8 +50,8 @@ def lag_severity(lag_s: float | None) -> str:
     return "warning" if lag_s < 3600 else "critical"
 
 
-async def attention(session: AsyncSession, *, now: datetime,
-                    stale_partial_after_s: float) -> list[AttentionItem]:
+async def attention(session: AsyncSession, *, now: datetime, stale_partial_after_s: float,
+                    worker_lost_after_s: float = 30.0) -> list[AttentionItem]:
     items: list[AttentionItem] = []
     count, oldest = (await session.execute(
         select(func.count(), func.min(Anomaly.opened_at)).where(Anomaly.status == "open"))).one()
@@ -106,6 +107,10 @@ async def attention(session: AsyncSession, *, now: datetime,
                ReplayRequest.created_at >= since))).one()
     items.append(_item("unsuccessful_replays", "Replays rejected or failed in the last 24 h",
                        count, oldest, now, "warning", "/api/v1/replays?status=failed"))
+    count, oldest = await lost_worker_summary(session, now=now,
+                                              lost_after_s=worker_lost_after_s)
+    items.append(_item("lost_workers", "Workers lost (no heartbeat) that have not stopped",
+                       count, oldest, now, "warning", "/api/v1/workers?status=lost"))
     return items
 
 

@@ -1,0 +1,30 @@
+"""The workers page: which worker processes run, which were lost, what each holds."""
+
+from __future__ import annotations
+
+from typing import Annotated, get_args
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from pipeline_console.api.dependencies import DatabaseDep, KeyPage, NowDep, SettingsDep
+from pipeline_console.console.auth import CONSOLE_VIEWER
+from pipeline_console.console.templating import page
+from pipeline_console.delivery.workers import list_workers
+from pipeline_console.delivery.workers_api import WorkerStatus, statuses
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/workers", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
+async def workers(request: Request, database: DatabaseDep, page_request: KeyPage, now: NowDep,
+                  settings: SettingsDep,
+                  status: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+    wanted = statuses(status, get_args(WorkerStatus))
+    async with database.read() as session:
+        items, cursor = await list_workers(session, page_request, now=now,
+                                           lost_after_s=settings.worker_lost_after_s,
+                                           status=wanted)
+    return page(request, "workers.html", title="Workers", nav="/workers", workers=items,
+                next_cursor=cursor, status=status or "", choices=get_args(WorkerStatus),
+                lost_after_s=settings.worker_lost_after_s)
