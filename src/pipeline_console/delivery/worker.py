@@ -43,8 +43,8 @@ log = logging.getLogger("pipeline_console.worker")
 # However far off the shared schedule says a job is, look again at least this often (an
 # operator may change the schedule, or another worker may have a shorter interval).
 MAX_SCHEDULE_WAIT_S = 60.0
-# Expired leases are looked for this often, not on every pass: a lease lasts at least a
-# second beyond the system's timeout, and a pass with work takes milliseconds.
+# Lost claims (expired leases, lost workers) are looked for this often (or every third of
+# WORKER_LOST_AFTER_S, if that is shorter).
 RECOVER_EVERY_S = 5.0
 RECOVER_LIMIT = 100  # recovered per transaction
 
@@ -160,4 +160,5 @@ async def _housekeeping(deliverer: Deliverer, settings: Settings, stop: asyncio.
         except Exception as error:  # the database went away, say: keep going, loudly
             log.warning("recovering lost claims failed: %s", error)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), RECOVER_EVERY_S)
+            await asyncio.wait_for(stop.wait(),
+                                   min(RECOVER_EVERY_S, settings.worker_lost_after_s / 3))
