@@ -26,6 +26,16 @@ if TYPE_CHECKING:
     from pipeline_console.delivery.workers import Liveness
 
 
+def boot_clock() -> float:
+    """A monotonic clock that also counts time the machine spent suspended (CLOCK_BOOTTIME
+    on Linux; time.monotonic elsewhere): a fence must see every second that passed."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+MONOTONIC: Callable[[], float] = (boot_clock if hasattr(time, "CLOCK_BOOTTIME")
+                                  else time.monotonic)
+
+
 @dataclass
 class Deliverer:
     """Everything a delivery needs: passed in, so tests control time and randomness.
@@ -42,7 +52,7 @@ class Deliverer:
     lease_margin_s: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
     lease_safety_s: float = 5.0
-    monotonic: Callable[[], float] = time.monotonic
+    monotonic: Callable[[], float] = MONOTONIC
     liveness: Liveness | None = None
 
 

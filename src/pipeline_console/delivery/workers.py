@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import Database
+from pipeline_console.delivery.base import MONOTONIC
 from pipeline_console.models import Delivery, Worker
 from pipeline_console.pagination import PageRequest, fetch_page
 
@@ -39,7 +39,7 @@ class Liveness:
 
     lost_after_s: float
     safety_s: float
-    monotonic: Callable[[], float] = time.monotonic
+    monotonic: Callable[[], float] = MONOTONIC
     beat_started: float = -math.inf  # when the last committed heartbeat began
     epoch: int = 0
 
