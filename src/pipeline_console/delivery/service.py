@@ -226,18 +226,21 @@ async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> 
 
 async def deliver_due(deliverer: Deliverer, *, limit: int, concurrency: int,
                       actor: str | None = None, recover: bool = True,
-                      stop: asyncio.Event | None = None) -> dict[str, int]:
-    """One pass of the worker: recover expired leases, claim what is due, send it.
+                      stop: asyncio.Event | None = None,
+                      lost_after_s: float | None = None) -> dict[str, int]:
+    """One pass (the deliver_due job; the worker itself runs pipeline.py): recover lost
+    claims (expired leases, and with `lost_after_s` the claims of lost workers), claim what
+    is due, send it.
 
     It claims up to `limit` and sends them with deliver_many, `concurrency` at a time (the
     claims' leases cover the waits: claim_due_rows); one claim and one record transaction per
     pass, whatever the concurrency. Once `stop` is set, or a system has failed as often as
     its circuit's threshold in this pass, the claims not yet sent are released instead.
-    `recover=False` skips looking for expired leases (the worker looks only every few
-    seconds: leases last longer). Attempts name the worker (or the person who ran the
-    pass) as their actor."""
+    `recover=False` skips looking for lost claims. Attempts name the worker (or the person
+    who ran the pass) as their actor."""
     actor = actor or deliverer.worker_id
-    recovered = await recover_lost_claims(deliverer) if recover else 0
+    recovered = (await recover_lost_claims(deliverer, lost_after_s=lost_after_s)
+                 if recover else 0)
     results = await deliver_many(
         deliverer, trigger="scheduled", actor=actor, concurrency=concurrency, stop=stop,
         claim=lambda session: claim_due_rows(session, deliverer, limit,

@@ -35,7 +35,8 @@ async def _promote_staging(deliverer: Deliverer, _settings: Settings,
 
 async def _deliver_due(deliverer: Deliverer, settings: Settings, actor: str) -> dict[str, Any]:
     return await deliver_due(deliverer, limit=settings.worker_batch_size,
-                             concurrency=settings.worker_concurrency, actor=actor)
+                             concurrency=settings.worker_concurrency, actor=actor,
+                             lost_after_s=settings.worker_lost_after_s)
 
 
 async def _query_ambiguous(deliverer: Deliverer, _settings: Settings,
