@@ -114,8 +114,12 @@ async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> Non
                               lease_safety_s=settings.lease_safety_s, liveness=liveness)
         pipeline = Pipeline(deliverer, settings.worker_concurrency, settings.worker_batch_size,
                             stop, poll_interval_s=settings.worker_poll_interval_s)
-        background = [asyncio.create_task(_beat(deliverer, identity, settings, stop)),
+        registered = asyncio.Event()
+        background = [asyncio.create_task(_beat(deliverer, identity, settings, stop,
+                                                registered)),
                       asyncio.create_task(_housekeeping(deliverer, settings, stop))]
+        with contextlib.suppress(TimeoutError):  # claims made before it would be void
+            await asyncio.wait_for(registered.wait(), settings.worker_lost_after_s)
         log.info("worker %s started", deliverer.worker_id)
         try:
             await pipeline.run()
@@ -132,15 +136,17 @@ async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> Non
 
 
 async def _beat(deliverer: Deliverer, identity: Identity, settings: Settings,
-                stop: asyncio.Event) -> None:
+                stop: asyncio.Event, registered: asyncio.Event) -> None:
     """Heartbeat every WORKER_HEARTBEAT_S; through a database outage, keep trying (until a
-    heartbeat commits again, the fence lets nothing be sent)."""
+    heartbeat commits again, the fence lets nothing be sent). `registered` is set after the
+    first try, whatever its result."""
     assert deliverer.liveness is not None
     while not stop.is_set():
         try:
             await heartbeat(deliverer.database, identity, deliverer.liveness, deliverer.clock())
         except Exception as error:
             log.warning("heartbeat failed: %s", error)
+        registered.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.worker_heartbeat_s)
 
