@@ -76,15 +76,17 @@ async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) 
 
 async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int, *,
                          concurrency: int | None = None,
-                         budgets: Mapping[str, int] | None = None) -> list[Row]:
+                         budgets: Mapping[str, int] | None = None,
+                         waiting: int = 0) -> list[Row]:
     """Claim up to `limit` due deliveries in the caller's transaction; returns the claimed
     rows as they are now (every column: what a send needs, so that it need not read them
     again). Deliveries of a system whose circuit is open are held instead; a half-open
     circuit lets exactly one trial through.
 
-    `concurrency`: the claims are sent that many at a time, so each lease lasts as many
-    whole exchanges as there are waves (all at once if None). `budgets`: at most that many
-    claims of the named systems (0: none) — the worker's per-system share of its slots."""
+    `concurrency`: the claims are sent that many at a time, behind `waiting` claims the
+    worker already holds, so each lease lasts as many whole exchanges as there are waves
+    (all at once if None). `budgets`: at most that many claims of the named systems (0:
+    none) — the worker's per-system share of its slots."""
     now = deliverer.clock()
     circuits = await _circuits_for_claim(session)
     # Due rows in next_attempt_at order: the (status, next_attempt_at) index gives the order
@@ -133,7 +135,7 @@ async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int
             claimed.append((delivery_id, system))
     returned: dict[int, Row] = {}
     if claimed:
-        waves = 1 if concurrency is None else -(-len(claimed) // concurrency)
+        waves = 1 if concurrency is None else -(-(waiting + len(claimed)) // concurrency)
         slowest = max(timeouts[system] for _, system in claimed)
         lease = lease_until(now, slowest, deliverer.lease_margin_s, waves)
         result = await session.execute(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ log = logging.getLogger("pipeline_console.worker")
 
 MAX_BACKOFF_S = 10.0
 RECORD_TRIES = 30  # an outcome that cannot be recorded this often is left to recovery
+RECORD_WAIT_S = 0.1  # how long a finished send may wait for others to share its record
 
 
 def share_of(concurrency: int, systems: int) -> int:
@@ -70,12 +72,14 @@ class Pipeline:
     _next_record: float = 0.0
     _record_backoff: float = 0.0
     _next_release: float = 0.0
+    _first_finished: float = 0.0  # when the oldest of to_record finished
 
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
         """Until `stop` is set and everything under way is sent and recorded."""
         loop = asyncio.get_running_loop()
+        watcher = asyncio.ensure_future(self._wake_on_stop())
         try:
             while True:
                 stopping = self.stop.is_set()
@@ -86,10 +90,10 @@ class Pipeline:
                 self._dispatch()
                 now = loop.time()
                 if not stopping and not self._claiming and now >= self._next_claim \
-                        and self._room() > 0:
+                        and self._worth_claiming():
                     self._start(self._claim())
-                if self.to_record and not self._recording and (
-                        now >= self._next_record or stopping):
+                record_at = self._record_at(now, stopping)
+                if self.to_record and not self._recording and now >= record_at:
                     self._start(self._record())
                 if self.to_release and not self._releasing and (
                         now >= self._next_release or stopping):
@@ -98,19 +102,49 @@ class Pipeline:
                         not self.to_record):
                     return
                 self._wake.clear()
-                timeout = max(0.01, min(
-                    [t - now for t in (self._next_claim, self._next_record, self._next_release)
-                     if t > now]
-                    or [self.poll_interval_s]))
-                waiter = asyncio.ensure_future(self._wake.wait())
-                stopper = asyncio.ensure_future(self.stop.wait())
-                await asyncio.wait({waiter, stopper}, timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+                later = [t - now for t in (self._next_claim, record_at, self._next_release)
+                         if now < t < math.inf]
+                timer = loop.call_later(min(later, default=self.poll_interval_s),
+                                        self._wake.set)
+                await self._wake.wait()
+                timer.cancel()
         finally:
+            watcher.cancel()
             for task in list(self._tasks):
                 task.cancel()
+
+    async def _wake_on_stop(self) -> None:
+        await self.stop.wait()
+        self._wake.set()
+
+    def _wave(self) -> int:
+        """How many claims, or finished sends, are worth one transaction: a batch."""
+        return self.batch_size
+
+    def _worth_claiming(self) -> bool:
+        """Claim when idle, or when a wave fits: one claim transaction for many deliveries,
+        as a pass had."""
+        held = self._total(self.in_flight) + self._total(self.queued)
+        room = self._room()
+        if room <= 0:
+            return False
+        if held == 0 or room >= self._wave():
+            return True
+        # a free slot that nothing waiting may take (its systems are at their share)
+        share = share_of(self.concurrency, self.systems)
+        return self._total(self.in_flight) < self.concurrency and not any(
+            waiting and self.in_flight.get(name, 0) < share
+            for name, waiting in self.queued.items())
+
+    def _record_at(self, now: float, stopping: bool) -> float:
+        """When to record what has finished: at once if a wave is waiting, nothing is left on
+        the wire, or the worker stops; otherwise RECORD_WAIT_S after the oldest."""
+        if not self.to_record:
+            return math.inf
+        if stopping or len(self.to_record) >= self._wave() or not self._total(
+                self.in_flight):
+            return max(now if stopping else self._next_record, 0.0)
+        return max(self._first_finished + RECORD_WAIT_S, self._next_record)
 
     def _start(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -129,10 +163,10 @@ class Pipeline:
         return sum(len(v) if isinstance(v, deque) else v for v in counts.values())
 
     def _room(self) -> int:
-        """How many more claims this worker may hold (sent or waiting): its slots, and as
-        many again waiting, so that a freed slot never waits for a claim transaction."""
-        return min(self.batch_size, 2 * self.concurrency - self._total(self.in_flight)
-                   - self._total(self.queued))
+        """How many more claims this worker may hold (sent or waiting): its slots and two
+        batches waiting, so that a freed slot never waits for a claim transaction."""
+        return min(self.batch_size, self.concurrency + 2 * self.batch_size
+                   - self._total(self.in_flight) - self._total(self.queued))
 
     def _budgets(self) -> dict[str, int]:
         share = share_of(self.concurrency, self.systems)
@@ -142,8 +176,8 @@ class Pipeline:
             if self.failures.get(name, 0) >= self.thresholds.get(name, 1 << 30):
                 budgets[name] = 0  # failing: no more claims until the circuit has its say
             else:
-                budgets[name] = (2 * share - self.in_flight.get(name, 0)
-                                 - len(self.queued.get(name, ())))
+                budgets[name] = (share + -(-2 * self.batch_size * share // self.concurrency)
+                                 - self.in_flight.get(name, 0) - len(self.queued.get(name, ())))
         return budgets
 
     def _dispatch(self) -> None:
@@ -169,11 +203,15 @@ class Pipeline:
         self._claiming = True
         loop = asyncio.get_running_loop()
         limit, budgets = self._room(), self._budgets()
+        waiting = self._total(self.queued) + self._total(self.in_flight)
 
         async def claim(session: AsyncSession):
             self.systems = await session.scalar(
                 select(func.count()).select_from(DownstreamSystem.__table__)) or 1
-            return await claim_due_rows(session, self.deliverer, limit, budgets=budgets)
+            # each lease covers the waves it may wait in this worker's queue
+            return await claim_due_rows(session, self.deliverer, limit, budgets=budgets,
+                                        concurrency=share_of(self.concurrency, self.systems),
+                                        waiting=waiting)
 
         try:
             ids, prepared = await prepare_batch(self.deliverer, claim=claim)
@@ -210,6 +248,8 @@ class Pipeline:
             self.in_flight[name] -= 1
         failing = breaker_event(sent.classification) is CircuitEvent.FAILURE
         self.failures[name] = self.failures.get(name, 0) + 1 if failing else 0
+        if not self.to_record:
+            self._first_finished = asyncio.get_running_loop().time()
         self.to_record.append((sent, 0))
 
     async def _record(self) -> None:
