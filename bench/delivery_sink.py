@@ -1,7 +1,8 @@
 """The downstream system of benchmarks 6 and 7: a small asyncio HTTP/1.1 server (keep-alive,
 no framework, so that it costs the least CPU of anything in the measurement) that answers
 every POST with 200 and counts the requests per Idempotency-Key. POST /latency/MS/… waits
-MS milliseconds before it answers (many requests wait at once).
+MS milliseconds before it answers (many requests wait at once); POST /tail/N/MS/… answers
+at once except every Nth request, which waits MS milliseconds (a slow tail).
 
   python -m bench.delivery_sink PORT_FILE
 
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 counts: Counter[str] = Counter()
+tails: Counter[str] = Counter()
 
 
 def _response(status: str, body: bytes) -> bytes:
@@ -50,6 +52,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 counts[headers.get("idempotency-key", "")] += 1
                 if path.startswith("/latency/"):
                     await asyncio.sleep(float(path.split("/")[2]) / 1000)
+                elif path.startswith("/tail/"):  # /tail/N/MS/…: every Nth waits MS
+                    _, _, every, wait_ms = path.split("/")[:4]
+                    tails[path] += 1
+                    if tails[path] % int(every) == 0:
+                        await asyncio.sleep(float(wait_ms) / 1000)
                 writer.write(OK)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
