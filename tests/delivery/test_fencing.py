@@ -221,6 +221,14 @@ class TestTheWorkersList:
         assert page.status_code == 200
         assert "worker:old" in page.text and "worker:alive" not in page.text
 
+        clock.advance(hours=25)  # a day later the lost worker is history, not an alarm
+        await heartbeat(database, alive, Liveness(30, 5), clock())
+        dashboard = (await client.get("/api/v1/dashboard")).json()["items"]
+        [card] = [item for item in dashboard if item["name"] == "lost_workers"]
+        assert card["count"] == len((await client.get(card["path"])).json()["items"]) == 0
+        lost = (await client.get("/api/v1/workers?status=lost")).json()["items"]
+        assert [w["id"] for w in lost] == ["worker:old"]
+
 
 class TestNoHeadOfLineBlocking:
     async def test_a_system_whose_answers_hang_holds_up_no_other(self, client, sink, clock,

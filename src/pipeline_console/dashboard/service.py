@@ -11,7 +11,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import hour_bucket
-from pipeline_console.delivery.workers import lost_worker_summary
+from pipeline_console.delivery.workers import card_since, lost_worker_summary
 from pipeline_console.models import (
     AmbiguousOutcome,
     Anomaly,
@@ -109,8 +109,10 @@ async def attention(session: AsyncSession, *, now: datetime, stale_partial_after
                        count, oldest, now, "warning", "/api/v1/replays?status=failed"))
     count, oldest = await lost_worker_summary(session, now=now,
                                               lost_after_s=worker_lost_after_s)
-    items.append(_item("lost_workers", "Workers lost (no heartbeat) that have not stopped",
-                       count, oldest, now, "warning", "/api/v1/workers?status=lost"))
+    since = card_since(now).strftime("%Y-%m-%dT%H:%M:%SZ")
+    items.append(_item("lost_workers", "Workers lost in the last 24 h (no heartbeat, never "
+                       "stopped)", count, oldest, now, "warning",
+                       f"/api/v1/workers?status=lost&from={since}"))
     return items
 
 

@@ -107,11 +107,12 @@ def status_of(worker: Any, now: datetime, lost_after_s: float) -> str:
 
 async def list_workers(session: AsyncSession, page: PageRequest, *, now: datetime,
                        lost_after_s: float, status: set[str] | None = None,
+                       seen_from: datetime | None = None,
                        ) -> tuple[list[dict[str, Any]], str | None]:
-    """Workers by id, each with its status and the deliveries it holds now. A status filter
-    is applied in SQL, so that pages stay full."""
+    """Workers by id, each with its status and the deliveries it holds now. The filters (a
+    status, last seen at or after `seen_from`) are applied in SQL, so that pages stay full."""
     cutoff = now - timedelta(seconds=lost_after_s)
-    where = []
+    where = [] if seen_from is None else [Worker.last_seen_at >= seen_from]
     if status:
         clauses = {"stopped": Worker.stopped_at.is_not(None),
                    "lost": and_(Worker.stopped_at.is_(None), Worker.last_seen_at < cutoff),
@@ -129,12 +130,24 @@ async def list_workers(session: AsyncSession, page: PageRequest, *, now: datetim
             for worker in result.items], result.next_cursor
 
 
+# A lost worker stays on the dashboard this long after it was last seen; after that it is
+# history (GET /workers still lists it): a worker killed and replaced should not light the
+# dashboard for ever.
+LOST_WORKER_CARD = timedelta(hours=24)
+
+
+def card_since(now: datetime) -> datetime:
+    """The start of the card's window, to the second (as its path writes it)."""
+    return (now - LOST_WORKER_CARD).replace(microsecond=0)
+
+
 async def lost_worker_summary(session: AsyncSession, *, now: datetime,
                               lost_after_s: float) -> tuple[int, datetime | None]:
-    """How many workers are lost (silent, not stopped) and the last time the oldest of them
-    was seen: the dashboard's card."""
+    """How many workers were lost (silent, not stopped) in the last day, and the last time
+    the oldest of them was seen: the dashboard's card."""
     cutoff = now - timedelta(seconds=lost_after_s)
     count, oldest = (await session.execute(
         select(func.count(), func.min(Worker.last_seen_at))
-        .where(Worker.stopped_at.is_(None), Worker.last_seen_at < cutoff))).one()
+        .where(Worker.stopped_at.is_(None), Worker.last_seen_at < cutoff,
+               Worker.last_seen_at >= card_since(now)))).one()
     return count, oldest

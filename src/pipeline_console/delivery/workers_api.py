@@ -13,6 +13,7 @@ from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.delivery.workers import list_workers
 from pipeline_console.errors import FieldError, InvalidInput
+from pipeline_console.ingestion.schemas import UtcDatetime
 
 router = APIRouter(tags=["delivery"])
 
@@ -56,10 +57,12 @@ async def get_workers(
     status: Annotated[str | None, Query(
         max_length=100, description="one or more of alive, lost, stopped, comma-separated",
         examples=["alive,lost"])] = None,
+    seen_from: Annotated[UtcDatetime | None, Query(
+        alias="from", description="last seen at or after this time")] = None,
 ) -> Any:
     wanted = statuses(status, get_args(WorkerStatus))
     async with database.read() as session:
         items, cursor = await list_workers(session, page, now=now,
                                            lost_after_s=settings.worker_lost_after_s,
-                                           status=wanted)
+                                           status=wanted, seen_from=seen_from)
     return {"items": items, "next_cursor": cursor}
