@@ -118,8 +118,8 @@ RETRY_AFTER_S: dict[Unavailability, int] = {"busy": 1, "unreachable": 5}
 UNAVAILABLE_DETAILS: dict[Unavailability, str] = {
     "unreachable": "the database is unreachable, so the request was not carried out; send "
                    "it again in a few seconds",
-    "busy": "the database is busy (every connection in use), so the request was not carried "
-            "out; send it again shortly",
+    "busy": "the database is busy (every connection in use, or locked by another process), "
+            "so the request was not carried out; send it again shortly",
 }
 
 
