@@ -39,7 +39,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
-        metafunc.parametrize("backend", ["sqlite"] if only_sqlite else BACKENDS)
+        only_postgresql = metafunc.definition.get_closest_marker("postgresql_only") is not None
+        metafunc.parametrize("backend", ["sqlite"] if only_sqlite else
+                             ["postgresql"] if only_postgresql else BACKENDS)
 
 
 def _admin_dsn() -> str:

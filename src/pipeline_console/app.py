@@ -21,7 +21,14 @@ from sqlalchemy.exc import IntegrityError
 from pipeline_console import __version__
 from pipeline_console.anomalies.api import router as anomalies_router
 from pipeline_console.api.guards import RefuseNulInUrls
-from pipeline_console.api.problems import install_problem_handlers, problem, problem_responses
+from pipeline_console.api.problems import (
+    PROBLEM_MEDIA_TYPE,
+    RETRY_AFTER_HEADER,
+    RETRY_AFTER_S,
+    install_problem_handlers,
+    problem,
+    problem_responses,
+)
 from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.auth.dependencies import METRICS, PUBLIC
@@ -108,7 +115,7 @@ def create_app(
     app.add_middleware(CorrelationIdMiddleware)  # the request id, before the access log reads it
     app.add_middleware(MeasureRequests)  # outermost: it times the refusals too
 
-    api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500))
+    api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500, 503))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
                    dashboard_router, jobs_router, reports_router, workers_router):
@@ -166,7 +173,12 @@ def _operations_router() -> APIRouter:
 
     @router.get("/readyz", dependencies=[PUBLIC], response_model=Readiness,
                 summary="The database answers and its schema is at the newest migration",
-                responses={503: {"model": Readiness}})
+                responses={503: {
+                    "model": Readiness, "headers": {"Retry-After": RETRY_AFTER_HEADER},
+                    "description": "Not ready: migrations are pending (a Readiness body), "
+                    "or the database is unreachable (a problem, with Retry-After)",
+                    "content": {PROBLEM_MEDIA_TYPE: {
+                        "schema": {"$ref": "#/components/schemas/Problem"}}}}})
     async def readyz(request: Request) -> Any:
         database: Database = request.app.state.database
         expected = head_revision()
@@ -175,7 +187,9 @@ def _operations_router() -> APIRouter:
                 await connection.execute(text("SELECT 1"))
             revision = await current_revision(database.engine)
         except Exception as error:  # any failure to reach the database means "not ready"
-            return problem(503, f"the database is unreachable: {type(error).__name__}")
+            response = problem(503, f"the database is unreachable: {type(error).__name__}")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S["unreachable"])
+            return response
         ready = revision == expected
         body = Readiness(status="ready" if ready else "migrations pending", database="ok",
                          schema_revision=revision, expected_revision=expected)

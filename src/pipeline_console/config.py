@@ -14,6 +14,10 @@ class Settings(BaseSettings):
         description="sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
     )
     database_pool_size: int = Field(default=10, ge=1)
+    database_connect_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="PostgreSQL: how long opening a connection may take; past it the request "
+                    "gets 503 (asyncpg's own default is 60 s)")
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
     sqlite_checkpoint: Literal["background", "commit"] = Field(
         default="background",

@@ -15,12 +15,13 @@ import logging
 import operator
 import random
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote as url_quote
 
 import orjson
@@ -28,6 +29,7 @@ from sqlalchemy import JSON, String, Table, event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine:
     url = make_url(settings.database_url)
     kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"timeout": settings.database_connect_timeout_s}
     if null_pool:
         kwargs["poolclass"] = NullPool
     elif url.get_backend_name() == "postgresql":
@@ -70,7 +74,34 @@ def create_engine(settings: Settings, *, null_pool: bool = False) -> AsyncEngine
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, settings.sqlite_busy_timeout_ms,
                           CHECKPOINT_FALLBACK_PAGES if background else None)
+    else:
+        _report_failed_connects_as_database_errors(engine)
     return engine
+
+
+# SQLSTATE 08001, sqlclient_unable_to_establish_sqlconnection: what a failed connect is.
+CANNOT_CONNECT = "08001"
+
+
+def _report_failed_connects_as_database_errors(engine: AsyncEngine) -> None:
+    """asyncpg raises the socket's own error when it cannot connect (ConnectionRefusedError,
+    socket.gaierror, TimeoutError, all OSErrors), and SQLAlchemy passes it on unwrapped:
+    it would reach the edge as an OSError that nothing tells from any other. Here it becomes
+    the driver's OperationalError with SQLSTATE 08001, so that every database error is a
+    DBAPIError and `unavailability` reads one SQLSTATE. A TLS error is a configuration
+    error, not an outage: it is left as it is."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except ssl.SSLError:
+            raise
+        except OSError as error:
+            failure = dialect.loaded_dbapi.OperationalError(
+                f"cannot connect to the database: {error!r}", error)
+            failure.sqlstate = failure.pgcode = CANNOT_CONNECT
+            raise failure from error
 
 
 def json_text(value: Any) -> str:
@@ -284,9 +315,64 @@ RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serial
 
 
 def is_retryable(error: DBAPIError) -> bool:
+    return _sqlstate(error) in RETRYABLE_SQLSTATES
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
     original = getattr(error, "orig", None)
-    state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
-    return state in RETRYABLE_SQLSTATES
+    return getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+
+
+Unavailability = Literal["unreachable", "busy"]
+# Class 08 is "connection exception" (refused, lost: 08001, 08003, 08006…); these say that the
+# server is there but will not serve us now.
+_UNREACHABLE_SQLSTATES = frozenset({
+    "57P01",  # admin_shutdown: the server is shutting down
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
+    "57P05",  # idle_session_timeout: the server closed the session
+})
+_BUSY_SQLSTATES = frozenset({"53300"})  # too_many_connections
+_SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def unavailability(error: BaseException) -> Unavailability | None:
+    """Whether `error` means the database cannot serve the request now, though the request
+    itself is fine (the same request may succeed in a moment: an API answers 503 with
+    Retry-After, a loop waits and tries again):
+
+    - "unreachable": the connect was refused, timed out or named no host (SQLSTATE 08001,
+      see _report_failed_connects_as_database_errors); the server is starting up or shutting
+      down (57P01-57P03); the connection was lost mid-transaction (class 08, or SQLAlchemy
+      saw the connection invalidated);
+    - "busy": every pooled connection stayed in use past the pool timeout, the server has
+      too many connections (53300), or another process held SQLite's lock past the busy
+      timeout (SQLITE_BUSY, SQLITE_LOCKED);
+    - None for everything else, a genuine bug or a configuration error among them: a
+      constraint violated, bad SQL, a database or SQLite file that does not exist or cannot
+      be opened, a wrong password, a TLS failure. Those stay 500 and are logged.
+
+    An exception group is unavailable only if every exception in it is (unreachable if any
+    is); one bug among them makes it a bug."""
+    if isinstance(error, BaseExceptionGroup):
+        kinds = {unavailability(member) for member in error.exceptions}
+        if None in kinds or not kinds:
+            return None
+        return "unreachable" if "unreachable" in kinds else "busy"
+    if isinstance(error, PoolTimeout):
+        return "busy"
+    if not isinstance(error, DBAPIError):
+        return None
+    state = _sqlstate(error)
+    if error.connection_invalidated or (state is not None and (
+            state.startswith("08") or state in _UNREACHABLE_SQLSTATES)):
+        return "unreachable"
+    if state in _BUSY_SQLSTATES:
+        return "busy"
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _SQLITE_BUSY_CODES:  # the primary result code
+        return "busy"
+    return None
 
 
 def insert_for(dialect: str) -> Any:

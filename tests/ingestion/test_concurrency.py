@@ -87,12 +87,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(database_url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(database_url: str, tmp_path: Path,
+                 **settings: object) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = (tmp_path / f"server-{port}.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline_console.cli", "serve", "--port", str(port)],
-        env={**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url},
+        env={**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url,
+             **{f"PIPELINE_CONSOLE_{name.upper()}": str(value)
+                for name, value in settings.items()}},
         stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

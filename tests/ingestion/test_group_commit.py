@@ -12,6 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import event, func, select
 
+from pipeline_console.config import Settings
+from pipeline_console.db import Database, create_engine, unavailability
 from pipeline_console.ingestion import group_commit
 from pipeline_console.ingestion.group_commit import GroupCommitClosed, GroupCommitter
 from pipeline_console.models import AuditEvent, IngestionAttempt
@@ -189,6 +191,35 @@ class TestOneGroup:
         assert [task.result().decision for task in tasks] == ["accept_new"] * 7
         with pytest.raises(GroupCommitClosed):
             await committer.ingest(parsed(message(1, entity_id="late")), actor="t", now=now)
+
+
+    async def test_an_unreachable_database_fails_the_whole_group_with_one_try(self):
+        """Not once more per message: each try would wait out the connect timeout again."""
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def never_answer(_reader, writer):
+            accepted.append(writer)
+
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        database = Database(create_engine(Settings(
+            database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres",
+            database_connect_timeout_s=0.3)))
+        committer = GroupCommitter(database)
+        now = FakeClock().now
+        try:
+            outcomes = await asyncio.gather(*(
+                committer.ingest(parsed(message(1, entity_id=f"U-{n}")), actor="t", now=now)
+                for n in range(10)), return_exceptions=True)
+        finally:
+            await committer.close()
+            await database.dispose()
+            for writer in accepted:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+        assert [unavailability(outcome) for outcome in outcomes] == ["unreachable"] * 10
+        assert len(accepted) == 1  # one connect for the group, none per message
 
 
 class TestNoAnswerBeforeTheCommit:

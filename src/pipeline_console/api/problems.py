@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
-from pipeline_console.db import is_retryable
+from pipeline_console.db import Unavailability, is_retryable, unavailability
 from pipeline_console.errors import (
     Conflict,
     DomainError,
@@ -49,11 +49,23 @@ class Problem(BaseModel):
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}},
-                 "description": _TITLES.get(status, "Error")}
-        for status in statuses
-    }
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}},
+                    "description": _DESCRIPTIONS.get(status) or _TITLES.get(status, "Error")}
+        if status == 503:
+            response["headers"] = {"Retry-After": RETRY_AFTER_HEADER}
+        responses[status] = response
+    return responses
+
+
+RETRY_AFTER_HEADER = {"description": "seconds to wait before sending the request again",
+                      "schema": {"type": "integer", "minimum": 0}}
+_DESCRIPTIONS = {
+    503: "The database is unreachable or busy (refused, starting up, every connection in use, "
+         "lost mid-transaction), or the server is shutting down: the request was not carried "
+         "out. Send it again after Retry-After seconds.",
+}
 
 
 _TITLES = {
@@ -98,6 +110,17 @@ def status_of(error: DomainError) -> int:
     if isinstance(error, InvalidInput):
         return 422
     return 400
+
+
+# How long a client should wait: a pool or a lock frees up in moments; a server that is gone
+# takes a while to come back (and every try until then costs a connect).
+RETRY_AFTER_S: dict[Unavailability, int] = {"busy": 1, "unreachable": 5}
+UNAVAILABLE_DETAILS: dict[Unavailability, str] = {
+    "unreachable": "the database is unreachable, so the request was not carried out; send "
+                   "it again in a few seconds",
+    "busy": "the database is busy (every connection in use, or locked by another process), "
+            "so the request was not carried out; send it again shortly",
+}
 
 
 MACHINE_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
@@ -149,20 +172,39 @@ def install_problem_handlers(app: FastAPI, html: HtmlErrors | None = None) -> No
             response.headers[name] = value
         return response
 
-    @app.exception_handler(PoolTimeout)
-    async def on_pool_timeout(request: Request, _error: PoolTimeout) -> Response:
-        response = answer(request, 503, "every database connection is busy; retry shortly")
-        response.headers["Retry-After"] = "1"
+    def unavailable(request: Request, error: BaseException, kind: Unavailability) -> Response:
+        # One line, no traceback: during an outage every request says the same.
+        log.warning("database %s on %s %s: %s", kind, request.method, request.url.path,
+                    type(error).__name__)
+        response = answer(request, 503, UNAVAILABLE_DETAILS[kind])
+        response.headers["Retry-After"] = str(RETRY_AFTER_S[kind])
         return response
+
+    @app.exception_handler(PoolTimeout)
+    async def on_pool_timeout(request: Request, error: PoolTimeout) -> Response:
+        return unavailable(request, error, "busy")
 
     @app.exception_handler(DBAPIError)
     async def on_database_error(request: Request, error: DBAPIError) -> Response:
+        kind = unavailability(error)
+        if kind is not None:
+            return unavailable(request, error, kind)
         if is_retryable(error):
             response = answer(request, 503, "the request collided with concurrent work and "
                               "was rolled back; retry it")
             response.headers["Retry-After"] = "1"
             return response
         log.exception("database error on %s %s", request.method, request.url.path)
+        return answer(request, 500, "an unexpected error occurred; it has been logged")
+
+    @app.exception_handler(ExceptionGroup)
+    async def on_exception_group(request: Request, error: ExceptionGroup) -> Response:
+        # Task groups (anyio's, asyncio's) wrap what their tasks raised.
+        kind = unavailability(error)
+        if kind is not None:
+            return unavailable(request, error, kind)
+        log.exception("unhandled error on %s %s", request.method, request.url.path,
+                      exc_info=error)
         return answer(request, 500, "an unexpected error occurred; it has been logged")
 
     @app.exception_handler(Exception)

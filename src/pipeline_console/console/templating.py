@@ -106,5 +106,5 @@ def html_error(request: Request, status: int, detail: str,
     if status == 401 and request.method == "GET":
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
-    return page(request, "error.html", status_code=status, message=detail,
+    return page(request, "error.html", status_code=status, status=status, message=detail,
                 details=[f"{e.field}: {e.message}" for e in errors])

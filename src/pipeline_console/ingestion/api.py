@@ -142,7 +142,9 @@ async def post_message(request: Request) -> Any:
     try:
         result = await committer.ingest(item, actor=actor.label, now=now)
     except GroupCommitClosed:
-        return problem(503, "the server is shutting down; send the message again")
+        response = problem(503, "the server is shutting down; send the message again")
+        response.headers["Retry-After"] = "1"
+        return response
     count_ingestion([item], [result])  # committed: the group's transaction has returned
     structlog.contextvars.bind_contextvars(decision=getattr(result, "decision", "rejected"))
     if isinstance(result, Rejected):

@@ -13,6 +13,7 @@ What each caller may rely on:
 - A failing commit fails every caller of the group (each gets the exception, never a result).
 - One message that makes the shared transaction fail does not fail the others: the group is
   then written again one message per transaction, and each caller gets its own outcome.
+  The database being unreachable or busy (db.unavailability) fails the whole group at once.
 - Order: messages are decided in the order they were queued, which is the order sequential
   requests would have had (the planner decides a batch in order, as if one at a time).
 - Actors: a group may mix callers with different tokens. It is written as consecutive runs of
@@ -35,7 +36,7 @@ from itertools import groupby
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pipeline_console.db import Database
+from pipeline_console.db import Database, unavailability
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage
 from pipeline_console.ingestion.service import Accepted, Rejected, ingest_messages
@@ -121,8 +122,11 @@ class GroupCommitter:
             results = await self._database.run_transaction(
                 lambda session: _ingest_group(session, group))
         except Exception as error:
-            if len(group) == 1:
-                _fail(group[0], error)
+            if len(group) == 1 or unavailability(error) is not None:
+                # The database is gone or busy, not one message's fault: writing the group
+                # again one by one would only wait for it once per message.
+                for pending in group:
+                    _fail(pending, error)
                 return
             log.warning("group commit: a group of %d failed (%s: %s); writing it again one "
                         "message per transaction", len(group), type(error).__name__, error)
