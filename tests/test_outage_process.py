@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from tests.delivery.test_delivery import add_system, deliveries, ingest
 from tests.delivery.test_worker import start_worker
 from tests.fault_proxy import FaultProxy
 from tests.ingestion.test_concurrency import start_server
+from tests.sink import Answer
 from tests.support import message, wait_for
 
 pytestmark = pytest.mark.postgresql_only
@@ -199,13 +201,13 @@ async def test_a_worker_keeps_running_through_a_cut_and_delivers_once_the_databa
     worker = start_worker(through(proxy, database_url), log)  # polls every 0.2 s
 
     def failed_passes() -> int:
-        return log.read_text().count("a delivery pass failed")
+        return log.read_text().count("claiming failed")
 
     try:
         await wait_for(lambda: "started" in log.read_text(), 60, "the worker to start")
         await ingest(client, message(1, entity_id="BEFORE"))
-        # Sent and recorded: a cut between the send and its record would leave the delivery
-        # in flight until its lease runs out (then ambiguous), which is not this test's case.
+        # Sent and recorded first: a cut between a send and its record is retried by the
+        # worker's pipeline (tests/delivery/test_faults.py has the cut worker cases).
         await wait_until_delivered(client, 1)
 
         proxy.cut()
@@ -215,9 +217,9 @@ async def test_a_worker_keeps_running_through_a_cut_and_delivers_once_the_databa
         await ingest(client, *[message(1, entity_id=f"DURING-{n}") for n in range(5)])
         failed, since = failed_passes(), time.monotonic()
         await wait_for(lambda: failed_passes() >= failed + 3, 30, "the worker to keep trying")
-        # ...waiting its poll interval (0.2 s) between tries, not spinning: three more
-        # failed passes span at least two waits
-        assert time.monotonic() - since >= 2 * 0.2 * 0.9
+        # ...backing off between tries (0.5 s, then twice as long each time, up to 10 s),
+        # not spinning: three more failed claims span at least two waits
+        assert time.monotonic() - since >= 0.5 + 1.0
         assert worker.poll() is None, log.read_text()[-3000:]
         assert len(sink.received) == 1
 
@@ -231,3 +233,36 @@ async def test_a_worker_keeps_running_through_a_cut_and_delivers_once_the_databa
     assert exit_code == 0  # still the same process, stopping gracefully
     assert set(sink.keys_received().values()) == {1}  # each sent once
     assert {delivery["status"] for delivery in await deliveries(client)} == {"delivered"}
+
+
+async def test_an_outcome_that_could_not_be_recorded_is_recorded_once_the_database_is_back(
+        database_url, client, sink, clock, proxy, tmp_path):
+    """The cut falls between a send and its record: the sink has the request, the worker
+    cannot write the answer. It keeps the answer and records it when the database returns:
+    delivered, one attempt, nothing ambiguous, nothing sent twice."""
+    clock.now = datetime.now(UTC)  # worker processes run on the real clock
+    release = threading.Event()
+    sink.answer(Answer(200, hold=release))
+    await add_system(client, sink, timeout_s=10)
+    log = tmp_path / "worker.log"
+    worker = start_worker(through(proxy, database_url), log)
+    try:
+        await wait_for(lambda: "started" in log.read_text(), 60, "the worker to start")
+        await ingest(client, message(1, entity_id="HELD"))
+        await wait_for(lambda: sink.in_flight == 1, 30, "the send to reach the sink")
+        proxy.cut()
+        release.set()  # the answer arrives while the database is unreachable
+        await wait_for(lambda: "could not be recorded" in log.read_text(), 30,
+                       "the worker to fail to record the outcome")
+        proxy.restore()
+        await wait_until_delivered(client, 1)
+    finally:
+        release.set()
+        worker.send_signal(signal.SIGTERM)
+        exit_code = worker.wait(timeout=30)
+    assert exit_code == 0
+    [delivery] = await deliveries(client)
+    rows = (await client.get(f"/api/v1/deliveries/{delivery['id']}/attempts")).json()["items"]
+    assert [row["classification"] for row in rows] == ["success"]
+    assert (await client.get("/api/v1/ambiguous")).json()["items"] == []
+    assert sink.keys_received() == {"customer:HELD:1": 1}
