@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.db import unavailability
 from pipeline_console.delivery.base import Deliverer, DeliveryResult, Prepared, Sent
 from pipeline_console.delivery.claims import claim_due_rows, may_send, release_unsent
 from pipeline_console.delivery.policy import CircuitEvent, breaker_event
@@ -215,10 +216,14 @@ class Pipeline:
 
         try:
             ids, prepared = await prepare_batch(self.deliverer, claim=claim)
-        except Exception:
+        except Exception as error:
             self._claim_backoff = min(max(self._claim_backoff * 2, 0.5), MAX_BACKOFF_S)
             self._next_claim = loop.time() + self._claim_backoff
-            log.exception("claiming failed; trying again in %.1f s", self._claim_backoff)
+            if unavailability(error):  # expected while the database is away: one line
+                log.warning("claiming failed (the database is %s: %s); trying again in "
+                            "%.1f s", unavailability(error), error, self._claim_backoff)
+            else:
+                log.exception("claiming failed; trying again in %.1f s", self._claim_backoff)
             return
         finally:
             self._claiming = False
