@@ -18,10 +18,11 @@ API_PREFIX = "/api/v1"
 def console_path(item: Any, now: datetime) -> str:
     """The console page that lists exactly the rows a dashboard item counts."""
     if item.name == "delivery_backlog":
-        return f"/deliveries?{urlencode({'system': item.system, 'status': 'waiting'})}"
+        status = "pending,held,in_flight"
+        return f"/deliveries?{urlencode({'system': item.system, 'status': status})}"
     if item.name == "unsuccessful_replays":
         since = (now - timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return f"/replays?{urlencode({'status': 'unsuccessful', 'from': since})}"
+        return f"/replays?{urlencode({'status': 'rejected,failed', 'from': since})}"
     if item.name == "stale_partials":
         return "/staging?status=partial&stale=yes"
     return item.path.removeprefix(API_PREFIX) or "/"

@@ -43,6 +43,10 @@ def _item(name: str, title: str, count: int, oldest: datetime | None, now: datet
                          severity_when_any if count else "ok", path, system)
 
 
+BACKLOG = ("pending", "held", "in_flight")  # the deliveries still to be made
+UNSUCCESSFUL_REPLAYS = ("rejected", "failed")
+
+
 def lag_severity(lag_s: float | None) -> str:
     if lag_s is None or lag_s < 300:
         return "ok"
@@ -91,7 +95,7 @@ async def attention(session: AsyncSession, *, now: datetime,
 
     for system, count, oldest in (await session.execute(
             select(Delivery.system, func.count(), func.min(Delivery.created_at))
-            .where(Delivery.status.in_(("pending", "held", "in_flight")))
+            .where(Delivery.status.in_(BACKLOG))
             .group_by(Delivery.system).order_by(Delivery.system))).all():
         lag = (now - oldest).total_seconds() if oldest else None
         items.append(AttentionItem("delivery_backlog", f"Deliveries waiting for {system}",
@@ -102,7 +106,7 @@ async def attention(session: AsyncSession, *, now: datetime,
     since = now - timedelta(hours=24)
     count, oldest = (await session.execute(
         select(func.count(), func.min(ReplayRequest.created_at))
-        .where(ReplayRequest.status.in_(("rejected", "failed")),
+        .where(ReplayRequest.status.in_(UNSUCCESSFUL_REPLAYS),
                ReplayRequest.created_at >= since))).one()
     items.append(_item("unsuccessful_replays", "Replays rejected or failed in the last 24 h",
                        count, oldest, now, "warning", "/api/v1/replays?status=failed"))
