@@ -18,6 +18,9 @@ class Answer:
     delay_s: float = 0.0
     body: str = "ok"
     headers: dict[str, str] = field(default_factory=dict)
+    # when set, the answer waits until the test sets it (at most 60 s) instead of delay_s:
+    # the request stays in flight exactly as long as the test needs
+    release: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,10 @@ class ScriptedServer:
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
                 try:
-                    time.sleep(answer.delay_s)
+                    if answer.release is not None:
+                        answer.release.wait(timeout=60)
+                    else:
+                        time.sleep(answer.delay_s)
                 finally:
                     with server._lock:
                         server.in_flight -= 1
