@@ -71,6 +71,11 @@ def page_of(rows: list[T], request: PageRequest, sort_key: Any) -> Page[T]:
     return Page(rows, None)
 
 
+def matches(column: Any, value: Any) -> Any:
+    """column = value, or for a tuple (several statuses of a filter) column IN value."""
+    return column.in_(value) if isinstance(value, tuple) else column == value
+
+
 async def fetch_page(
     session: AsyncSession,
     sort_column: InstrumentedAttribute[Any],
@@ -80,11 +85,12 @@ async def fetch_page(
     where: Iterable[Any] = (),
 ) -> Page[Any]:
     """One page of the entity that owns `sort_column`, ordered by it, filtered by each
-    (column, value) pair whose value is not None and by every condition in `where`."""
+    (column, value) pair whose value is not None (a tuple value: any of its values) and by
+    every condition in `where`."""
     query = select(sort_column.class_).where(*where).order_by(sort_column).limit(page.limit + 1)
     for column, value in equal:
         if value is not None:
-            query = query.where(column == value)
+            query = query.where(matches(column, value))
     if page.after is not None:
         query = query.where(sort_column > page.after)
     rows = list((await session.execute(query)).scalars())

@@ -133,6 +133,26 @@ class TestOneGroup:
         assert [result.decision for result in results] == [
             "accept_new", "skip_duplicate", "accept_supersede", "skip_stale", "quarantine"]
 
+    async def test_versions_superseded_within_the_group_are_not_audited_as_promoted(
+        self, database
+    ):
+        committer = GroupCommitter(database)
+        now = FakeClock().now
+        try:
+            results = await asyncio.gather(*(
+                committer.ingest(parsed(message(v, {"v": v})), actor="t", now=now)
+                for v in (1, 2, 3)))
+        finally:
+            await committer.close()
+        assert [result.staging_status for result in results] == ["promoted"] * 3
+        async with database.read() as session:
+            rows = (await session.execute(
+                select(AuditEvent.action, AuditEvent.details)
+                .where(AuditEvent.action.in_(("record.promoted", "record.superseded")))
+                .order_by(AuditEvent.id))).all()
+        assert [(row.action, row.details["version"]) for row in rows] == [
+            ("record.superseded", 1), ("record.superseded", 2), ("record.promoted", 3)]
+
     async def test_a_mixed_group_is_written_in_runs_of_one_actor_in_order(self, database):
         committer = GroupCommitter(database)
         now = FakeClock().now

@@ -100,6 +100,26 @@ class TestPropertiesOfAnyInterleaving:
             assert [(o.decision, o.staging_status) for o in batch.outcomes] == one_by_one
             assert batch.new_states == {k: s.state for k, s in snapshots.items()}
 
+    @settings(max_examples=300)
+    @given(messages_for_one_key)
+    def test_the_audit_promotes_only_what_reaches_production_and_explains_the_rest(
+        self, messages
+    ):
+        for completeness in (always_complete, needs_country):
+            plan = plan_batch(messages, {}, completeness)
+            promoted = [d.details["version"] for d in plan.audit
+                        if d.action == "record.promoted"]
+            in_production = [plan.staging[i].version for i in plan.production.values()]
+            assert promoted == in_production  # production is written once per key
+            superseded = sorted(d.details["version"] for d in plan.audit
+                                if d.action == "record.superseded")
+            assert superseded == sorted(row.version for row in plan.staging
+                                        if row.status == "superseded")
+            accepted = {d.details["version"]: d.details["staging_status"] for d in plan.audit
+                        if d.action == "record.accepted"}
+            assert all(accepted[row.version] != "promoted" for row in plan.staging
+                       if row.status != "promoted")
+
     @settings(max_examples=200)
     @given(messages_for_one_key)
     def test_with_a_schema_production_is_the_highest_accepted_complete_version(self, messages):
@@ -131,8 +151,23 @@ class TestStaging:
 
     def test_a_newer_version_marks_older_unpromoted_rows_in_the_database_superseded(self):
         existing = {"customer:C-100": KeySnapshot(CurrentState(1, "h", "erp"), None)}
-        plan = plan_batch([parsed(message(2))], existing, always_complete)
-        assert plan.superseding_keys == {"customer:C-100"}
+        plan = plan_batch([parsed(message(2)), parsed(message(3, {"v": 3}))], existing,
+                          always_complete)
+        assert plan.superseding_keys == {"customer:C-100": 2}  # by its first newer version
+
+    def test_versions_superseded_within_the_batch_are_never_promoted(self):
+        plan = plan_batch([parsed(message(v, {"v": v})) for v in (1, 2, 3)], {},
+                          always_complete)
+        # each answer is the one the message would have got alone
+        assert [o.staging_status for o in plan.outcomes] == ["promoted"] * 3
+        assert [row.status for row in plan.staging] == ["superseded", "superseded", "promoted"]
+        assert plan.production == {"customer:C-100": 2}
+        assert [(d.action, d.details["version"]) for d in plan.audit] == [
+            ("record.accepted", 1), ("record.accepted", 2), ("record.superseded", 1),
+            ("record.accepted", 3), ("record.superseded", 2), ("record.promoted", 3)]
+        superseded = [d.details for d in plan.audit if d.action == "record.superseded"]
+        assert [(d["superseded_by"], d["within_batch"], d["staged_as"]) for d in superseded
+                ] == [(2, True, "complete"), (3, True, "complete")]
 
     def test_promotion_never_lowers_the_production_version(self):
         # production already holds version 5 (e.g. after an operator resolution)

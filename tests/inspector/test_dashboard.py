@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from tests.delivery.test_delivery import add_system, ingest, run_pass
-from tests.sink import Answer
-from tests.support import message
+import asyncio
+import html
+import re
+import threading
+
+from pipeline_console.delivery.workers import Identity, Liveness, heartbeat
+from tests.delivery.test_delivery import add_system, deliveries, ingest, run_pass
+from tests.sink import Answer, ScriptedServer
+from tests.support import message, wait_for
 
 
 async def dashboard(client):
@@ -61,3 +67,90 @@ async def test_the_counts_match_the_queues(client, sink, clock):
     body, _ = await dashboard(client)
     assert body["rates"]["last_hour"]["ingestion"]["accept_new"] == 3
     assert body["rates"]["last_hour"]["delivery"] == {"permanent": 1, "ambiguous": 1}
+
+
+async def listed(client, path: str) -> int:
+    """How many items the API list at `path` holds, across its pages."""
+    total, cursor = 0, None
+    while True:
+        url = f"{path}{'&' if '?' in path else '?'}limit=500"
+        response = await client.get(url + (f"&cursor={cursor}" if cursor else ""))
+        assert response.status_code == 200, (path, response.text)
+        body = response.json()
+        total += len(body["items"])
+        if not (cursor := body["next_cursor"]):
+            return total
+
+
+def console_rows(page: str) -> int:
+    """The rows of a console page's list (its table marked data-list), empty-state row aside."""
+    [table] = re.findall(r"<table data-list[^>]*>(.*?)</table>", page, flags=re.S)
+    return len(re.findall(r"<tr><td(?! colspan)", table))
+
+
+class TestEveryItemLinksToExactlyWhatItCounts:
+    async def test_following_each_items_path_lists_as_many_rows_as_its_count(
+        self, client, sink, clock
+    ):
+        """Every attention item, in the API and on the console's dashboard, with a count above
+        zero: the list its path opens has exactly that many rows. The delivery backlog of
+        crm-sync holds one delivery of each waiting status: pending, held and in flight."""
+        await fill_every_queue(client, sink)  # billing: dead letter, ambiguous, open circuit
+        await ingest(client, message(2, {"name": "B2", "country": "DE"}, entity_id="B"))
+        await add_system(client, sink, name="ledger", entity_types=["invoice"])
+        await client.post("/api/v1/circuits/ledger/open", json={"reason": "maintenance"})
+        await client.post("/api/v1/circuits/ledger/reset", json={"reason": "try one"})
+        refused = await client.post("/api/v1/replays", json={
+            "reason": "resend", "items": [{"key": "customer:P", "system": "billing"}]})
+        assert refused.status_code == 409  # stored as rejected
+        await heartbeat(client.app.state.database, Identity("worker:gone", "box-9", 9),
+                        Liveness(30, 5), clock())  # a worker that is never seen again
+        clock.advance(hours=2)  # the partial record P now waits too long; the worker is lost
+
+        downstream, gate = ScriptedServer().start(), threading.Event()
+        downstream.answer(Answer(200, hold=gate))
+        await add_system(client, downstream, name="crm-sync", entity_types=["order"],
+                         timeout_s=60)
+        sending = None
+        try:
+            await ingest(client, message(1, {"total": 1}, entity_type="order", entity_id="O-1"))
+            sending = asyncio.create_task(run_pass(client))
+            await wait_for(lambda: len(downstream.received) == 1, 15, "O-1 to be in flight")
+            await client.post("/api/v1/circuits/crm-sync/open", json={"reason": "maintenance"})
+            await ingest(client, message(1, {"total": 2}, entity_type="order", entity_id="O-2"))
+            await run_pass(client)  # O-2 is held behind the open circuit
+            await ingest(client, message(1, {"total": 3}, entity_type="order", entity_id="O-3"))
+            waiting = {d["status"] for d in await deliveries(client, system="crm-sync")}
+            assert waiting == {"pending", "held", "in_flight"}
+
+            body, items = await dashboard(client)
+            assert {name for name, _ in items} == {
+                "open_anomalies", "dead_letters", "ambiguous_outcomes", "open_circuits",
+                "half_open_circuits", "stale_partials", "delivery_backlog",
+                "unsuccessful_replays", "lost_workers"}
+            assert items[("delivery_backlog", "crm-sync")]["count"] == 3
+            mismatches = []
+            for item in body["items"]:
+                assert item["count"] > 0, item  # every item is exercised
+                shown = await listed(client, item["path"])
+                if shown != item["count"]:
+                    mismatches.append((item["name"], item["system"], item["path"],
+                                       item["count"], shown))
+            assert mismatches == [], mismatches
+
+            page = (await client.get("/")).text
+            cards = re.findall(r'<a class="card \w+" href="([^"]+)" data-item="(\w+)"[^>]*>\s*'
+                               r'<div class="count">(\d+)</div>', page)
+            assert len(cards) == len(body["items"])
+            for href, name, count in cards:
+                href = html.unescape(href)
+                listing = await client.get(f"{href}{'&' if '?' in href else '?'}limit=500")
+                assert listing.status_code == 200, (href, listing.text[:300])
+                if console_rows(listing.text) != int(count):
+                    mismatches.append((name, href, int(count), console_rows(listing.text)))
+            assert mismatches == [], mismatches
+        finally:
+            gate.set()
+            if sending is not None:
+                await sending
+            downstream.stop()

@@ -8,7 +8,7 @@ from sqlalchemy import event, text
 
 from pipeline_console.inspector.api import inspect_model
 from pipeline_console.inspector.service import inspect_record
-from tests.delivery.test_delivery import add_system, ingest, run_pass
+from tests.delivery.test_delivery import add_system, deliveries, ingest, run_pass
 from tests.sink import Answer
 from tests.support import message
 
@@ -195,3 +195,95 @@ async def test_payloads_are_answered_as_stored_and_as_the_models_would(client, d
     await same_as_the_models(database, body)
     assert [row["payload"] for row in body["staging"]] == [
         payload, {**payload, "name": "line\nbreak\u2028"}]
+
+
+async def audit_of(client, key="customer:C-100"):
+    items = (await client.get(f"/api/v1/audit?key={key}&limit=500")).json()["items"]
+    return [(event["action"], event["details"]) for event in items]
+
+
+class TestVersionsSupersededWithinTheirBatch:
+    """A batch carrying versions 1, 2 and 3 of one key writes production once, with version 3:
+    versions 1 and 2 were never promoted and never delivered, and every record says so."""
+
+    async def test_the_inspector_tells_the_story_and_nothing_claims_a_promotion(
+        self, client, sink, database
+    ):
+        await add_system(client, sink)
+        results = await ingest(client, *(message(v, {"name": f"v{v}", "country": "DE"})
+                                          for v in (1, 2, 3)))
+        # the answers are the ones the messages would have got one by one (API.md)
+        assert [r["staging_status"] for r in results] == ["promoted"] * 3
+        await run_pass(client)
+
+        body = (await inspect(client)).json()
+        await same_as_the_models(database, body)
+        assert [(row["version"], row["status"], row["promoted_at"]) for row in body["staging"]
+                ][:2] == [(1, "superseded", None), (2, "superseded", None)]
+        assert (body["staging"][2]["version"], body["staging"][2]["status"]) == (3, "promoted")
+        assert body["production"]["version"] == 3
+        assert [(d["version"], d["status"]) for d in body["deliveries"]] == [(3, "delivered")]
+        assert [request.body["version"] for request in sink.received] == [3]
+
+        audit = [(event["action"], event["details"]) for event in body["audit"]]
+        assert audit == await audit_of(client)
+        assert [details["version"] for action, details in audit
+                if action == "record.promoted"] == [3]
+        assert [(details["version"], details["superseded_by"], details["within_batch"],
+                 details["staged_as"]) for action, details in audit
+                if action == "record.superseded"] == [(1, 2, True, "complete"),
+                                                      (2, 3, True, "complete")]
+        assert [(details["version"], details["staging_status"]) for action, details in audit
+                if action == "record.accepted"] == [(1, "complete"), (2, "complete"),
+                                                    (3, "promoted")]
+
+        sentences = [entry["summary"] for entry in body["timeline"]]
+        for version, by in ((1, 2), (2, 3)):
+            assert any(s.startswith(f"version {version} (complete) superseded by version {by}: "
+                                    "it arrived in the same batch, so version "
+                                    f"{version} was never promoted to production and never "
+                                    "delivered") for s in sentences), sentences
+            assert not any(f"version {version} promoted" in s for s in sentences)
+        said_promoted = [s for s in sentences if s.endswith("staged as promoted")]
+        assert len(said_promoted) == 1 and "version 3" in said_promoted[0]
+        assert sum("superseded it before it was promoted" in s for s in sentences) == 2
+
+        record = (await client.get("/api/v1/records/customer%3AC-100")).json()
+        assert (record["production"]["version"], record["staging"]["version"],
+                record["staging"]["status"]) == (3, 3, "promoted")
+        staged = (await client.get("/api/v1/staging?key=customer:C-100")).json()
+        assert [(row["version"], row["status"]) for row in staged["items"]] == [
+            (1, "superseded"), (2, "superseded"), (3, "promoted")]
+
+        page = (await client.get("/records/customer:C-100")).text
+        staging = page[page.index('id="staging"'):page.index('id="attempts"')]
+        for version, by in ((1, 2), (2, 3)):
+            assert (f"<td>{version}</td><td>erp</td><td>superseded by version {by} within the "
+                    "same batch: never promoted, never delivered") in staging, staging
+        assert "<td>3</td><td>erp</td><td>promoted" in staging
+
+    async def test_a_version_promoted_before_the_batch_stays_promoted(self, client, sink):
+        await add_system(client, sink)
+        await ingest(client, message(1, {"name": "v1", "country": "DE"}))
+        await ingest(client, message(2, {"name": "v2", "country": "DE"}),
+                     message(3, {"name": "v3", "country": "DE"}))
+        audit = await audit_of(client)
+        assert [d["version"] for a, d in audit if a == "record.promoted"] == [1, 3]
+        assert [(d["version"], d["superseded_by"]) for a, d in audit
+                if a == "record.superseded"] == [(2, 3)]
+        statuses = {d["version"]: d["status"] for d in await deliveries(client)}
+        # version 1 was promoted and queued; version 3's promotion superseded its delivery
+        assert statuses == {1: "superseded", 3: "pending"}
+
+    async def test_a_partial_row_superseded_by_a_later_batch_is_audited(self, client):
+        await client.put("/api/v1/entity-types/customer",
+                         json={"schema": {"required": ["country"]}})
+        await ingest(client, message(1, {"name": "P"}))
+        await ingest(client, message(2, {"name": "P", "country": "DE"}))
+        audit = await audit_of(client)
+        [(_, superseded)] = [(a, d) for a, d in audit if a == "record.superseded"]
+        assert (superseded["version"], superseded["superseded_by"], superseded["within_batch"],
+                superseded["staged_as"]) == (1, 2, False, "partial")
+        timeline = [e["summary"] for e in (await inspect(client)).json()["timeline"]]
+        assert any("version 1 (partial) superseded by version 2: it was accepted while "
+                   "version 1 was still partial in staging" in s for s in timeline)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline_console.anomalies import service
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
+from pipeline_console.api.filters import ANOMALY_STATUS_WORDS, Statuses, status_filter
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import OPERATOR, VIEWER
 from pipeline_console.pagination import MAX_ID
@@ -67,7 +68,7 @@ class AnomalyResolve(BaseModel):
 async def list_anomalies(
     database: DatabaseDep,
     page: IdPage,
-    status: Literal["open", "resolved"] | None = None,
+    status: Annotated[Statuses | None, status_filter(ANOMALY_STATUS_WORDS)],
     key: Annotated[str | None, Query(max_length=321)] = None,
 ) -> AnomalyPage:
     async with database.read() as session:

@@ -32,7 +32,7 @@ RESOLUTIONS = ("accept_incoming", "keep_current")
 
 
 async def list_anomalies(
-    session: AsyncSession, page: PageRequest, *, status: str | None = None,
+    session: AsyncSession, page: PageRequest, *, status: str | tuple[str, ...] | None = None,
     key: str | None = None,
 ) -> Page[Anomaly]:
     return await fetch_page(session, Anomaly.id, page,

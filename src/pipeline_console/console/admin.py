@@ -20,23 +20,25 @@ from pipeline_console.api.dependencies import (
     NowDep,
     SettingsDep,
 )
+from pipeline_console.api.filters import DELIVERY_STATUS_WORDS, STAGING_STATUS_WORDS
 from pipeline_console.console.auth import CONSOLE_OPERATOR, CONSOLE_VIEWER
+from pipeline_console.console.forms import listed
 from pipeline_console.console.templating import done, error_page, page
+from pipeline_console.dashboard.service import BACKLOG
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.delivery.systems import get_system, list_systems
 from pipeline_console.errors import DomainError
 from pipeline_console.ingestion.schemas import UtcDatetime
 from pipeline_console.jobs.registry import JOBS, run_job
-from pipeline_console.models import AuditEvent, Circuit, Delivery, JobRun, StagingRecord
+from pipeline_console.models import AuditEvent, Circuit, Delivery, JobRun
 from pipeline_console.pagination import encode_cursor, fetch_page
+from pipeline_console.records.service import list_staging
 from pipeline_console.reports.api import report_range
 from pipeline_console.reports.service import REPORTS, delivery_report
 
 router = APIRouter(include_in_schema=False)
 Text = Annotated[str | None, Query(max_length=200)]
-DeliveryStatus = Literal["pending", "in_flight", "delivered", "dead_lettered", "ambiguous",
-                         "held", "superseded", "waiting", "all"]
-WAITING = ("pending", "held", "in_flight")  # the dashboard's delivery backlog
+Filter = Annotated[str, Query(max_length=200)]
 
 
 @router.get("/systems", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
@@ -67,32 +69,35 @@ async def system(request: Request, name: str, database: DatabaseDep, now: NowDep
 
 @router.get("/deliveries", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def deliveries(request: Request, database: DatabaseDep, page_request: IdPage,
-                     system: Text = None, status: DeliveryStatus = "all") -> Response:
-    statuses = {"all": None, "waiting": WAITING}.get(status, (status,))
+                     system: Text = None, status: Filter = "all") -> Response:
+    status, statuses = listed(status, DELIVERY_STATUS_WORDS)
     async with database.read() as session:
         found = await fetch_page(
-            session, Delivery.id, page_request, equal=[(Delivery.system, system or None)],
-            where=[Delivery.status.in_(statuses)] if statuses else [])
+            session, Delivery.id, page_request,
+            equal=[(Delivery.system, system or None), (Delivery.status, statuses)])
     return page(request, "deliveries.html", title="Deliveries", nav="/systems",
                 deliveries=found.items, next_cursor=found.next_cursor, system=system or "",
-                status=status)
+                status=status, choices=["all", ",".join(BACKLOG), *DELIVERY_STATUS_WORDS])
 
 
 @router.get("/staging", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def staging(request: Request, database: DatabaseDep, page_request: IdPage,
-                  settings: SettingsDep, now: NowDep,
-                  status: Literal["partial", "complete", "promoted", "superseded",
-                                  "all"] = "partial",
-                  stale: Literal["yes", "no"] = "no") -> Response:
+                  settings: SettingsDep, now: NowDep, status: Filter = "partial",
+                  stale: Literal["yes", "no"] = "no",
+                  staged_before: UtcDatetime | None = None) -> Response:
+    """`stale=yes`: waiting longer than STALE_PARTIAL_AFTER_S now; `staged_before`: staged
+    before that time (the dashboard's card links with the time its count used)."""
+    status, statuses = listed(status, STAGING_STATUS_WORDS)
     stale_before = now - timedelta(seconds=settings.stale_partial_after_s)
+    before = [bound for bound in (stale_before if stale == "yes" else None, staged_before)
+              if bound is not None]
     async with database.read() as session:
-        found = await fetch_page(
-            session, StagingRecord.id, page_request,
-            equal=[(StagingRecord.status, None if status == "all" else status)],
-            where=[StagingRecord.staged_at < stale_before] if stale == "yes" else [])
+        found = await list_staging(session, page_request, status=statuses,
+                                   staged_before=min(before) if before else None)
     return page(request, "staging.html", title="Staging", nav="/staging", rows=found.items,
                 next_cursor=found.next_cursor, status=status, stale_before=stale_before,
-                stale=stale)
+                stale=stale, staged_before=staged_before,
+                choices=[*STAGING_STATUS_WORDS, "all"])
 
 
 @router.get("/reports", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])

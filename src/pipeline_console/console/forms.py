@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
+from pipeline_console.api.filters import Statuses, parse_statuses
 from pipeline_console.errors import FieldError, InvalidInput, TooLarge
 
 MAX_TEXT = 2000
@@ -40,6 +41,18 @@ def choice(form: Any, field: str, allowed: tuple[str, ...]) -> str:
         raise InvalidInput(f"choose one of: {', '.join(allowed)}",
                            [FieldError(field, f"one of {', '.join(allowed)}", "form")])
     return value
+
+
+def listed(value: str, words: tuple[str, ...], *,
+           name: str = "status") -> tuple[str, Statuses | None]:
+    """A list page's status filter: `all` (no filter), or one or more of `words` separated by
+    commas, exactly as the API's list takes them. Returns the filter as the page shows it and
+    the statuses to match (None for all)."""
+    if value == "all":
+        return value, None
+    statuses = parse_statuses(value, words, name=name)
+    assert statuses is not None
+    return ",".join(statuses), statuses
 
 
 def ids(form: Any, field: str) -> list[int]:

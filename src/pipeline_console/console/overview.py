@@ -95,6 +95,9 @@ async def record(request: Request, key: str, database: DatabaseDep) -> Response:
                 totals=found.totals, limit=INSPECT_LIMIT, siblings=siblings,
                 events=sorted({c.correlation_id for c in sections["correlations"]}),
                 changes=version_changes(sections["staging"]),
+                superseded={event.details["version"]: event.details
+                            for event in sections["audit"]
+                            if event.action == "record.superseded"},
                 systems=by_system(sections["deliveries"], sections["delivery_attempts"]))
 
 

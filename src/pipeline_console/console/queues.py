@@ -14,10 +14,18 @@ from sqlalchemy import func, select
 
 from pipeline_console.anomalies.service import get_anomaly, list_anomalies, resolve_anomaly
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
+from pipeline_console.api.filters import (
+    AMBIGUOUS_STATUS_WORDS,
+    ANOMALY_STATUS_WORDS,
+    CIRCUIT_STATE_WORDS,
+    DEAD_LETTER_STATUS_WORDS,
+    REPLAY_STATUS_WORDS,
+)
 from pipeline_console.console.auth import CONSOLE_OPERATOR, CONSOLE_OPERATOR_PAGE, CONSOLE_VIEWER
-from pipeline_console.console.forms import choice, form_of, ids, required_text
+from pipeline_console.console.forms import choice, form_of, ids, listed, required_text
 from pipeline_console.console.templating import done, error_page, page
 from pipeline_console.console.views import side_by_side
+from pipeline_console.dashboard.service import UNSUCCESSFUL_REPLAYS
 from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_ambiguous
 from pipeline_console.delivery.api import DelivererDep
 from pipeline_console.delivery.circuits import operator_action
@@ -47,6 +55,8 @@ from pipeline_console.replay.service import (
 
 router = APIRouter(include_in_schema=False)
 Text = Annotated[str | None, Query(max_length=200)]
+# A list's status filter: `all`, or one or more status words separated by commas (as the API)
+Filter = Annotated[str, Query(max_length=200)]
 
 
 def _id(value: int, what: str) -> int:
@@ -65,12 +75,13 @@ async def _system_names(database: Any) -> list[str]:
 
 @router.get("/anomalies", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def anomalies(request: Request, database: DatabaseDep, page_request: IdPage,
-                    status: Literal["open", "resolved", "all"] = "open") -> Response:
+                    status: Filter = "open") -> Response:
+    status, statuses = listed(status, ANOMALY_STATUS_WORDS)
     async with database.read() as session:
-        found = await list_anomalies(session, page_request,
-                                     status=None if status == "all" else status)
+        found = await list_anomalies(session, page_request, status=statuses)
     return page(request, "anomalies.html", title="Anomalies", nav="/anomalies",
-                anomalies=found.items, next_cursor=found.next_cursor, status=status)
+                anomalies=found.items, next_cursor=found.next_cursor, status=status,
+                choices=[*ANOMALY_STATUS_WORDS, "all"])
 
 
 @router.get("/anomalies/{anomaly_id}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
@@ -105,7 +116,7 @@ async def resolve(request: Request, anomaly_id: int, database: DatabaseDep, now:
 # --- dead letters and replays ---
 
 def _dlq_filter(system: str | None, reason: str | None, since: datetime | None,
-                until: datetime | None, status: str | None) -> list[Any]:
+                until: datetime | None, status: tuple[str, ...] | None) -> list[Any]:
     return dead_letter_conditions(system=system or None, status=status,
                                   reason_contains=reason or None, since=since, until=until)
 
@@ -115,9 +126,10 @@ async def dead_letters(
     request: Request, database: DatabaseDep, page_request: IdPage, system: Text = None,
     reason: Text = None, since: Annotated[UtcDatetime | None, Query(alias="from")] = None,
     until: Annotated[UtcDatetime | None, Query(alias="to")] = None,
-    status: Literal["open", "closed", "all"] = "open",
+    status: Filter = "open",
 ) -> Response:
-    conditions = _dlq_filter(system, reason, since, until, None if status == "all" else status)
+    status, statuses = listed(status, DEAD_LETTER_STATUS_WORDS)
+    conditions = _dlq_filter(system, reason, since, until, statuses)
     async with database.read() as session:
         found = await fetch_page(session, DeadLetter.id, page_request, where=conditions)
         matching = await session.scalar(
@@ -125,7 +137,8 @@ async def dead_letters(
     return page(request, "dlq.html", title="Dead letters", nav="/dlq", entries=found.items,
                 next_cursor=found.next_cursor, matching=matching,
                 systems=await _system_names(database), system=system or "",
-                reason=reason or "", since=since, until=until, status=status)
+                reason=reason or "", since=since, until=until, status=status,
+                choices=[*DEAD_LETTER_STATUS_WORDS, "all"])
 
 
 @router.post("/dlq/replay", dependencies=[CONSOLE_OPERATOR])
@@ -180,18 +193,17 @@ def _filter_of(form: Any) -> FilterIn:
 
 @router.get("/replays", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def replays(request: Request, database: DatabaseDep, page_request: IdPage,
-                  status: Literal["validated", "rejected", "executing", "completed", "failed",
-                                  "unsuccessful", "all"] = "all",
+                  status: Filter = "all",
                   since: Annotated[UtcDatetime | None, Query(alias="from")] = None) -> Response:
-    statuses = {"all": None, "unsuccessful": ("rejected", "failed")}.get(status, (status,))
-    conditions = [ReplayRequest.status.in_(statuses)] if statuses else []
-    if since is not None:
-        conditions.append(ReplayRequest.created_at >= since)
+    status, statuses = listed(status, REPLAY_STATUS_WORDS)
+    conditions = [ReplayRequest.created_at >= since] if since is not None else []
     async with database.read() as session:
-        found = await fetch_page(session, ReplayRequest.id, page_request, where=conditions)
+        found = await fetch_page(session, ReplayRequest.id, page_request,
+                                 equal=[(ReplayRequest.status, statuses)], where=conditions)
     return page(request, "replays.html", title="Replays", nav="/replays",
                 replays=found.items, next_cursor=found.next_cursor, status=status,
-                since=since)
+                since=since, choices=["all", *REPLAY_STATUS_WORDS,
+                                      ",".join(UNSUCCESSFUL_REPLAYS)])
 
 
 @router.get("/replays/{replay_id}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
@@ -221,15 +233,15 @@ async def execute(request: Request, replay_id: int, deliverer: DelivererDep,
 
 @router.get("/ambiguous", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def ambiguous(request: Request, database: DatabaseDep, page_request: IdPage,
-                    system: Text = None,
-                    status: Literal["open", "resolved", "all"] = "open") -> Response:
+                    system: Text = None, status: Filter = "open") -> Response:
+    status, statuses = listed(status, AMBIGUOUS_STATUS_WORDS)
     async with database.read() as session:
         found = await fetch_page(session, AmbiguousOutcome.id, page_request, equal=[
-            (AmbiguousOutcome.system, system or None),
-            (AmbiguousOutcome.status, None if status == "all" else status)])
+            (AmbiguousOutcome.system, system or None), (AmbiguousOutcome.status, statuses)])
     return page(request, "ambiguous.html", title="Ambiguous outcomes", nav="/ambiguous",
                 outcomes=found.items, next_cursor=found.next_cursor, status=status,
-                system=system or "", systems=await _system_names(database))
+                system=system or "", systems=await _system_names(database),
+                choices=[*AMBIGUOUS_STATUS_WORDS, "all"])
 
 
 @router.post("/ambiguous/{ambiguous_id}/query-status", dependencies=[CONSOLE_OPERATOR])
@@ -270,9 +282,12 @@ async def resolve_outcome(request: Request, ambiguous_id: int, deliverer: Delive
 # --- circuits ---
 
 @router.get("/circuits", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
-async def circuits(request: Request, database: DatabaseDep) -> Response:
+async def circuits(request: Request, database: DatabaseDep, state: Filter = "all") -> Response:
+    state, states = listed(state, CIRCUIT_STATE_WORDS, name="state")
     async with database.read() as session:
-        rows = list((await session.execute(select(Circuit).order_by(Circuit.system))).scalars())
+        rows = list((await session.execute(
+            select(Circuit).where(*([Circuit.state.in_(states)] if states else []))
+            .order_by(Circuit.system))).scalars())
         held = dict((await session.execute(
             select(Delivery.system, func.count()).where(Delivery.status == "held")
             .group_by(Delivery.system))).all())
@@ -280,7 +295,8 @@ async def circuits(request: Request, database: DatabaseDep) -> Response:
             select(AuditEvent).where(AuditEvent.subject_type == "circuit")
             .order_by(AuditEvent.id.desc()).limit(50))).scalars())
     return page(request, "circuits.html", title="Circuits", nav="/circuits", circuits=rows,
-                held=held, history=history)
+                held=held, history=history, state=state,
+                choices=["all", *CIRCUIT_STATE_WORDS])
 
 
 ACTIONS = {"reset": (CircuitEvent.RESET, "Reset to half-open: one trial delivery decides"),

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
-from urllib.parse import urlencode
 
 import orjson
 
@@ -15,15 +13,9 @@ from pipeline_console.ingestion.diff import field_diff
 API_PREFIX = "/api/v1"
 
 
-def console_path(item: Any, now: datetime) -> str:
-    """The console page that lists exactly the rows a dashboard item counts."""
-    if item.name == "delivery_backlog":
-        return f"/deliveries?{urlencode({'system': item.system, 'status': 'waiting'})}"
-    if item.name == "unsuccessful_replays":
-        since = (now - timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return f"/replays?{urlencode({'status': 'unsuccessful', 'from': since})}"
-    if item.name == "stale_partials":
-        return "/staging?status=partial&stale=yes"
+def console_path(item: Any) -> str:
+    """The console page that lists exactly the rows a dashboard item counts: each API list
+    the dashboard links to has a console page of the same path that takes the same filters."""
     return item.path.removeprefix(API_PREFIX) or "/"
 
 

@@ -1,11 +1,16 @@
 """The attention dashboard: what needs a person now. Every figure is one aggregate query over
-an indexed status column, so it stays cheap on a large database."""
+an indexed status column, so it stays cheap on a large database.
+
+Each item's path lists exactly the rows it counts: the same statuses (several, comma
+separated, where the count takes several), the same system, the same time bound. The
+console's cards link to the console page of the same path (console/views.console_path)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -44,6 +49,22 @@ def _item(name: str, title: str, count: int, oldest: datetime | None, now: datet
                          severity_when_any if count else "ok", path, system)
 
 
+def list_path(name: str, **filters: str | None) -> str:
+    """The API path of a list with these filters (None: left out), readable: commas and the
+    colons of a time are not escaped."""
+    query = urlencode({key: value for key, value in filters.items() if value is not None},
+                      safe=",:")
+    return f"/api/v1/{name}" + (f"?{query}" if query else "")
+
+
+def _time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+BACKLOG = ("pending", "held", "in_flight")  # the deliveries still to be made
+UNSUCCESSFUL_REPLAYS = ("rejected", "failed")
+
+
 def lag_severity(lag_s: float | None) -> str:
     if lag_s is None or lag_s < 300:
         return "ok"
@@ -56,30 +77,31 @@ async def attention(session: AsyncSession, *, now: datetime, stale_partial_after
     count, oldest = (await session.execute(
         select(func.count(), func.min(Anomaly.opened_at)).where(Anomaly.status == "open"))).one()
     items.append(_item("open_anomalies", "Same-version conflicts waiting for a decision",
-                       count, oldest, now, "warning", "/api/v1/anomalies?status=open"))
+                       count, oldest, now, "warning", list_path("anomalies", status="open")))
 
     for system, count, oldest in (await session.execute(
             select(DeadLetter.system, func.count(), func.min(DeadLetter.created_at))
             .where(DeadLetter.status == "open").group_by(DeadLetter.system)
             .order_by(DeadLetter.system))).all():
         items.append(_item("dead_letters", f"Dead letters for {system}", count, oldest, now,
-                           "critical", f"/api/v1/dlq?system={system}&status=open", system))
+                           "critical", list_path("dlq", system=system, status="open"),
+                           system))
     if not any(item.name == "dead_letters" for item in items):
         items.append(_item("dead_letters", "Dead letters", 0, None, now, "critical",
-                           "/api/v1/dlq?status=open"))
+                           list_path("dlq", status="open")))
 
     count, oldest = (await session.execute(
         select(func.count(), func.min(AmbiguousOutcome.created_at))
         .where(AmbiguousOutcome.status == "open"))).one()
     items.append(_item("ambiguous_outcomes", "Deliveries that may or may not have arrived",
-                       count, oldest, now, "critical", "/api/v1/ambiguous?status=open"))
+                       count, oldest, now, "critical", list_path("ambiguous", status="open")))
 
     for state, severity in (("open", "critical"), ("half_open", "warning")):
         count, oldest = (await session.execute(
             select(func.count(), func.min(Circuit.changed_at))
             .where(Circuit.state == state))).one()
         items.append(_item(f"{state}_circuits", f"Circuits {state.replace('_', '-')}", count,
-                           oldest, now, severity, "/api/v1/circuits"))
+                           oldest, now, severity, list_path("circuits", state=state)))
 
     stale_before = now - timedelta(seconds=stale_partial_after_s)
     count, oldest = (await session.execute(
@@ -88,31 +110,35 @@ async def attention(session: AsyncSession, *, now: datetime, stale_partial_after
                StagingRecord.staged_at < stale_before))).one()
     items.append(_item("stale_partials",
                        f"Partial records waiting longer than {stale_partial_after_s:.0f} s",
-                       count, oldest, now, "warning", "/api/v1/staging?status=partial"))
+                       count, oldest, now, "warning",
+                       list_path("staging", status="partial", staged_before=_time(stale_before))))
 
     for system, count, oldest in (await session.execute(
             select(Delivery.system, func.count(), func.min(Delivery.created_at))
-            .where(Delivery.status.in_(("pending", "held", "in_flight")))
+            .where(Delivery.status.in_(BACKLOG))
             .group_by(Delivery.system).order_by(Delivery.system))).all():
         lag = (now - oldest).total_seconds() if oldest else None
         items.append(AttentionItem("delivery_backlog", f"Deliveries waiting for {system}",
                                    count, oldest, lag, lag_severity(lag),
-                                   f"/api/v1/deliveries?system={system}&status=pending",
+                                   list_path("deliveries", system=system,
+                                             status=",".join(BACKLOG)),
                                    system))
 
     since = now - timedelta(hours=24)
     count, oldest = (await session.execute(
         select(func.count(), func.min(ReplayRequest.created_at))
-        .where(ReplayRequest.status.in_(("rejected", "failed")),
+        .where(ReplayRequest.status.in_(UNSUCCESSFUL_REPLAYS),
                ReplayRequest.created_at >= since))).one()
     items.append(_item("unsuccessful_replays", "Replays rejected or failed in the last 24 h",
-                       count, oldest, now, "warning", "/api/v1/replays?status=failed"))
+                       count, oldest, now, "warning",
+                       list_path("replays", status=",".join(UNSUCCESSFUL_REPLAYS),
+                                 **{"from": _time(since)})))
     count, oldest = await lost_worker_summary(session, now=now,
                                               lost_after_s=worker_lost_after_s)
-    since = card_since(now).strftime("%Y-%m-%dT%H:%M:%SZ")
     items.append(_item("lost_workers", "Workers lost in the last 24 h (no heartbeat, never "
                        "stopped)", count, oldest, now, "warning",
-                       f"/api/v1/workers?status=lost&from={since}"))
+                       list_path("workers", status="lost",
+                                 **{"from": _time(card_since(now))})))
     return items
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
@@ -13,6 +13,14 @@ from pipeline_console.api.dependencies import (
     KeyPage,
     NowDep,
     SettingsDep,
+)
+from pipeline_console.api.filters import (
+    AMBIGUOUS_STATUS_WORDS,
+    CIRCUIT_STATE_WORDS,
+    DEAD_LETTER_STATUS_WORDS,
+    DELIVERY_STATUS_WORDS,
+    Statuses,
+    status_filter,
 )
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import ADMIN, OPERATOR, VIEWER
@@ -38,8 +46,11 @@ router = APIRouter(tags=["delivery"])
 
 Id = Annotated[int, Path(ge=1, le=MAX_ID)]
 SystemName = Annotated[Name, Path()]
-DeliveryStatus = Literal["pending", "in_flight", "delivered", "dead_lettered", "ambiguous",
-                         "held", "superseded"]
+DeliveryStatuses = Annotated[Statuses | None, status_filter(DELIVERY_STATUS_WORDS)]
+DeadLetterStatuses = Annotated[Statuses | None, status_filter(DEAD_LETTER_STATUS_WORDS)]
+AmbiguousStatuses = Annotated[Statuses | None, status_filter(AMBIGUOUS_STATUS_WORDS)]
+CircuitStates = Annotated[Statuses | None, status_filter(CIRCUIT_STATE_WORDS, name="state",
+                                                         what="circuit state")]
 
 
 def get_deliverer(request: Request) -> Deliverer:
@@ -91,8 +102,8 @@ async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.Sy
 
 @router.get("/deliveries", dependencies=[VIEWER], response_model=schemas.DeliveryPage,
             summary="Deliveries, oldest first")
-async def list_deliveries(database: DatabaseDep, page: IdPage, system: Name | None = None,
-                          status: DeliveryStatus | None = None,
+async def list_deliveries(database: DatabaseDep, page: IdPage, status: DeliveryStatuses,
+                          system: Name | None = None,
                           key: Annotated[str | None, Query(max_length=321)] = None) -> Any:
     async with database.read() as session:
         result = await fetch_page(session, Delivery.id, page, equal=[
@@ -136,8 +147,8 @@ async def deliver_now_route(deliverer: DelivererDep, database: DatabaseDep, deli
 @router.get("/dlq", dependencies=[VIEWER],
             response_model=schemas.DeadLetterPage, summary="The dead-letter queue")
 async def list_dead_letters(
-    database: DatabaseDep, page: IdPage, system: Name | None = None,
-    status: Literal["open", "closed"] | None = None,
+    database: DatabaseDep, page: IdPage, status: DeadLetterStatuses,
+    system: Name | None = None,
     reason_contains: Annotated[str | None, Query(max_length=200,
                                                  description="case-insensitive")] = None,
     since: Annotated[UtcDatetime | None, Query(alias="from")] = None,
@@ -152,8 +163,8 @@ async def list_dead_letters(
 
 @router.get("/ambiguous", dependencies=[VIEWER], response_model=schemas.AmbiguousPage,
             summary="Outcomes that may or may not have been applied")
-async def list_ambiguous(database: DatabaseDep, page: IdPage, system: Name | None = None,
-                         status: Literal["open", "resolved"] | None = None) -> Any:
+async def list_ambiguous(database: DatabaseDep, page: IdPage, status: AmbiguousStatuses,
+                         system: Name | None = None) -> Any:
     async with database.read() as session:
         result = await fetch_page(session, AmbiguousOutcome.id, page, equal=[
             (AmbiguousOutcome.system, system), (AmbiguousOutcome.status, status)])
@@ -187,10 +198,12 @@ async def resolve(deliverer: DelivererDep, database: DatabaseDep, ambiguous_id: 
     return await _ambiguous(database, ambiguous_id)
 
 
-@router.get("/circuits", dependencies=[VIEWER], response_model=schemas.CircuitPage)
-async def list_circuits(database: DatabaseDep, page: KeyPage) -> Any:
+@router.get("/circuits", dependencies=[VIEWER], response_model=schemas.CircuitPage,
+            summary="Every system's circuit, by system name")
+async def list_circuits(database: DatabaseDep, page: KeyPage, state: CircuitStates) -> Any:
     async with database.read() as session:
-        return _page(schemas.CircuitRead, await fetch_page(session, Circuit.system, page))
+        return _page(schemas.CircuitRead, await fetch_page(session, Circuit.system, page,
+                                                           equal=[(Circuit.state, state)]))
 
 
 async def _operator(database: Any, system: str, event: CircuitEvent, reason: str, actor: str,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from pipeline_console.ingestion.policy import CurrentState, Decision, decide
 
@@ -93,9 +93,24 @@ class Plan:
     new_states: dict[str, CurrentState] = field(default_factory=dict)
     # key → index into staging of the row that ends the batch in production
     production: dict[str, int] = field(default_factory=dict)
-    # keys whose pre-existing partial/complete staging rows a newer version supersedes
-    superseding_keys: set[str] = field(default_factory=set)
+    # key → the version of the batch's first accepted message of a key known before the
+    # batch: it supersedes the key's pre-existing partial/complete staging rows
+    superseding_keys: dict[str, int] = field(default_factory=dict)
     audit: list[AuditDraft] = field(default_factory=list)
+
+
+def superseded_draft(key: str, version: int, source_system: str, staged_as: str,
+                     superseded_by: int, *, within_batch: bool) -> AuditDraft:
+    """record.superseded: a staged version that a newer one replaced before it was ever
+    promoted, so it never reached production and was never delivered."""
+    how = ("it arrived in the same batch" if within_batch else
+           f"it was accepted while version {version} was still {staged_as} in staging")
+    return AuditDraft("record.superseded", "record", key, {
+        "version": version, "superseded_by": superseded_by, "source_system": source_system,
+        "staged_as": staged_as, "within_batch": within_batch,
+        "reason": f"{how}, so version {version} was never promoted to production and never "
+                  "delivered",
+    }, key)
 
 
 def plan_batch(
@@ -104,7 +119,13 @@ def plan_batch(
     completeness: Completeness,
 ) -> Plan:
     plan = Plan()
-    outcomes, staging, audit = plan.outcomes, plan.staging, plan.audit
+    outcomes, staging = plan.outcomes, plan.staging
+    # None marks a record.promoted draft withdrawn because a newer version of the same key
+    # took its place in production before the batch was written (it never was promoted).
+    audit: list[AuditDraft | None] = []
+    withdrawn = False
+    promoted_audit: dict[str, int] = {}  # key → index into audit of its record.promoted
+    accepted_details: dict[int, dict[str, Any]] = {}  # staging index → its record.accepted
     states = {key: snapshot.state for key, snapshot in snapshots.items()}
     production = {key: snapshot.production_version for key, snapshot in snapshots.items()}
     latest_in_batch: dict[str, int] = {}  # key → index of its last accepted message here
@@ -132,11 +153,9 @@ def plan_batch(
             continue
 
         # Accepted: a newer version supersedes every not-yet-promoted older row of the key.
-        if key in open_rows:
-            for row_index in open_rows.pop(key):
-                staging[row_index].status = "superseded"
+        superseded = open_rows.pop(key, ())
         if key in snapshots:
-            plan.superseding_keys.add(key)
+            plan.superseding_keys.setdefault(key, message.version)
 
         errors = completeness(message.entity_type, message.payload)
         if errors:
@@ -147,8 +166,10 @@ def plan_batch(
             status = "complete"
         staging_index = len(staging)
         staging.append(PlannedStaging(index, key, message.version, status, errors))
+        replaced = None  # this batch's row of the key that this one replaces in production
         if status == "promoted":
             production[key] = message.version
+            replaced = plan.production.get(key)
             plan.production[key] = staging_index
         else:
             open_rows.setdefault(key, []).append(staging_index)
@@ -157,17 +178,40 @@ def plan_batch(
             message.version, message.payload_hash, message.source_system)
         latest_in_batch[key] = index
         outcomes.append(Outcome(decision, reason, status, staging_index, None))
-        audit.append(AuditDraft("record.accepted", "record", key, {
+        accepted_details[staging_index] = details = {
             "decision": str(decision),
             "version": message.version,
             "source_system": message.source_system,
             "staging_status": status,
             "reason": reason,
-        }, key))
+        }
+        audit.append(AuditDraft("record.accepted", "record", key, details, key))
+        for row_index in superseded:
+            row = staging[row_index]
+            row.status = "superseded"
+            audit.append(superseded_draft(
+                key, row.version, messages[row.message_index].source_system,
+                accepted_details[row_index]["staging_status"], message.version,
+                within_batch=True))
+        if replaced is not None:
+            # Promoted earlier in this batch, but production is written once per key, with
+            # the batch's last promoted version: the earlier one never reached it, and no
+            # delivery was ever queued for it.
+            row = staging[replaced]
+            row.status = "superseded"
+            accepted_details[replaced]["staging_status"] = "complete"
+            audit[promoted_audit.pop(key)] = None
+            withdrawn = True
+            audit.append(superseded_draft(
+                key, row.version, messages[row.message_index].source_system, "complete",
+                message.version, within_batch=True))
         if status == "promoted":
+            promoted_audit[key] = len(audit)
             audit.append(AuditDraft("record.promoted", "record", key, {
                 "version": message.version, "source_system": message.source_system}, key))
         elif status == "partial":
             audit.append(AuditDraft("record.staged_partial", "record", key,
                                     {"version": message.version, "missing": errors}, key))
+    plan.audit = [draft for draft in audit if draft is not None] if withdrawn else cast(
+        list[AuditDraft], audit)
     return plan

@@ -34,11 +34,13 @@ from pipeline_console.db import (
 from pipeline_console.entity_types.completeness import completeness_for
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import (
+    AuditDraft,
     IncomingMessage,
     KeySnapshot,
     Outcome,
     Plan,
     plan_batch,
+    superseded_draft,
 )
 from pipeline_console.ingestion.policy import REJECTED, CurrentState, Decision
 from pipeline_console.models import (
@@ -99,11 +101,12 @@ async def ingest_messages(
         if isinstance(item, IncomingMessage)
     ])
     if messages:
-        await _write_staging_and_production(session, messages, payloads, plan, snapshots,
-                                            message_attempts, now)
+        superseded_earlier = await _write_staging_and_production(
+            session, messages, payloads, plan, snapshots, message_attempts, now)
         await _write_states(session, messages, snapshots, plan, now)
         await _write_correlations(session, messages, message_attempts, now)
         audit.extend(plan.audit)  # an AuditDraft is an AuditEntry's shape
+        audit.extend(superseded_earlier)
     await append_audit(session, audit, actor=actor, now=now)
 
     results: list[Accepted | Rejected] = []
@@ -217,6 +220,10 @@ _SUPERSEDE_STAGED = (
     .where(_staging.c.idempotency_key.in_(bindparam("keys", expanding=True)),
            _staging.c.status.in_(("partial", "complete")))
     .values(status=bindparam("superseded"), updated_at=bindparam("now"))
+    # the rows a newer version superseded before they were ever promoted, for the audit log
+    # (few: most keys have no waiting row); a partial row is the one with validation errors
+    .returning(_staging.c.id, _staging.c.idempotency_key, _staging.c.version,
+               _staging.c.source_system, _staging.c.validation_errors)
 )
 
 
@@ -308,12 +315,21 @@ async def _write_staging_and_production(
     snapshots: dict[str, KeySnapshot],
     attempt_ids: list[int],
     now: datetime,
-) -> None:
+) -> list[AuditDraft]:
+    """Writes the staging rows and production; returns the record.superseded events of the
+    rows of earlier batches that this batch's newer versions superseded."""
+    audit: list[AuditDraft] = []
     if plan.superseding_keys:
-        await session.execute(_SUPERSEDE_STAGED, {
-            "keys": sorted(plan.superseding_keys), "superseded": "superseded", "now": now})
+        superseded = (await session.execute(_SUPERSEDE_STAGED, {
+            "keys": sorted(plan.superseding_keys), "superseded": "superseded", "now": now}
+        )).all()
+        audit.extend(
+            superseded_draft(key, version, source_system,
+                             "partial" if errors else "complete",
+                             plan.superseding_keys[key], within_batch=False)
+            for _, key, version, source_system, errors in sorted(superseded))
     if not plan.staging:
-        return
+        return audit
     table = StagingRecord.__table__
     staging = plan.staging
     staged = [messages[row.message_index] for row in staging]
@@ -364,6 +380,7 @@ async def _write_staging_and_production(
         held_versions={key: snapshot.production_version
                        for key, snapshot in snapshots.items()}
         if session.bind.dialect.name == "sqlite" else None)
+    return audit
 
 
 async def _write_states(

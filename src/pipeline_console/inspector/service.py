@@ -172,8 +172,9 @@ async def inspect_record(session: AsyncSession, key: str, *, limit: int) -> Insp
         replay_rows = (await session.execute(_REPLAYS, params)).all()
         found.sections["replays"] = [(row[0], row[1]) for row in reversed(replay_rows)]
 
+    staged = {row.attempt_id: row for row in found.sections["staging"]}
     found.timeline = timeline.merge(
-        [timeline.attempt_entry(row) for row in found.sections["attempts"]],
+        [timeline.attempt_entry(row, staged.get(row.id)) for row in found.sections["attempts"]],
         [timeline.audit_entry(row) for row in found.sections["audit"]
          if row.action not in ("replay.validated", "replay.rejected")],
         [timeline.delivery_attempt_entry(row) for row in found.sections["delivery_attempts"]],
@@ -221,7 +222,8 @@ async def inspect_event(session: AsyncSession, *, correlation_id: str | None,
         timeline=timeline.merge(
             [timeline.attempt_entry(row) for row in attempts],
             [timeline.audit_entry(row) for row in audit
-             if row.action in ("record.promoted", "anomaly.opened", "anomaly.resolved")]),
+             if row.action in ("record.promoted", "record.superseded", "anomaly.opened",
+                               "anomaly.resolved")]),
     )
 
 

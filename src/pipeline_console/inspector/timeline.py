@@ -21,7 +21,11 @@ class Entry:
 # is a Python __getattr__ (0.7 µs), its mapping's lookup a C one; a timeline of 600 entries
 # read ten columns each.
 
-def attempt_entry(row: Any) -> Entry:
+def attempt_entry(row: Any, staged: Any = None) -> Entry:
+    """`staged`: the staging row the attempt wrote, when known. The attempt keeps the answer
+    the caller got, which is the status the row had when the message was decided; a newer
+    version later in the same batch can still have superseded it before anything was
+    written, and then the sentence says so rather than repeat "promoted"."""
     row = row._mapping
     decision, message_id = row["decision"], row["message_id"]
     where = f" (message {message_id})" if message_id else ""
@@ -30,8 +34,13 @@ def attempt_entry(row: Any) -> Entry:
         summary = f"rejected{where}: {row['reason'].removeprefix('rejected: ')} ({fields})"
     else:
         summary = f"{decision}{where}: {row['reason']}"
-        if row["staging_status"]:
-            summary += f"; staged as {row['staging_status']}"
+        answered = row["staging_status"]
+        if answered == "promoted" and staged is not None and staged.status == "superseded" \
+                and staged.promoted_at is None:
+            summary += ("; staged as complete, but a newer version in the same batch "
+                        "superseded it before it was promoted (the answer said promoted)")
+        elif answered:
+            summary += f"; staged as {answered}"
     return Entry(row["received_at"], f"ingestion.{decision}", summary, {"attempt_id": row["id"]})
 
 
@@ -49,6 +58,8 @@ def delivery_attempt_entry(row: Any) -> Entry:
 _AUDIT_SENTENCES = {
     "record.accepted": "version {version} accepted ({decision}) from {source_system}",
     "record.promoted": "version {version} promoted to production",
+    "record.superseded": "version {version} ({staged_as}) superseded by version "
+                         "{superseded_by}: {reason}",
     "record.staged_partial": "version {version} staged as partial: it does not satisfy the "
                              "entity type's schema yet",
     "record.partial_stale": "version {version} from {source_system} is still partial after "

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, SettingsDep
+from pipeline_console.api.filters import JOB_RUN_STATUS_WORDS, Statuses, status_filter
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import OPERATOR, VIEWER
 from pipeline_console.delivery.api import DelivererDep
@@ -57,8 +58,8 @@ async def list_jobs() -> JobList:
 @router.get("/jobs/runs", dependencies=[VIEWER],
             response_model=JobRunPage, summary="The job run history")
 async def list_runs(database: DatabaseDep, page: IdPage,
-                    job: Annotated[str | None, Query(max_length=64)] = None,
-                    status: Literal["running", "succeeded", "failed"] | None = None) -> Any:
+                    status: Annotated[Statuses | None, status_filter(JOB_RUN_STATUS_WORDS)],
+                    job: Annotated[str | None, Query(max_length=64)] = None) -> Any:
     async with database.read() as session:
         result = await fetch_page(session, JobRun.id, page,
                                   equal=[(JobRun.job, job), (JobRun.status, status)])

@@ -7,8 +7,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 
 from pipeline_console.api.dependencies import DatabaseDep, IdPage, KeyPage
+from pipeline_console.api.filters import STAGING_STATUS_WORDS, Statuses, status_filter
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import VIEWER
+from pipeline_console.ingestion.schemas import UtcDatetime
 from pipeline_console.records import service
 from pipeline_console.records.schemas import (
     AttemptPage,
@@ -23,7 +25,6 @@ from pipeline_console.records.schemas import (
 
 router = APIRouter(tags=["records"])
 
-StagingStatus = Literal["partial", "complete", "promoted", "superseded"]
 AttemptDecision = Literal[
     "accept_new", "accept_supersede", "skip_duplicate", "quarantine", "skip_stale", "rejected"
 ]
@@ -79,13 +80,17 @@ async def get_record(
 async def list_staging(
     database: DatabaseDep,
     page: IdPage,
-    status: StagingStatus | None = None,
+    status: Annotated[Statuses | None, status_filter(STAGING_STATUS_WORDS)],
     entity_type: Annotated[str | None, Query(max_length=64)] = None,
     key: Annotated[str | None, Query(max_length=321)] = None,
+    staged_before: Annotated[UtcDatetime | None, Query(
+        description="only rows staged before this time (the dashboard's partial records "
+        "waiting too long)")] = None,
 ) -> StagingPage:
     async with database.read() as session:
         result = await service.list_staging(session, page, status=status,
-                                            entity_type=entity_type, key=key)
+                                            entity_type=entity_type, key=key,
+                                            staged_before=staged_before)
         return StagingPage(items=[StagingRead.model_validate(row) for row in result.items],
                            next_cursor=result.next_cursor)
 

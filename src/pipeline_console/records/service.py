@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -76,13 +77,15 @@ async def _views(session: AsyncSession, states: list[RecordState]) -> list[Recor
 
 
 async def list_staging(
-    session: AsyncSession, page: PageRequest, *, status: str | None = None,
+    session: AsyncSession, page: PageRequest, *, status: str | tuple[str, ...] | None = None,
     entity_type: str | None = None, key: str | None = None,
+    staged_before: datetime | None = None,
 ) -> Page[StagingRecord]:
     return await fetch_page(
         session, StagingRecord.id, page,
         equal=[(StagingRecord.status, status), (StagingRecord.entity_type, entity_type),
                (StagingRecord.idempotency_key, key)],
+        where=[StagingRecord.staged_at < staged_before] if staged_before is not None else [],
     )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline_console.api.dependencies import ActorDep, DatabaseDep, IdPage, NowDep
+from pipeline_console.api.filters import REPLAY_STATUS_WORDS, Statuses, status_filter
 from pipeline_console.api.problems import problem, problem_responses
 from pipeline_console.auth.dependencies import OPERATOR, VIEWER
 from pipeline_console.delivery.api import DelivererDep
@@ -177,12 +178,22 @@ async def execute(deliverer: DelivererDep, database: DatabaseDep, replay_id: Id,
 
 @router.get("/replays", dependencies=[VIEWER],
             response_model=ReplayPage, summary="Replay requests, oldest first")
-async def list_replays(database: DatabaseDep, page: IdPage,
-                       status: Literal["validated", "rejected", "executing", "completed",
-                                       "failed"] | None = None) -> Any:
+async def list_replays(
+    database: DatabaseDep, page: IdPage,
+    status: Annotated[Statuses | None, status_filter(REPLAY_STATUS_WORDS)],
+    since: Annotated[UtcDatetime | None, Query(alias="from",
+                                               description="created at or after")] = None,
+    until: Annotated[UtcDatetime | None, Query(alias="to", description="created before")
+                     ] = None,
+) -> Any:
+    conditions = []
+    if since is not None:
+        conditions.append(ReplayRequest.created_at >= since)
+    if until is not None:
+        conditions.append(ReplayRequest.created_at < until)
     async with database.read() as session:
         result = await fetch_page(session, ReplayRequest.id, page,
-                                  equal=[(ReplayRequest.status, status)])
+                                  equal=[(ReplayRequest.status, status)], where=conditions)
         found = await service.items_and_executions_of(
             session, [request.id for request in result.items])
         return {"items": [_assemble(request, *found[request.id]) for request in result.items],

@@ -30,6 +30,7 @@ from pipeline_console.models import (
     ReplayItem,
     ReplayRequest,
 )
+from pipeline_console.pagination import matches
 from pipeline_console.replay.policy import ItemFacts, eligibility
 
 MAX_ITEMS = 500
@@ -43,7 +44,8 @@ class Target:
     system: str | None = None
 
 
-def dead_letter_conditions(*, system: str | None = None, status: str | None = None,
+def dead_letter_conditions(*, system: str | None = None,
+                           status: str | tuple[str, ...] | None = None,
                            reason_contains: str | None = None, since: datetime | None = None,
                            until: datetime | None = None) -> list[Any]:
     """The WHERE of a dead-letter filter: the API's list, the console's list and a replay
@@ -52,7 +54,7 @@ def dead_letter_conditions(*, system: str | None = None, status: str | None = No
     if system is not None:
         conditions.append(DeadLetter.system == system)
     if status is not None:
-        conditions.append(DeadLetter.status == status)
+        conditions.append(matches(DeadLetter.status, status))
     if reason_contains:
         # lower() on both sides: case-insensitive on SQLite and PostgreSQL alike
         conditions.append(func.lower(DeadLetter.reason).contains(reason_contains.lower(),
