@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, get_args
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -11,7 +11,7 @@ from pipeline_console.api.dependencies import DatabaseDep, KeyPage, NowDep, Sett
 from pipeline_console.console.auth import CONSOLE_VIEWER
 from pipeline_console.console.templating import page
 from pipeline_console.delivery.workers import list_workers
-from pipeline_console.delivery.workers_api import WorkerStatus, statuses
+from pipeline_console.delivery.workers_api import WORKER_STATUS_WORDS, WorkerStatuses
 from pipeline_console.ingestion.schemas import UtcDatetime
 
 router = APIRouter(include_in_schema=False)
@@ -20,15 +20,14 @@ router = APIRouter(include_in_schema=False)
 @router.get("/workers", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def workers(request: Request, database: DatabaseDep, page_request: KeyPage, now: NowDep,
                   settings: SettingsDep,
-                  status: Annotated[str | None, Query(max_length=100)] = None,
+                  status: WorkerStatuses = None,
                   seen_from: Annotated[UtcDatetime | None, Query(alias="from")] = None,
                   ) -> Response:
-    wanted = statuses(status, get_args(WorkerStatus))
     async with database.read() as session:
         items, cursor = await list_workers(session, page_request, now=now,
                                            lost_after_s=settings.worker_lost_after_s,
-                                           status=wanted, seen_from=seen_from)
+                                           status=set(status or ()), seen_from=seen_from)
     return page(request, "workers.html", title="Workers", nav="/workers", workers=items,
-                next_cursor=cursor, status=status or "", choices=get_args(WorkerStatus),
+                next_cursor=cursor, status=",".join(status or ()), choices=WORKER_STATUS_WORDS,
                 seen_from=seen_from,
                 lost_after_s=settings.worker_lost_after_s)
