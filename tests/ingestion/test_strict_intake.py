@@ -1,0 +1,105 @@
+"""Strict intake of POST /api/v1/messages and /messages/batch (API.md, "Answers every route
+gives"): occurred_at as an RFC 3339 string with a zone. Each refusal is a problem+json
+naming the field, recorded as `rejected` in the attempt log with the body's excerpt, and
+nothing is staged."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from sqlalchemy import func, select
+
+from pipeline_console.models import IngestionAttempt, RecordState, StagingRecord
+from tests.support import message
+
+PROBLEM = "application/problem+json"
+JSON = "application/json"
+SINGLE, BATCH = "/api/v1/messages", "/api/v1/messages/batch"
+
+
+def raw(body: dict) -> bytes:
+    return orjson.dumps(body)
+
+
+def batch(*bodies: dict) -> bytes:
+    return orjson.dumps({"messages": list(bodies)})
+
+
+# (route, content type or None for none, body, status, field named, error type)
+RULES = [
+    # 3. occurred_at: an RFC 3339 string with a zone
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at=12345)), 422, "occurred_at",
+                 "rfc3339_datetime", id="unix-number"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at=1.7e9)), 422, "occurred_at",
+                 "rfc3339_datetime", id="unix-float"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="12345")), 422, "occurred_at",
+                 "rfc3339_datetime", id="unix-in-a-string"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="2026-11-24T10:03:00")), 422,
+                 "occurred_at", "rfc3339_datetime", id="no-zone"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="2026-11-24")), 422, "occurred_at",
+                 "rfc3339_datetime", id="date-only"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="2026-11-24T10:03Z")), 422,
+                 "occurred_at", "rfc3339_datetime", id="no-seconds"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="2026-11-24 10:03:00Z")), 422,
+                 "occurred_at", "rfc3339_datetime", id="space-for-T"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="2026-11-24T10:03:00+0100")), 422,
+                 "occurred_at", "rfc3339_datetime", id="offset-without-colon"),
+    pytest.param(SINGLE, JSON, raw(message(1, occurred_at="2026-11-24T10:03:00Z\n")), 422,
+                 "occurred_at", "rfc3339_datetime", id="trailing-newline"),
+    pytest.param(BATCH, JSON, batch(message(1, occurred_at=12345)), 200, "occurred_at",
+                 "rfc3339_datetime", id="batch-item-unix-number"),
+]
+
+
+async def attempts(database) -> list[IngestionAttempt]:
+    async with database.read() as session:
+        return list((await session.execute(
+            select(IngestionAttempt).order_by(IngestionAttempt.id))).scalars())
+
+
+async def staged(database) -> int:
+    async with database.read() as session:
+        staging = (await session.execute(select(func.count()).select_from(StagingRecord)))
+        states = (await session.execute(select(func.count()).select_from(RecordState)))
+        return staging.scalar_one() + states.scalar_one()
+
+
+async def post(client, route: str, content_type: str | None, body: bytes):
+    headers = {} if content_type is None else {"content-type": content_type}
+    return await client.post(route, content=body, headers=headers)
+
+
+class TestEachRuleIsAProblemNamingTheFieldAndIsRecordedAsRejected:
+    @pytest.mark.parametrize(("route", "content_type", "body", "status", "field", "kind"),
+                             RULES)
+    async def test_the_rule(self, client, database, route, content_type, body, status, field,
+                            kind):
+        response = await post(client, route, content_type, body)
+        assert response.status_code == status, response.text
+        if status == 200:  # one invalid message of a batch: its own problem, in its place
+            [result] = response.json()["results"]
+            problem = result["error"]
+            assert problem["status"] == 422
+        else:
+            assert response.headers["content-type"] == PROBLEM
+            problem = response.json()
+            assert problem["status"] == status
+        assert {"type", "title", "status", "detail", "errors", "attempt_id"} <= set(problem)
+        assert [(error["field"], error["type"]) for error in problem["errors"]][:1] == [
+            (field, kind)], problem
+        [attempt] = await attempts(database)
+        assert (attempt.id, attempt.decision) == (problem["attempt_id"], "rejected")
+        assert attempt.errors == problem["errors"]
+        assert attempt.raw_body  # the body's excerpt, as for every rejection
+        assert await staged(database) == 0
+
+
+class TestWhatStaysAccepted:
+    @pytest.mark.parametrize("occurred_at", [
+        "2026-11-24T10:03:00Z", "2026-11-24t10:03:00z", "2026-11-24T10:03:00.5+01:00",
+        "2026-11-24T10:03:00.123456789-05:30", "2026-11-24T10:03:00-00:00"])
+    async def test_rfc3339_times_with_a_zone(self, client, occurred_at):
+        response = await post(client, SINGLE, JSON, raw(message(1, occurred_at=occurred_at)))
+        assert response.status_code == 200, response.text
+
+
