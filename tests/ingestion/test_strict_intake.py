@@ -1,7 +1,7 @@
 """Strict intake of POST /api/v1/messages and /messages/batch (API.md, "Answers every route
-gives"): occurred_at as an RFC 3339 string with a zone. Each refusal is a problem+json
-naming the field, recorded as `rejected` in the attempt log with the body's excerpt, and
-nothing is staged."""
+gives"): no repeated object key anywhere, occurred_at as an RFC 3339 string with a zone.
+Each refusal is a problem+json naming the field, recorded as `rejected` in the attempt log
+with the body's excerpt, and nothing is staged."""
 
 from __future__ import annotations
 
@@ -25,8 +25,38 @@ def batch(*bodies: dict) -> bytes:
     return orjson.dumps({"messages": list(bodies)})
 
 
+def with_member(body: bytes, member: bytes) -> bytes:
+    """`body` (a JSON object) with one more member written at its end, as text: how a
+    repeated key reaches the server (no Python dict can hold one)."""
+    return body[:-1] + b"," + member + b"}"
+
+
+LINES = raw(message(1, {"lines": [{"sku": "A-1", "qty": 2}]})).replace(
+    b'"qty":2', b'"qty":2,"sku":"B-2"')
+
+
 # (route, content type or None for none, body, status, field named, error type)
 RULES = [
+    # 2. a repeated object key, anywhere
+    pytest.param(SINGLE, JSON, with_member(raw(message(1)), b'"version":2'), 422, "version",
+                 "duplicate_key", id="top-level"),
+    pytest.param(SINGLE, JSON, LINES, 422, "payload/lines/0/sku", "duplicate_key",
+                 id="in-a-list-in-the-payload"),
+    pytest.param(SINGLE, JSON, raw(message(1, {"a": 1})).replace(
+        b'"a":1', b'"a":1,"\\u0061":2'), 422, "payload/a", "duplicate_key",
+        id="equal-after-unescaping"),
+    pytest.param(SINGLE, JSON, raw(message(1, {"a/b": {"~": 1}})).replace(
+        b'"~":1', b'"~":1, "~" : 2'), 422, "payload/a~1b/~0", "duplicate_key",
+        id="pointer-escaped"),
+    pytest.param(SINGLE, JSON, raw(message(1, {"note": '":"', "n": 1})).replace(
+        b'"n":1', b'"n":1,"n":1'), 422, "payload/n", "duplicate_key",
+        id="same-value-twice"),
+    pytest.param(BATCH, JSON, batch(*(message(1, entity_id=f"E-{n}") for n in range(3)),
+                                    message(1, {"x": 1}, entity_id="E-3")).replace(
+        b'"x":1', b'"x":1,"x":2'), 422, "messages/3/payload/x", "duplicate_key",
+        id="batch-in-an-item"),
+    pytest.param(BATCH, JSON, with_member(batch(message(1)), b'"messages":[]'), 422,
+                 "messages", "duplicate_key", id="batch-top-level"),
     # 3. occurred_at: an RFC 3339 string with a zone
     pytest.param(SINGLE, JSON, raw(message(1, occurred_at=12345)), 422, "occurred_at",
                  "rfc3339_datetime", id="unix-number"),
@@ -102,4 +132,9 @@ class TestWhatStaysAccepted:
         response = await post(client, SINGLE, JSON, raw(message(1, occurred_at=occurred_at)))
         assert response.status_code == 200, response.text
 
+    async def test_strings_that_look_like_keys_are_not_keys(self, client):
+        tricky = {"a": 'x":"a', "b": "\\", "c": 'q\\":', "d": ["\"a\":", {"e": "\":\""}],
+                  "\u00e9": 1, "é2": '"é":', "": "", "k\"": 1, "k": 2}
+        response = await post(client, SINGLE, JSON, raw(message(1, tricky)))
+        assert response.status_code == 200, response.text
 
