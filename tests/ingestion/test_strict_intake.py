@@ -1,7 +1,7 @@
 """Strict intake of POST /api/v1/messages and /messages/batch (API.md, "Answers every route
-gives"): no repeated object key anywhere, occurred_at as an RFC 3339 string with a zone.
-Each refusal is a problem+json naming the field, recorded as `rejected` in the attempt log
-with the body's excerpt, and nothing is staged."""
+gives"): only application/json, no repeated object key anywhere, occurred_at as an RFC 3339
+string with a zone. Each refusal is a problem+json naming the field, recorded as `rejected`
+in the attempt log with the body's excerpt, and nothing is staged."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
+from pipeline_console.app import create_app
+from pipeline_console.config import Settings
 from pipeline_console.models import IngestionAttempt, RecordState, StagingRecord
 from tests.support import message
 
@@ -31,12 +33,30 @@ def with_member(body: bytes, member: bytes) -> bytes:
     return body[:-1] + b"," + member + b"}"
 
 
+ONE = raw(message(1))
 LINES = raw(message(1, {"lines": [{"sku": "A-1", "qty": 2}]})).replace(
     b'"qty":2', b'"qty":2,"sku":"B-2"')
 
 
 # (route, content type or None for none, body, status, field named, error type)
 RULES = [
+    # 1. the content type
+    pytest.param(SINGLE, "text/plain", ONE, 415, "content-type", "unsupported_media_type",
+                 id="text-plain"),
+    pytest.param(SINGLE, None, ONE, 415, "content-type", "unsupported_media_type",
+                 id="no-content-type"),
+    pytest.param(SINGLE, "application/x-www-form-urlencoded", ONE, 415, "content-type",
+                 "unsupported_media_type", id="form"),
+    pytest.param(SINGLE, "application/merge-patch+json", ONE, 415, "content-type",
+                 "unsupported_media_type", id="json-suffix"),
+    pytest.param(SINGLE, "application/json; charset=iso-8859-1", ONE, 415, "content-type",
+                 "unsupported_media_type", id="other-charset"),
+    pytest.param(SINGLE, "application/jsonx", ONE, 415, "content-type",
+                 "unsupported_media_type", id="json-prefix"),
+    pytest.param(BATCH, "text/plain", batch(message(1)), 415, "content-type",
+                 "unsupported_media_type", id="batch-text-plain"),
+    pytest.param(BATCH, None, batch(message(1)), 415, "content-type",
+                 "unsupported_media_type", id="batch-no-content-type"),
     # 2. a repeated object key, anywhere
     pytest.param(SINGLE, JSON, with_member(raw(message(1)), b'"version":2'), 422, "version",
                  "duplicate_key", id="top-level"),
@@ -117,6 +137,9 @@ class TestEachRuleIsAProblemNamingTheFieldAndIsRecordedAsRejected:
         assert {"type", "title", "status", "detail", "errors", "attempt_id"} <= set(problem)
         assert [(error["field"], error["type"]) for error in problem["errors"]][:1] == [
             (field, kind)], problem
+        if status == 415:
+            assert problem["errors"][0]["location"] == "header"
+            assert response.headers["accept"] == JSON
         [attempt] = await attempts(database)
         assert (attempt.id, attempt.decision) == (problem["attempt_id"], "rejected")
         assert attempt.errors == problem["errors"]
@@ -125,6 +148,16 @@ class TestEachRuleIsAProblemNamingTheFieldAndIsRecordedAsRejected:
 
 
 class TestWhatStaysAccepted:
+    @pytest.mark.parametrize("content_type", [
+        "application/json", "application/json; charset=utf-8", "Application/JSON",
+        "application/json;charset=UTF-8", "application/json ; charset=\"utf-8\""])
+    async def test_application_json_with_or_without_a_utf8_charset(self, client, content_type):
+        response = await post(client, SINGLE, content_type, ONE)
+        assert response.status_code == 200, response.text
+        response = await post(client, BATCH, content_type, batch(message(2)))
+        assert response.status_code == 200, response.text
+        assert "decision" in response.json()["results"][0]
+
     @pytest.mark.parametrize("occurred_at", [
         "2026-11-24T10:03:00Z", "2026-11-24t10:03:00z", "2026-11-24T10:03:00.5+01:00",
         "2026-11-24T10:03:00.123456789-05:30", "2026-11-24T10:03:00-00:00"])
@@ -138,3 +171,12 @@ class TestWhatStaysAccepted:
         response = await post(client, SINGLE, JSON, raw(message(1, tricky)))
         assert response.status_code == 200, response.text
 
+
+def test_the_openapi_document_tells_the_same():
+    document = create_app(Settings()).openapi()
+    for path in (SINGLE, BATCH):
+        unsupported = document["paths"][path]["post"]["responses"]["415"]
+        assert PROBLEM in unsupported["content"] and "Accept" in unsupported["headers"]
+    occurred_at = document["components"]["schemas"]["MessageIn"]["properties"]["occurred_at"]
+    [as_text] = [choice for choice in occurred_at["anyOf"] if choice.get("type") == "string"]
+    assert as_text["format"] == "date-time" and as_text["pattern"].startswith("^")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
@@ -20,6 +20,10 @@ from pipeline_console.ingestion.policy import (
 )
 from pipeline_console.ingestion.schemas import MessageIn
 
+# Why a message could not be decided: invalid (as JSON or as a message), larger than a limit,
+# or sent as something other than JSON. The edge maps each to its status (422, 413, 415).
+RejectionKind = Literal["invalid", "too_large", "unsupported_media_type"]
+
 
 @dataclass(frozen=True)
 class RejectedMessage:
@@ -28,7 +32,7 @@ class RejectedMessage:
     detail: str
     errors: list[FieldError]
     raw_body: str
-    too_large: bool = False
+    kind: RejectionKind = "invalid"
     # What could be read of the message, so the rejection shows up next to its record.
     known: dict[str, Any] = field(default_factory=dict)
 
