@@ -74,11 +74,13 @@ _TITLES = {
     405: "Method not allowed",
     409: "Conflict",
     413: "Content too large",
+    415: "Unsupported media type",
     422: "Invalid input",
     500: "Internal server error",
     503: "Service unavailable",
 }
-_SLUGS = {404: "not-found", 409: "conflict", 413: "too-large", 422: "invalid-input"}
+_SLUGS = {404: "not-found", 409: "conflict", 413: "too-large", 415: "unsupported-media-type",
+          422: "invalid-input"}
 
 
 def problem(

@@ -1,8 +1,8 @@
 """POST /api/v1/messages and /messages/batch.
 
 These routes read the body themselves (bounded by the size limits) instead of letting
-FastAPI parse it, because a malformed or oversized message must still be written to the
-attempt log as `rejected` before the error goes back.
+FastAPI parse it, because a malformed or oversized message, or one sent as something other
+than JSON, must still be written to the attempt log as `rejected` before the error goes back.
 """
 
 from __future__ import annotations
@@ -52,6 +52,44 @@ def _body_schema(name: str) -> dict[str, Any]:
     }
 
 
+def _intake_responses() -> dict[int | str, dict[str, Any]]:
+    responses = problem_responses(413, 415, 422)
+    responses[415]["headers"] = {"Accept": {
+        "description": "the one media type these routes take", "schema": {"type": "string"}}}
+    return responses
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """`application/json`, with parameters allowed, but no charset other than UTF-8 (the
+    body is always read as UTF-8, RFC 8259). Structured-syntax types such as
+    `application/merge-patch+json` are refused: they promise another meaning."""
+    if content_type == "application/json":  # what nearly every client sends
+        return True
+    if content_type is None:
+        return False
+    media_type, _, parameters = content_type.partition(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+                "utf-8", "utf8"):
+            return False
+    return True
+
+
+def _unsupported_media_type(body: bytes, content_type: str | None,
+                            excerpt_bytes: int) -> RejectedMessage:
+    sent = "no Content-Type" if content_type is None else f"Content-Type {content_type[:100]!r}"
+    return RejectedMessage(
+        detail=f"the body must be sent as application/json, not with {sent}",
+        errors=[FieldError(field="content-type", location="header",
+                           message="must be application/json", type="unsupported_media_type")],
+        raw_body=excerpt(body, excerpt_bytes),
+        kind="unsupported_media_type",
+    )
+
+
 async def read_bounded(request: Request, limit: int) -> tuple[bytes, bool]:
     """The body, or its first limit + 1 bytes and True when it is larger than `limit`."""
     declared = request.headers.get("content-length", "")
@@ -71,17 +109,23 @@ def _too_large(body: bytes, limit: int, excerpt_bytes: int, what: str) -> Reject
         errors=[FieldError(field="body", message=f"larger than {limit} bytes",
                            type="too_large")],
         raw_body=excerpt(body, excerpt_bytes),
-        too_large=True,
+        kind="too_large",
     )
 
 
+_STATUS_OF = {"invalid": 422, "too_large": 413, "unsupported_media_type": 415}
+
+
 def _rejection_problem(result: Rejected) -> JSONResponse:
-    return problem(
-        413 if result.rejection.too_large else 422,
+    response = problem(
+        _STATUS_OF[result.rejection.kind],
         result.rejection.detail,
         errors=result.rejection.errors,
         attempt_id=result.attempt_id,
     )
+    if result.rejection.kind == "unsupported_media_type":
+        response.headers["Accept"] = "application/json"  # RFC 9110, 15.5.16
+    return response
 
 
 def _json(body: dict[str, Any]) -> Response:
@@ -108,9 +152,12 @@ def _result_dict(result: Accepted) -> dict[str, Any]:
     response_model=IngestResult,
     summary="Ingest one message",
     description="Decides the message (accept_new, accept_supersede, skip_duplicate, quarantine, "
-    "skip_stale) and records the decision before anything else is written. A malformed message "
-    "gets 422 and an oversized one 413; both are still recorded in the attempt log as rejected.",
-    responses=problem_responses(413, 422),
+    "skip_stale) and records the decision before anything else is written. The body must be "
+    "sent as `Content-Type: application/json` (415 otherwise). A malformed message gets 422 "
+    "(so does a body that repeats an object key anywhere, naming its path, and an "
+    "`occurred_at` that is not an RFC 3339 string with a zone), an oversized one 413; each is "
+    "still recorded in the attempt log as rejected.",
+    responses=_intake_responses(),
     openapi_extra=_body_schema("MessageIn"),
 )
 async def post_message(request: Request) -> Any:
@@ -121,8 +168,11 @@ async def post_message(request: Request) -> Any:
     actor = get_actor(request)
     body, too_large = await read_bounded(request, settings.max_message_bytes)
     excerpt_bytes = settings.rejected_body_excerpt_bytes
+    content_type = request.headers.get("content-type")
     item: Any
-    if too_large:
+    if not is_json_media_type(content_type):
+        item = _unsupported_media_type(body, content_type, excerpt_bytes)
+    elif too_large:
         item = _too_large(body, settings.max_message_bytes, excerpt_bytes, "message")
     else:
         try:
@@ -158,8 +208,10 @@ async def post_message(request: Request) -> Any:
     summary="Ingest many messages in one transaction",
     description="One result per message, in order: the single-message result plus `index`, or "
     "`{index, error}` for an invalid message. One bad message never fails the others. More "
-    "messages than the batch limit, or a larger body, gets 413.",
-    responses=problem_responses(413, 422),
+    "messages than the batch limit, or a larger body, gets 413; a body not sent as "
+    "`Content-Type: application/json` 415; a body that is not JSON, or repeats an object key "
+    "anywhere (the error names the path, such as `messages/3/payload/x`), 422.",
+    responses=_intake_responses(),
     openapi_extra=_body_schema("BatchIn"),
 )
 async def post_batch(
@@ -169,7 +221,10 @@ async def post_batch(
     body, too_large = await read_bounded(request, limit)
     whole_body_rejection: RejectedMessage | None = None
     candidates: list[Any] = []
-    if too_large:
+    content_type = request.headers.get("content-type")
+    if not is_json_media_type(content_type):
+        whole_body_rejection = _unsupported_media_type(body, content_type, excerpt_bytes)
+    elif too_large:
         whole_body_rejection = _too_large(body, limit, excerpt_bytes, "batch")
     else:
         try:
@@ -195,7 +250,7 @@ async def post_batch(
                     [FieldError(field="messages", message="too many messages",
                                 type="too_long")],
                     excerpt(body, excerpt_bytes),
-                    too_large=True,
+                    kind="too_large",
                 )
             else:
                 candidates = messages

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
@@ -20,6 +20,10 @@ from pipeline_console.ingestion.policy import (
 )
 from pipeline_console.ingestion.schemas import MessageIn
 
+# Why a message could not be decided: invalid (as JSON or as a message), larger than a limit,
+# or sent as something other than JSON. The edge maps each to its status (422, 413, 415).
+RejectionKind = Literal["invalid", "too_large", "unsupported_media_type"]
+
 
 @dataclass(frozen=True)
 class RejectedMessage:
@@ -28,7 +32,7 @@ class RejectedMessage:
     detail: str
     errors: list[FieldError]
     raw_body: str
-    too_large: bool = False
+    kind: RejectionKind = "invalid"
     # What could be read of the message, so the rejection shows up next to its record.
     known: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +61,9 @@ def excerpt_of(candidate: Any, limit: int) -> str:
 
 
 def decode_json(body: bytes) -> Any:
+    """The JSON document in `body`, read exactly; BodyError when it is not JSON or when an
+    object in it repeats a key (RFC 7493 I-JSON: such a document has no single meaning, and
+    orjson, like `json`, would silently keep the last value)."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
@@ -64,7 +71,8 @@ def decode_json(body: bytes) -> Any:
             "the body is not valid JSON",
             [FieldError(field="body", message=str(error), type="json_invalid")],
         ) from error
-    if _has_overflowed_integer(document):
+    strings, overflowed = _strings_and_overflow(document)
+    if overflowed:
         # orjson reads an integer literal beyond 64 bits as a float, silently losing digits.
         # Read such (rare) bodies again exactly, so that the number is refused, not rounded.
         try:
@@ -74,20 +82,115 @@ def decode_json(body: bytes) -> Any:
                 "the body is not valid JSON",
                 [FieldError(field="body", message=str(error), type="json_invalid")],
             ) from error
+    if _strings_in_text(body) != strings:
+        raise BodyError(
+            "an object in the body has the same key more than once, so the body has no "
+            "single meaning (RFC 7493, I-JSON)", _repeated_keys(body))
     return document
 
 
-def _has_overflowed_integer(document: Any) -> bool:
-    stack = [document]
+def _strings_and_overflow(document: Any) -> tuple[int, bool]:
+    """One walk: how many strings the decoded document holds, keys included (a repeated
+    key and its value are held once), and whether an integer literal overflowed into a
+    float."""
+    strings, overflowed, stack = 0, False, [document]
     while stack:
         item = stack.pop()
-        if isinstance(item, float) and abs(item) >= 2**63 and item.is_integer():
-            return True
-        if isinstance(item, dict):
+        kind = type(item)
+        if kind is str:
+            strings += 1
+        elif kind is dict:
+            strings += len(item)
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif kind is list:
             stack.extend(item)
-    return False
+        elif kind is float and abs(item) >= 2**63 and item.is_integer():
+            overflowed = True
+    return strings, overflowed
+
+
+def _strings_in_text(body: bytes) -> int:
+    """How many strings (keys included) the JSON text writes, counted exactly at the speed
+    of bytes.count, for a body orjson has accepted. Every '"' outside a string opens or
+    closes one; inside a string a '"' is always escaped. When the text writes more strings
+    than the decoded document holds, an object repeated a key."""
+    quotes = body.count(b'"')
+    if b"\\" in body:
+        quotes -= _escaped_quotes(body)
+    return quotes // 2
+
+
+def _escaped_quotes(body: bytes) -> int:
+    """The quotes inside strings: those after an odd run of backslashes (backslashes occur
+    only inside strings, and a run reads as escaped backslashes, then perhaps one that
+    escapes the next character). With c(k) the quotes after at least k backslashes, that is
+    c(1) - c(2) + c(3) - …, usually c(1) alone."""
+    escaped, pattern, sign = 0, b'\\"', 1
+    for _ in range(8):
+        found = body.count(pattern)
+        if not found:
+            return escaped
+        escaped += sign * found
+        pattern, sign = b"\\" + pattern, -sign
+    # Long runs of backslashes: drop the escaped ones, left to right as they read, in one
+    # pass (so a crafted body costs one copy, not a count per backslash); '\\"' is then
+    # exactly an escaped quote.
+    return body.replace(b"\\\\", b"").count(b'\\"')
+
+
+class _Object(dict):  # type: ignore[type-arg]
+    """A decoded object that remembers the keys its text repeated."""
+
+    __slots__ = ("repeated",)
+    repeated: list[str]
+
+
+def _object_of_pairs(pairs: list[tuple[str, Any]]) -> _Object:
+    item = _Object(pairs)
+    item.repeated = []
+    if len(item) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and key not in item.repeated:
+                item.repeated.append(key)
+            seen.add(key)
+    return item
+
+
+_MAX_REPEATS_NAMED = 10
+
+
+def _repeated_keys(body: bytes) -> list[FieldError]:
+    """The slow path, for bodies known to repeat a key: read again member by member and
+    name each repeated key by its path, in document order."""
+    try:
+        document = json.loads(body, object_pairs_hook=_object_of_pairs)
+    except (ValueError, RecursionError):  # nested too deeply for `json` (orjson reads more)
+        return [FieldError(field="body", message="an object repeats a key (nested too "
+                           "deeply to say where)", type="duplicate_key")]
+    found: list[FieldError] = []
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while stack and len(found) < _MAX_REPEATS_NAMED:
+        item, path = stack.pop()
+        if isinstance(item, _Object):
+            found += [FieldError(field=_pointer((*path, key)), type="duplicate_key",
+                                 message="this key appears more than once in its object")
+                      for key in item.repeated]
+            stack.extend(reversed([(child, (*path, key)) for key, child in item.items()]))
+        elif isinstance(item, list):
+            stack.extend(reversed([(child, (*path, str(index)))
+                                   for index, child in enumerate(item)]))
+    return found[:_MAX_REPEATS_NAMED]
+
+
+def _pointer(path: tuple[str, ...]) -> str:
+    """A path as the other errors name fields: JSON Pointer segments without the leading
+    '/' (`payload/lines/0/sku`); '/' alone for the empty key at the top."""
+    parts = []
+    for part in path:
+        escaped = part.replace("~", "~0").replace("/", "~1")
+        parts.append(escaped if len(escaped) <= 64 else f"{escaped[:40]}…")
+    return "/".join(parts) or "/"
 
 
 def depth(value: Any, limit: int) -> int:

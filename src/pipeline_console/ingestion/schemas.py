@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_VERSION = 2**63 - 1  # a PostgreSQL BIGINT
 
@@ -50,6 +52,28 @@ def _in_utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
+# RFC 3339's date-time: "T" between date and time (or "t"), seconds, and a zone, "Z" (or
+# "z") or an offset with a colon. Pydantic alone would also take a Unix time (12345, or
+# "12345"), no seconds, a space, or "+0100"; a message's time is none of those.
+RFC3339_PATTERN = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                   r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
+_RFC3339 = re.compile(RFC3339_PATTERN.removesuffix("$"))
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, datetime) or (type(value) is str and _RFC3339.fullmatch(value)):
+        return value  # (a datetime comes only from callers in this process, never from JSON)
+    raise PydanticCustomError(
+        "rfc3339_datetime", "must be an RFC 3339 date-time string with a time zone, such as "
+        "2026-11-24T10:03:00Z or 2026-11-24T11:03:00+01:00")
+
+
+MessageTime = Annotated[
+    UtcDatetime, BeforeValidator(_rfc3339),
+    Field(description="RFC 3339 date-time with a zone (Z or ±hh:mm); not a Unix time",
+          json_schema_extra={"pattern": RFC3339_PATTERN}, examples=["2026-11-24T10:03:00Z"]),
+]
+
 Decision = Literal["accept_new", "accept_supersede", "skip_duplicate", "quarantine", "skip_stale"]
 StagingStatus = Literal["partial", "complete", "promoted"]
 
@@ -66,7 +90,7 @@ class MessageIn(BaseModel):
     payload: dict[str, Any] = Field(description="the entity's full state, a JSON object")
     correlation_id: Identifier | None = Field(default=None, description="the business event")
     message_id: Identifier | None = Field(default=None, description="the source's message id")
-    occurred_at: UtcDatetime | None = None
+    occurred_at: MessageTime | None = None
 
 
 class BatchIn(BaseModel):
