@@ -94,7 +94,8 @@ def create_app(
         async with Transports.open() as transports:
             app.state.deliverer = Deliverer(app.state.database, transports, clock,
                                             worker_id=f"api:{worker_identity()}",
-                                            lease_margin_s=settings.lease_margin_s)
+                                            lease_margin_s=settings.lease_margin_s,
+                                  lease_safety_s=settings.lease_safety_s)
             try:
                 yield
             finally:

@@ -127,7 +127,8 @@ def run_job_command(name: str) -> None:
         async with Transports.open() as transports:
             deliverer = Deliverer(database, transports, system_clock,
                                   worker_id=f"cli:{worker_identity()}",
-                                  lease_margin_s=settings.lease_margin_s)
+                                  lease_margin_s=settings.lease_margin_s,
+                                  lease_safety_s=settings.lease_safety_s)
             record = await run_job(deliverer, settings, name, actor=CLI_ACTOR, trigger="cli")
             return record.__dict__
 

@@ -72,10 +72,15 @@ async def test_several_workers_deliver_every_delivery_exactly_once(
     # is fine; what must never happen is one key arriving twice.
     await add_system(client, sink, failure_threshold=1000, timeout_s=20, max_attempts=50,
                      backoff_base_s=0.05, backoff_max_s=0.5)
-    await ingest(client, *[message(1, entity_id=f"W-{i:03}") for i in range(count)])
+    sink.answer(Answer(200, delay_s=0.05))  # one worker alone would take seconds: they share
     processes = [start_worker(database_url, tmp_path / f"worker-{n}.log", worker_batch_size=10)
                  for n in range(workers)]
     try:
+        # every worker running before there is work: one that started seconds earlier
+        # would otherwise drain the whole queue alone
+        await wait_for(lambda: all("started" in (tmp_path / f"worker-{n}.log").read_text()
+                                   for n in range(workers)), 90, "every worker to start")
+        await ingest(client, *[message(1, entity_id=f"W-{i:03}") for i in range(count)])
         try:
             await wait_for(lambda: len(sink.keys_received()) >= count, 180, "all deliveries")
         except AssertionError:

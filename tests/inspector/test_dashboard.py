@@ -104,7 +104,7 @@ class TestEveryItemLinksToExactlyWhatItCounts:
             "reason": "resend", "items": [{"key": "customer:P", "system": "billing"}]})
         assert refused.status_code == 409  # stored as rejected
         await heartbeat(client.app.state.database, Identity("worker:gone", "box-9", 9),
-                        Liveness(30, 5), clock())  # a worker that is never seen again
+                        Liveness(30, 5), clock)  # a worker that is never seen again
         clock.advance(hours=2)  # the partial record P now waits too long; the worker is lost
 
         downstream, gate = ScriptedServer().start(), threading.Event()

@@ -72,7 +72,7 @@ def lag_severity(lag_s: float | None) -> str:
 
 
 async def attention(session: AsyncSession, *, now: datetime, stale_partial_after_s: float,
-                    worker_lost_after_s: float = 30.0) -> list[AttentionItem]:
+                    worker_lost_after_s: float) -> list[AttentionItem]:
     items: list[AttentionItem] = []
     count, oldest = (await session.execute(
         select(func.count(), func.min(Anomaly.opened_at)).where(Anomaly.status == "open"))).one()

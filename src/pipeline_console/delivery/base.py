@@ -4,8 +4,10 @@ one step to the next (Prepared → Sent → DeliveryResult)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,13 +39,45 @@ MONOTONIC: Callable[[], float] = (boot_clock if hasattr(time, "CLOCK_BOOTTIME")
 
 
 @dataclass
+class StallWatch:
+    """Notices when this process did not run for a while: frozen (SIGSTOP), suspended, or
+    starved of CPU. A send that timed out across such a stall timed out because of us (its
+    timer kept running while we did not read the answer), not because of the system."""
+
+    monotonic: Callable[[], float] = MONOTONIC
+    tick_s: float = 0.25
+    threshold_s: float = 1.0
+    last: float = field(default_factory=MONOTONIC)
+    stalls: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+
+    async def run(self) -> None:
+        self.last = self.monotonic()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.check()
+
+    def check(self) -> None:
+        now = self.monotonic()
+        if now - self.last > self.tick_s + self.threshold_s:
+            self.stalls.append((self.last, now))
+        self.last = now
+
+    def overlapped(self, start: float, end: float) -> bool:
+        """Whether a stall fell within [start, end] (checking first: the stall may be ending
+        right now, before the ticker has run)."""
+        self.check()
+        return any(begin < end and finish > start for begin, finish in self.stalls)
+
+
+@dataclass
 class Deliverer:
     """Everything a delivery needs: passed in, so tests control time and randomness.
 
     `clock` is the wall clock the database's timestamps use; `monotonic` is the one the
     fence uses (a frozen or suspended process sees it jump, the wall clock can be set back).
     `liveness` is a worker's heartbeat: with it, a claim is also void once the heartbeat
-    may have looked lost to another worker (API processes have none: only leases apply)."""
+    may have looked lost to another worker (API processes have none: only leases apply).
+    `stalls`: with it, a send that timed out while this process stalled is worker_lost."""
 
     database: Database
     transports: Transports
@@ -54,6 +88,7 @@ class Deliverer:
     lease_safety_s: float = 5.0
     monotonic: Callable[[], float] = MONOTONIC
     liveness: Liveness | None = None
+    stalls: StallWatch | None = None
 
 
 class Outcome(StrEnum):

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, func, or_, select, text, update
+from sqlalchemy import Row, and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
@@ -40,6 +40,7 @@ from pipeline_console.delivery.transports import build_request, total_deadline_s
 from pipeline_console.errors import Conflict, NotFound
 from pipeline_console.metrics import count_delivery_attempt
 from pipeline_console.models import (
+    AmbiguousOutcome,
     Circuit,
     Delivery,
     DeliveryAttempt,
@@ -304,26 +305,85 @@ async def release_unsent(deliverer: Deliverer,
         for circuit, trial in trials:
             if trial in released:
                 await free_trial(session, circuit, trial, now)
+        unsent_after_all = await _settle_recovered_unsent(
+            session, deliverer, [item for item in unsent
+                                 if item.request.delivery_id not in released], now)
         return {delivery_id: DeliveryResult(
-            delivery_id, Outcome.RELEASED if delivery_id in released else Outcome.NOT_CLAIMED)
-            for delivery_id in ids}
+            delivery_id, Outcome.RELEASED if delivery_id in released | unsent_after_all
+            else Outcome.NOT_CLAIMED) for delivery_id in ids}
 
     if not unsent:
         return {}
     return await deliverer.database.run_transaction(work)
 
 
-def lost_workers_clause(now: datetime, lost_after_s: float) -> Any:
-    """Workers whose claims are void: stopped (a stopped worker released what it could; what
-    it still holds, it could not finish), or silent for lost_after_s."""
-    return or_(_workers.c.stopped_at.is_not(None),
-               _workers.c.last_seen_at < now - timedelta(seconds=lost_after_s))
+async def _settle_recovered_unsent(session: AsyncSession, deliverer: Deliverer,
+                                   items: Sequence[Prepared], now: datetime) -> set[int]:
+    """Claims of ours that another process recovered as worker_lost, though we never sent
+    them (the fence, a stop): we know what nobody else could, so the open outcome is
+    resolved as not delivered and the delivery waits to be sent again, instead of leaving a
+    person to find out. Only the outcome of that very claim (our worker, its attempt
+    number) and only while it is still open; the ids settled so."""
+    if not items:
+        return set()
+    numbers = {item.request.delivery_id: item.request.attempt_number for item in items}
+    rows = (await session.execute(
+        select(AmbiguousOutcome, DeliveryAttempt.attempt_number)
+        .join(DeliveryAttempt, DeliveryAttempt.id == AmbiguousOutcome.attempt_id)
+        .where(AmbiguousOutcome.delivery_id.in_(sorted(numbers)),
+               AmbiguousOutcome.status == "open",
+               DeliveryAttempt.classification == Classification.WORKER_LOST.value,
+               DeliveryAttempt.actor == deliverer.worker_id)
+        .order_by(AmbiguousOutcome.delivery_id)
+        .with_for_update(of=AmbiguousOutcome))).all()
+    mine = [outcome for outcome, number in rows if numbers[outcome.delivery_id] == number]
+    if not mine:
+        return set()
+    deliveries = {delivery.id: delivery for delivery in (await session.execute(
+        select(Delivery).where(Delivery.id.in_([o.delivery_id for o in mine]),
+                               Delivery.status == "ambiguous")
+        .order_by(Delivery.id).with_for_update())).scalars()}
+    audit = []
+    for outcome in mine:
+        delivery = deliveries.get(outcome.delivery_id)
+        if delivery is None:
+            continue
+        note = ("the worker that held the claim never sent it (its lease or heartbeat no "
+                "longer covered a send, or it was stopping); it waits to be sent again")
+        outcome.status, outcome.resolution, outcome.resolution_note = (
+            "resolved", "not_delivered", note)
+        outcome.resolved_by, outcome.resolved_at = "system", now
+        delivery.status, delivery.next_attempt_at, delivery.updated_at = "pending", now, now
+        audit.append(AuditEntry("ambiguous.resolved", "ambiguous", str(outcome.id),
+                                {"resolution": "not_delivered", "note": note,
+                                 "delivery_id": delivery.id, "system": delivery.system},
+                                delivery.idempotency_key))
+    await session.flush()
+    await append_audit(session, audit, actor="system", now=now)
+    return {entry_delivery for entry_delivery in deliveries}
+
+
+async def _lost_worker_conditions(session: AsyncSession, now: datetime,
+                                  lost_after_s: float) -> list[Any]:
+    """Claims of stopped workers, and of workers silent for lost_after_s plus one whole
+    exchange of the claim's system: a worker whose heartbeats stopped committing may still
+    have a send open that began while its heartbeat held (the fence lets it start one until
+    then), and that send must be over before its claim is taken for lost."""
+    timeouts = (await session.execute(select(_systems.c.name, _systems.c.timeout_s))).all()
+    stopped = select(_workers.c.id).where(_workers.c.stopped_at.is_not(None))
+    conditions = [Delivery.claimed_by.in_(stopped)]
+    for name, timeout_s in timeouts:
+        cutoff = now - timedelta(seconds=lost_after_s + total_deadline_s(timeout_s))
+        conditions.append(and_(Delivery.system == name, Delivery.claimed_by.in_(
+            select(_workers.c.id).where(_workers.c.last_seen_at < cutoff))))
+    return conditions
 
 
 async def recover_lost_claims(deliverer: Deliverer, *, lost_after_s: float | None = None,
                               limit: int = 100) -> int:
-    """In-flight deliveries whose lease ran out, or whose worker is lost or stopped, become
-    ambiguous with the classification worker_lost: the request may have reached the system,
+    """In-flight deliveries whose lease ran out, or whose worker stopped or has been lost
+    for longer than one exchange of the delivery's system, become ambiguous with the
+    classification worker_lost: the request may have reached the system,
     so it is never simply sent again; the status query (or a person) finds out. The circuit
     is left alone: a worker's trouble is not the system's. (If the worker was only slow
     and its answer arrives after all, the answer settles the outcome: recording.py.)"""
@@ -331,8 +391,7 @@ async def recover_lost_claims(deliverer: Deliverer, *, lost_after_s: float | Non
         now = deliverer.clock()
         conditions = [Delivery.lease_expires_at < now]
         if lost_after_s is not None:
-            conditions.append(Delivery.claimed_by.in_(
-                select(_workers.c.id).where(lost_workers_clause(now, lost_after_s))))
+            conditions += await _lost_worker_conditions(session, now, lost_after_s)
         lost = (Delivery.status == "in_flight", or_(*conditions))
         names = sorted((await session.execute(
             select(Delivery.system).where(*lost).group_by(Delivery.system))).scalars())

@@ -74,6 +74,7 @@ class Pipeline:
     _record_backoff: float = 0.0
     _next_release: float = 0.0
     _first_finished: float = 0.0  # when the oldest of to_record finished
+    _was_alive: bool = True
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -92,7 +93,10 @@ class Pipeline:
                 now = loop.time()
                 if not stopping and not self._claiming and now >= self._next_claim \
                         and self._worth_claiming():
-                    self._start(self._claim())
+                    if self._alive():
+                        self._start(self._claim())
+                    else:  # the fence would refuse every claim: do not make any
+                        self._next_claim = now + min(0.5, self.poll_interval_s)
                 record_at = self._record_at(now, stopping)
                 if self.to_record and not self._recording and now >= record_at:
                     self._start(self._record())
@@ -117,6 +121,19 @@ class Pipeline:
     async def _wake_on_stop(self) -> None:
         await self.stop.wait()
         self._wake.set()
+
+    def _alive(self) -> bool:
+        """Whether this worker's heartbeat holds (claims made now could be sent)."""
+        liveness = self.deliverer.liveness
+        alive = liveness is None or liveness.holds(liveness.epoch, self.deliverer.monotonic())
+        if alive != self._was_alive:
+            self._was_alive = alive
+            if alive:
+                log.info("the heartbeat holds again: claiming")
+            else:
+                log.warning("the heartbeat does not hold (no heartbeat committed lately): "
+                            "claiming nothing until one does")
+        return alive
 
     def _wave(self) -> int:
         """How many claims, or finished sends, are worth one transaction: a batch."""

@@ -19,7 +19,7 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.db import allocate_ids, bulk_insert, bulk_update
+from pipeline_console.db import allocate_ids, bulk_insert, bulk_update, unavailability
 from pipeline_console.delivery.base import Deliverer, DeliveryResult, Outcome, Sent
 from pipeline_console.delivery.circuits import apply_event, free_trial, lock_circuit
 from pipeline_console.delivery.policy import (
@@ -59,8 +59,9 @@ async def record_sent(
         recorded.update(await deliverer.database.run_transaction(
             lambda session: _record(session, deliverer, sent, trigger, actor)))
     except Exception as error:
-        if len(sent) == 1:
-            recorded[sent[0].delivery_id] = error
+        if len(sent) == 1 or unavailability(error):
+            # one at a time would only meet the outage once per outcome
+            recorded.update((item.delivery_id, error) for item in sent)
         else:
             log.exception("recording %d outcomes at once failed; recording each alone",
                           len(sent))
@@ -184,8 +185,8 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
                 # Recovered by another process meanwhile (worker_lost), and this answer
                 # settles nothing: its attempt row tells what happened; the ambiguous
                 # outcome stays for the status query or a person. Never a reason to send.
-                if circuit is not None:
-                    await free_trial(session, circuit, item.delivery_id, now)
+                # (The recovery freed its trial slot, if it was one; the slot may be another
+                # claim's by now.)
                 recorded[item.delivery_id] = DeliveryResult(
                     item.delivery_id, Outcome.NOT_CLAIMED, attempt_id, attempt.classification)
                 continue

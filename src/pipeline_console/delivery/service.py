@@ -48,7 +48,13 @@ from pipeline_console.delivery.claims import (
     recover_lost_claims,
     release_unsent,
 )
-from pipeline_console.delivery.policy import CircuitEvent, breaker_event, classify
+from pipeline_console.delivery.policy import (
+    CircuitEvent,
+    Classification,
+    Failure,
+    breaker_event,
+    classify,
+)
 from pipeline_console.delivery.recording import (
     lock_rows,
     orm_deliveries,
@@ -158,10 +164,15 @@ async def prepare_batch(
 
 async def send(deliverer: Deliverer, item: Prepared) -> Sent:
     """Outside any transaction, once the fence let it through: the request, and the
-    classification of its answer."""
-    started_at = deliverer.clock()
+    classification of its answer. A send that may have arrived but timed out (maybe_sent)
+    while this process stalled is worker_lost: the timer ran while we did not read."""
+    started, started_at = deliverer.monotonic(), deliverer.clock()
     result = await deliverer.transports.send(item.config, item.request)
-    return Sent(item, started_at, result, *classify(result, item.overrides))
+    classification, rule = classify(result, item.overrides)
+    if (result.failure is Failure.MAYBE_SENT and deliverer.stalls is not None
+            and deliverer.stalls.overlapped(started, deliverer.monotonic())):
+        classification, rule = Classification.WORKER_LOST, "worker_stalled"
+    return Sent(item, started_at, result, classification, rule)
 
 
 async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Sequence[int],

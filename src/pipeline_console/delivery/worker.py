@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
+from pipeline_console.delivery.base import StallWatch
 from pipeline_console.delivery.claims import recover_lost_claims
 from pipeline_console.delivery.pipeline import Pipeline
 from pipeline_console.delivery.service import Deliverer
@@ -111,19 +112,24 @@ async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> Non
     async with Transports.open(max_connections=settings.worker_concurrency * 2) as transports:
         deliverer = Deliverer(database, transports, system_clock, worker_id=identity.id,
                               lease_margin_s=settings.lease_margin_s,
-                              lease_safety_s=settings.lease_safety_s, liveness=liveness)
+                              lease_safety_s=settings.lease_safety_s, liveness=liveness,
+                              stalls=StallWatch())
         pipeline = Pipeline(deliverer, settings.worker_concurrency, settings.worker_batch_size,
                             stop, poll_interval_s=settings.worker_poll_interval_s)
-        registered = asyncio.Event()
-        background = [asyncio.create_task(_beat(deliverer, identity, settings, stop,
+        registered, drained = asyncio.Event(), asyncio.Event()
+        # The heartbeat goes on until the pipeline has drained (its sends finished and
+        # recorded): a stopping worker's claims must not look lost while it finishes them.
+        background = [asyncio.create_task(_beat(deliverer, identity, settings, drained,
                                                 registered)),
-                      asyncio.create_task(_housekeeping(deliverer, settings, stop))]
+                      asyncio.create_task(_housekeeping(deliverer, settings, stop)),
+                      asyncio.create_task(deliverer.stalls.run())]
         with contextlib.suppress(TimeoutError):  # claims made before it would be void
             await asyncio.wait_for(registered.wait(), settings.worker_lost_after_s)
         log.info("worker %s started", deliverer.worker_id)
         try:
             await pipeline.run()
         finally:
+            drained.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -143,7 +149,7 @@ async def _beat(deliverer: Deliverer, identity: Identity, settings: Settings,
     assert deliverer.liveness is not None
     while not stop.is_set():
         try:
-            await heartbeat(deliverer.database, identity, deliverer.liveness, deliverer.clock())
+            await heartbeat(deliverer.database, identity, deliverer.liveness, deliverer.clock)
         except Exception as error:
             log.warning("heartbeat failed: %s", error)
         registered.set()

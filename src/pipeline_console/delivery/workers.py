@@ -74,9 +74,12 @@ class Identity:
 
 
 async def heartbeat(database: Database, identity: Identity, liveness: Liveness,
-                    now: datetime) -> None:
-    """Register (the first time) or refresh this worker's row; then tell Liveness."""
+                    clock: Callable[[], datetime]) -> None:
+    """Register (the first time) or refresh this worker's row; then tell Liveness. The
+    monotonic clock is read before the wall clock: the row may say we were seen earlier
+    than Liveness believes, never later."""
     started = liveness.monotonic()
+    now = clock()
 
     async def work(session: AsyncSession) -> None:
         result = await session.execute(

@@ -64,7 +64,12 @@ def _replace_classification_check(old: str, new: str) -> None:
         # ck_delivery_attempts_classification
         op.drop_constraint(op.f("ck_delivery_attempts_classification"), "delivery_attempts",
                            type_="check")
-        op.create_check_constraint("classification", "delivery_attempts", sa.text(new))
+        # NOT VALID, then VALIDATE: the check of the existing rows (the largest table) runs
+        # under a lock that lets attempts be inserted meanwhile
+        op.create_check_constraint("classification", "delivery_attempts", sa.text(new),
+                                   postgresql_not_valid=True)
+        op.execute("ALTER TABLE delivery_attempts "
+                   "VALIDATE CONSTRAINT ck_delivery_attempts_classification")
         return
     bind = op.get_bind()
     stored = bind.execute(sa.text(
