@@ -105,6 +105,10 @@ async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int
     candidates = (await session.execute(query)).all()
     if not candidates:
         return []
+    if not deliverer.database.is_sqlite:  # the lock first, then the check it protects
+        candidates = await _lock_records(session, candidates)
+        if not candidates:
+            return []
     sending = await _records_being_sent(session, {row.idempotency_key for row in candidates})
     left = dict(budgets or {})
     rows = []
@@ -116,8 +120,6 @@ async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int
         if row.system in left:
             left[row.system] -= 1
         rows.append((row.id, row.system, row.idempotency_key))
-    if not deliverer.database.is_sqlite:
-        rows = await _lock_records(session, rows)
     timeouts = dict((await session.execute(
         select(_systems.c.name, _systems.c.timeout_s)
         .where(_systems.c.name.in_(sorted({system for _, system, _ in rows}))))).all())
@@ -179,8 +181,7 @@ async def _records_being_sent(session: AsyncSession, keys: set[str]) -> set[tupl
     return {(system, key) for system, key in rows.all()}
 
 
-async def _lock_records(session: AsyncSession,
-                        rows: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+async def _lock_records(session: AsyncSession, rows: list[Any]) -> list[Any]:
     """PostgreSQL: keep only the rows whose (system, record) this transaction could take a
     transaction-scoped advisory lock on. _records_being_sent sees only committed claims; two
     workers claiming two versions of one record at the same moment would each miss the
@@ -188,7 +189,7 @@ async def _lock_records(session: AsyncSession,
     the next pass instead (by then the first claim is committed and visible)."""
     if not rows:
         return rows
-    keys = sorted({f"{system}\x1f{key}" for _, system, key in rows})
+    keys = sorted({f"{row[1]}\x1f{row[2]}" for row in rows})  # (id, system, key, …)
     taken = set((await session.execute(
         text("SELECT k FROM unnest(CAST(:keys AS text[])) AS k "
              "WHERE pg_try_advisory_xact_lock(hashtextextended(k, 7))"),
@@ -228,13 +229,15 @@ async def claim_in(session: AsyncSession, deliverer: Deliverer, delivery_id: int
             raise Conflict(f"the circuit of {system} is half-open and its trial "
                            f"delivery {circuit.trial_delivery_id} is under way")
         circuit.trial_delivery_id = delivery_id
-    in_flight = await session.scalar(
-        select(Delivery.id).where(Delivery.system == system,
-                                  Delivery.idempotency_key == delivery.idempotency_key,
-                                  Delivery.status == "in_flight").limit(1))
-    if in_flight is None and not deliverer.database.is_sqlite and not await _lock_records(
+    in_flight: int | str | None = None
+    if not deliverer.database.is_sqlite and not await _lock_records(  # the lock first
             session, [(delivery_id, system, delivery.idempotency_key)]):
         in_flight = "being claimed"
+    if in_flight is None:
+        in_flight = await session.scalar(
+            select(Delivery.id).where(Delivery.system == system,
+                                      Delivery.idempotency_key == delivery.idempotency_key,
+                                      Delivery.status == "in_flight").limit(1))
     if in_flight is not None:
         raise Conflict(f"delivery {in_flight} of the same record to {system} is being "
                        "sent; try again when it has an outcome")
