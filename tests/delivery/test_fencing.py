@@ -277,3 +277,30 @@ async def wait_for_status(client, system: str, status: str, count: int) -> None:
         assert asyncio.get_running_loop().time() < deadline, (
             f"{len(found)} of {count} deliveries to {system} {status}")
         await asyncio.sleep(0.05)
+
+
+class TestSharingTheSlots:
+    async def test_a_system_alone_may_use_every_slot(self, client, sink, clock, transports):
+        """Another system exists but has nothing to send: the busy one is not capped."""
+        release = threading.Event()
+        sink.answer(Answer(200, hold=release))
+        idle = ScriptedServer().start()
+        try:
+            await add_system(client, sink, name="busy", timeout_s=60)
+            await add_system(client, idle, name="idle", entity_types=["order"])
+            await ingest(client, *[message(1, entity_id=f"S-{n}") for n in range(4)])
+            stop = asyncio.Event()
+            pipeline = Pipeline(a_worker(client, transports, Monotonic()), concurrency=2,
+                                batch_size=10, stop=stop, poll_interval_s=0.05)
+            running = asyncio.create_task(pipeline.run())
+            try:
+                await wait_for(lambda: sink.in_flight == 2, 30, "both slots to be busy")
+            finally:
+                release.set()
+            await wait_for_status(client, "busy", "delivered", 4)
+            stop.set()
+            await asyncio.wait_for(running, 30)
+        finally:
+            release.set()
+            idle.stop()
+        assert idle.received == []

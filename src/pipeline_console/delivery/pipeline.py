@@ -2,16 +2,22 @@
 
 A pass of claim → send all → record (deliver_many) waits for its slowest send before it
 claims again: one answer after a second holds up every slot (head-of-line blocking). Here
-the three steps overlap instead. A claim transaction runs whenever slots are free or about
-to be; each finished send frees its slot at once for the next claim in the queue; finished
-sends are recorded together, in one transaction, while the others are still on the wire.
-Every claim still goes through the same steps as deliver_many (prepare_batch, the fence,
-send, record_sent, release_unsent); only their timing differs.
+the three steps overlap instead. A claim transaction (of up to a batch) runs whenever a
+batch fits behind the slots, or a slot is free that nothing waiting may take; each finished
+send frees its slot at once for the next claim in the queue; finished sends are recorded a
+batch at a time (or RECORD_WAIT_S after the first of them), while the others are still on
+the wire. Every claim still goes through the same steps as deliver_many (prepare_batch, the
+fence, send, record_sent, release_unsent); only their timing differs.
 
-Fairness: when more than one system exists, one system holds at most `share` of the slots
-(three quarters of them, at least one fewer than all), so a slow or backlogged system cannot
-take every slot; a free slot goes to the system with the fewest sends in flight. With a
-concurrency of 1 there is nothing to share."""
+Fairness: while more than one system is active here (claims waiting or in flight, or
+claimed in the last ACTIVE_S), one system holds at most `share_of` the slots (all but a
+quarter, at least one fewer than all) and claims at most that share of the two batches that
+may wait; a free slot goes to the system with the fewest sends in flight, ties in turn. So a
+slow or backlogged system cannot take every slot. A system that becomes active while
+another, alone until then, holds every slot waits for one of those sends to end. With a
+concurrency of 1 there is nothing to share.
+
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import unavailability
@@ -31,11 +36,11 @@ from pipeline_console.delivery.claims import claim_due_rows, may_send, release_u
 from pipeline_console.delivery.policy import CircuitEvent, breaker_event
 from pipeline_console.delivery.recording import record_sent
 from pipeline_console.delivery.service import prepare_batch, send
-from pipeline_console.models import DownstreamSystem
 
 log = logging.getLogger("pipeline_console.worker")
 
 MAX_BACKOFF_S = 10.0
+ACTIVE_S = 60.0  # a system claimed this recently still counts as one sharing the slots
 RECORD_TRIES = 30  # an outcome that cannot be recorded this often is left to recovery
 RECORD_WAIT_S = 0.1  # how long a finished send may wait for others to share its record
 
@@ -62,7 +67,9 @@ class Pipeline:
     thresholds: dict[str, int] = field(default_factory=dict)
     to_record: list[tuple[Sent, int]] = field(default_factory=list)  # (sent, tries so far)
     to_release: list[Prepared] = field(default_factory=list)
-    systems: int = 1
+    _claimed_at: dict[str, float] = field(default_factory=dict)  # per system, the last claim
+    _last_sent: dict[str, int] = field(default_factory=dict)  # per system, its turn
+    _turn: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _claiming: bool = False
@@ -149,7 +156,7 @@ class Pipeline:
         if held == 0 or room >= self._wave():
             return True
         # a free slot that nothing waiting may take (its systems are at their share)
-        share = share_of(self.concurrency, self.systems)
+        share = self._share()
         return self._total(self.in_flight) < self.concurrency and not any(
             waiting and self.in_flight.get(name, 0) < share
             for name, waiting in self.queued.items())
@@ -187,7 +194,7 @@ class Pipeline:
                    - self._total(self.in_flight) - self._total(self.queued))
 
     def _budgets(self) -> dict[str, int]:
-        share = share_of(self.concurrency, self.systems)
+        share = self._share()
         names = set(self.queued) | set(self.in_flight) | set(self.failures)
         budgets = {}
         for name in names:
@@ -198,15 +205,27 @@ class Pipeline:
                                  - self.in_flight.get(name, 0) - len(self.queued.get(name, ())))
         return budgets
 
+    def _share(self) -> int:
+        """The slots one system may hold: all of them while it is the only one active here
+        (claims waiting or in flight, or claimed in the last ACTIVE_S), fewer otherwise."""
+        now = asyncio.get_running_loop().time()
+        active = ({name for name, waiting in self.queued.items() if waiting}
+                  | {name for name, count in self.in_flight.items() if count}
+                  | {name for name, at in self._claimed_at.items() if now - at < ACTIVE_S})
+        return share_of(self.concurrency, len(active))
+
     def _dispatch(self) -> None:
         """Start sends while slots are free: the system with the fewest in flight first."""
-        share = share_of(self.concurrency, self.systems)
+        share = self._share()
         while self._total(self.in_flight) < self.concurrency and not self.stop.is_set():
             ready = [name for name, waiting in self.queued.items()
                      if waiting and self.in_flight.get(name, 0) < share]
             if not ready:
                 return
-            name = min(ready, key=lambda n: self.in_flight.get(n, 0))
+            # fewest in flight first; among those, the one whose turn is longest ago
+            name = min(ready, key=lambda n: (self.in_flight.get(n, 0),
+                                             self._last_sent.get(n, -1)))
+            self._last_sent[name], self._turn = self._turn, self._turn + 1
             item = self.queued[name].popleft()
             if self.failures.get(name, 0) >= item.threshold or not may_send(self.deliverer,
                                                                             item):
@@ -224,11 +243,9 @@ class Pipeline:
         waiting = self._total(self.queued) + self._total(self.in_flight)
 
         async def claim(session: AsyncSession):
-            self.systems = await session.scalar(
-                select(func.count()).select_from(DownstreamSystem.__table__)) or 1
             # each lease covers the waves it may wait in this worker's queue
             return await claim_due_rows(session, self.deliverer, limit, budgets=budgets,
-                                        concurrency=share_of(self.concurrency, self.systems),
+                                        concurrency=self._share(),
                                         waiting=waiting)
 
         try:
@@ -249,6 +266,7 @@ class Pipeline:
             item = prepared[delivery_id]
             if isinstance(item, Prepared):
                 self.thresholds[item.config.name] = item.threshold
+                self._claimed_at[item.config.name] = loop.time()
                 self.queued.setdefault(item.config.name, deque()).append(item)
             elif self.on_result is not None:
                 self.on_result(DeliveryResult(delivery_id, item))
