@@ -106,6 +106,7 @@ class TestTheFence:
         identity = Identity("worker:test")
         worker = a_worker(client, transports, monotonic, liveness=liveness,
                           worker_id=identity.id)
+        worker.lease_margin_s = 600  # a lease long enough that only the epoch can refuse
         await heartbeat(worker.database, identity, liveness, clock)
         [first] = await claim_due(worker, 1)
         monotonic.now += 26  # frozen: the heartbeat is older than lost-after less the margin
@@ -118,6 +119,29 @@ class TestTheFence:
         result = await deliver(worker, second, trigger="scheduled", actor=worker.worker_id)
         assert result.outcome is Outcome.DELIVERED
         assert len(sink.received) == 1
+
+    def test_liveness_moves_its_epoch_on_after_a_gap_near_lost_after(self):
+        monotonic = Monotonic()
+        liveness = Liveness(lost_after_s=30, safety_s=5, monotonic=monotonic)
+        assert liveness.limit_s == 25
+        assert not liveness.holds(0, monotonic.now)  # no heartbeat yet
+        liveness.beat(monotonic.now, monotonic.now + 0.1)
+        epoch = liveness.epoch
+        assert liveness.holds(epoch, monotonic.now + 24.9)
+        assert not liveness.holds(epoch, monotonic.now + 25)  # stale: may look lost soon
+        monotonic.now += 10
+        liveness.beat(monotonic.now, monotonic.now + 0.1)  # a gap of 10 s: the same epoch
+        assert liveness.epoch == epoch and liveness.holds(epoch, monotonic.now + 1)
+        started = monotonic.now
+        monotonic.now += 26
+        liveness.beat(started, monotonic.now)  # began in time, committed 26 s later
+        assert liveness.epoch == epoch + 1
+        assert not liveness.holds(epoch + 1, monotonic.now)  # its row is 26 s old already
+        liveness.beat(monotonic.now, monotonic.now + 0.1)  # the row was stale till now
+        assert liveness.epoch == epoch + 2
+        assert liveness.holds(epoch + 2, monotonic.now + 1)
+        assert not liveness.holds(epoch, monotonic.now + 1)
+        assert Liveness(lost_after_s=3, safety_s=5).limit_s == 2  # a third when shorter
 
     def test_the_share_leaves_a_slot_for_other_systems(self):
         assert share_of(10, 1) == 10
@@ -188,6 +212,33 @@ class TestLostWorkers:
         assert len(sink.received) == 1  # the late 503 was no reason to send it again
         rows = await attempts(client, delivery["id"])
         assert [row["classification"] for row in rows] == ["worker_lost", "transient"]
+
+
+    async def test_a_late_success_after_a_newer_version_is_left_for_a_person(
+            self, client, sink, clock, transports):
+        """v1's send hangs; its claim is recovered; v2 is delivered; then v1 answers 200.
+        The system may now hold v1 over v2: the outcome stays open, and says so."""
+        release = threading.Event()
+        sink.answer(Answer(200, hold=release), Answer(200))
+        await add_system(client, sink, timeout_s=10)
+        await ingest(client, message(1, {"v": 1}))
+        worker = a_worker(client, transports, Monotonic())
+        [v1] = await claim_due(worker, 10)
+        sending = asyncio.create_task(deliver(worker, v1, trigger="scheduled",
+                                              actor=worker.worker_id))
+        await wait_for(lambda: sink.in_flight == 1, 10, "v1 to reach the sink")
+        clock.advance(minutes=10)
+        assert (await run_pass(client))["recovered_as_ambiguous"] == 1
+        await ingest(client, message(2, {"v": 2}))
+        assert (await run_pass(client))["delivered"] == 1  # v2
+        release.set()
+        result = await sending
+        assert (result.outcome, result.classification) == (Outcome.NOT_CLAIMED, "success")
+        [outcome] = (await client.get("/api/v1/ambiguous")).json()["items"]
+        assert outcome["status"] == "open"
+        assert "after version 2 was sent" in outcome["last_query_result"]
+        events = (await client.get("/api/v1/audit?action=delivery.late_answer")).json()
+        assert [e["details"]["newer_version"] for e in events["items"]] == [2]
 
 
 class TestTheWorkersList:

@@ -60,10 +60,6 @@ def lease_until(now: datetime, timeout_s: float, margin_s: float, waves: int = 1
     return now + timedelta(seconds=waves * total_deadline_s(timeout_s) + margin_s)
 
 
-def epoch_of(deliverer: Deliverer) -> int | None:
-    return None if deliverer.liveness is None else deliverer.liveness.epoch
-
-
 async def claim_due(deliverer: Deliverer, limit: int) -> list[int]:
     """Claim up to `limit` due deliveries for this worker, in a transaction of its own."""
     return await deliverer.database.run_transaction(
@@ -268,7 +264,9 @@ def lease_of(deliverer: Deliverer, row: Any, started: float, wall: datetime) -> 
     read before the transaction that confirmed the claim; `wall`: the wall clock read after
     it (so the remaining time is, if anything, underestimated)."""
     left = (row.lease_expires_at - wall).total_seconds() if row.lease_expires_at else 0.0
-    return Lease(started + left, epoch_of(deliverer))
+    liveness = deliverer.liveness
+    epoch = None if liveness is None else liveness.epoch_of_claim(row.updated_at)
+    return Lease(started + left, epoch)
 
 
 def may_send(deliverer: Deliverer, item: Prepared) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
@@ -181,6 +181,21 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
         if not ours(item.delivery_id):
             late = await _late_answer_to(session, delivery, deliverer.worker_id,
                                          item.classification)
+            newer = late and await _newer_version_sent(session, delivery)
+            if newer:
+                # Delivered, but after a newer version went out: the system may now hold
+                # the older one. Not for the pipeline to settle: said where a person looks.
+                late.last_query_result = (
+                    f"the original send answered {item.result.status} after its claim was "
+                    f"recovered and after version {newer} was sent: the system may hold "
+                    "this older version; check it and resolve by hand")
+                late.last_query_at = now
+                audit.append(AuditEntry(
+                    "delivery.late_answer", "delivery", str(delivery.id),
+                    {"system": delivery.system, "version": delivery.version,
+                     "newer_version": newer, "note": late.last_query_result},
+                    delivery.idempotency_key))
+                late = None
             if late is None:
                 # Recovered by another process meanwhile (worker_lost), and this answer
                 # settles nothing: its attempt row tells what happened; the ambiguous
@@ -235,6 +250,22 @@ async def _late_answer_to(session: AsyncSession, delivery: Delivery, worker_id: 
     delivered; nothing is to be sent). Any other late answer settles nothing."""
     if delivery.status != "ambiguous" or classification is not Classification.SUCCESS:
         return None
+    return await _open_outcome_of_our_claim(session, delivery, worker_id)
+
+
+async def _newer_version_sent(session: AsyncSession, delivery: Delivery) -> int | None:
+    """The newest version of this record to this system that was sent or is being sent
+    (in flight, delivered, ambiguous) and is newer than `delivery`'s, if any."""
+    return await session.scalar(
+        select(func.max(Delivery.version))
+        .where(Delivery.system == delivery.system,
+               Delivery.idempotency_key == delivery.idempotency_key,
+               Delivery.version > delivery.version,
+               Delivery.status.in_(("in_flight", "delivered", "ambiguous"))))
+
+
+async def _open_outcome_of_our_claim(session: AsyncSession, delivery: Delivery,
+                                     worker_id: str) -> AmbiguousOutcome | None:
     return (await session.execute(
         select(AmbiguousOutcome)
         .join(DeliveryAttempt, DeliveryAttempt.id == AmbiguousOutcome.attempt_id)

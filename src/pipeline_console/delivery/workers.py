@@ -17,7 +17,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
@@ -33,6 +33,9 @@ _workers = Worker.__table__
 _deliveries = Delivery.__table__
 
 
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
 @dataclass
 class Liveness:
     """This process's own view of its heartbeat, on the monotonic clock."""
@@ -42,6 +45,9 @@ class Liveness:
     monotonic: Callable[[], float] = MONOTONIC
     beat_started: float = -math.inf  # when the last committed heartbeat began
     epoch: int = 0
+    # the wall clock when the current epoch began: a claim made before it (its updated_at)
+    # belongs to an earlier epoch, whenever it is checked
+    epoch_since: datetime = EARLIEST
 
     @property
     def limit_s(self) -> float:
@@ -49,12 +55,19 @@ class Liveness:
         lost-after time less a margin for the other side's clock and transaction."""
         return self.lost_after_s - min(self.safety_s, self.lost_after_s / 3)
 
-    def beat(self, started: float, committed: float) -> None:
-        """A heartbeat that began at `started` committed at `committed`. If the database
-        went that long without a fresh one, claims of earlier epochs may be recovered."""
+    def beat(self, started: float, committed: float, wall: datetime | None = None) -> None:
+        """A heartbeat that began at `started` committed at `committed` (`wall`: the wall
+        clock then). If the database went that long without a fresh one, claims of earlier
+        epochs may be recovered."""
         if committed - self.beat_started >= self.limit_s:
             self.epoch += 1
+            if wall is not None:
+                self.epoch_since = wall
         self.beat_started = started
+
+    def epoch_of_claim(self, claimed_at: datetime) -> int | None:
+        """The epoch a claim made at `claimed_at` (wall clock) belongs to, if the current."""
+        return self.epoch if claimed_at >= self.epoch_since else None
 
     def holds(self, epoch: int | None, now: float) -> bool:
         return epoch == self.epoch and now - self.beat_started < self.limit_s
@@ -91,7 +104,7 @@ async def heartbeat(database: Database, identity: Identity, liveness: Liveness,
                 last_seen_at=now, stopped_at=None))
 
     await database.run_transaction(work)
-    liveness.beat(started, liveness.monotonic())
+    liveness.beat(started, liveness.monotonic(), clock())
 
 
 async def mark_stopped(database: Database, identity: Identity, now: datetime) -> None:
