@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import threading
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 
@@ -201,3 +202,35 @@ async def test_workers_killed_in_a_loop_never_open_a_healthy_circuit(
     assert (state["state"], state["consecutive_failures"]) == ("closed", 0), state
     opened = (await client.get("/api/v1/audit?action=circuit.open")).json()["items"]
     assert opened == [], opened
+
+
+async def test_a_stopping_worker_heartbeats_until_its_last_send_is_recorded(
+        database_url, client, sink, clock, tmp_path):
+    """SIGTERM while a send is open: the worker finishes it, and keeps its heartbeat (it is
+    alive, not lost) until the answer is recorded; then it says it stopped."""
+    clock.now = datetime.now(UTC)
+    release = threading.Event()
+    sink.answer(Answer(200, hold=release))
+    await add_system(client, sink, timeout_s=30)
+    log = tmp_path / "worker.log"
+    worker = start_worker(database_url, log, **FAST)
+    try:
+        await wait_for(lambda: "started" in log.read_text(), 60, "the worker to start")
+        await ingest(client, message(1, entity_id="LAST"))
+        await wait_for(lambda: sink.in_flight == 1, 30, "the send to reach the sink")
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.sleep(FAST["worker_lost_after_s"] + 1)  # past lost-after, still open
+
+        async def statuses() -> list[str]:
+            clock.now = datetime.now(UTC)
+            return [w["status"] for w in (await client.get("/api/v1/workers")).json()["items"]]
+
+        assert await statuses() == ["alive"]
+        assert worker.poll() is None  # still finishing its send
+    finally:
+        release.set()
+        assert worker.wait(timeout=60) == 0
+    assert await statuses() == ["stopped"]
+    [delivery] = await all_deliveries(client)
+    rows = (await client.get(f"/api/v1/deliveries/{delivery['id']}/attempts")).json()["items"]
+    assert [row["classification"] for row in rows] == ["success"]
