@@ -94,8 +94,9 @@ class Settings(BaseSettings):
         "('' : never)")
     lease_margin_s: float = Field(
         default=30.0, ge=0,
-        description="a claimed delivery whose worker is silent this long after the system's "
-        "timeout becomes ambiguous")
+        description="a claim's lease lasts the exchanges it may wait for (twice the system's "
+        "timeout plus 1 s each) and this long; then it is recovered as ambiguous "
+        "(worker_lost)")
     lease_safety_s: float = Field(
         default=5.0, ge=0,
         description="a claimed delivery is sent only if its whole exchange (the system's "

@@ -12,7 +12,8 @@ worker's heartbeat stopped — and makes it ambiguous with the classification wo
 it may have been sent, so it is never simply sent again, and it says nothing about the
 downstream system, so it never moves a circuit.
 
-Lock order, the same everywhere: circuits (by name), then deliveries (by id)."""
+Lock order of these functions: circuits (by name), then deliveries (by id), then ambiguous
+outcomes. (Not yet everywhere: an operator's resolution locks its outcome first.)"""
 
 from __future__ import annotations
 
