@@ -12,8 +12,9 @@ worker's heartbeat stopped — and makes it ambiguous with the classification wo
 it may have been sent, so it is never simply sent again, and it says nothing about the
 downstream system, so it never moves a circuit.
 
-Lock order of these functions: circuits (by name), then deliveries (by id), then ambiguous
-outcomes. (Not yet everywhere: an operator's resolution locks its outcome first.)"""
+Lock order: circuits (by name), then deliveries (by id). Ambiguous outcomes are locked
+before their deliveries here, as an operator's resolution does; recording a late answer
+locks them after (a deadlock between the two is a retried transaction, not a wrong state)."""
 
 from __future__ import annotations
 
