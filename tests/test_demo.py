@@ -15,7 +15,7 @@ EXPECTED_ATTENTION = (
     "open_anomalies 1, dead_letters (crm-sync) 1, dead_letters (ledger) 2, "
     "ambiguous_outcomes 6, open_circuits 1, half_open_circuits 1, stale_partials 1, "
     "delivery_backlog (crm-sync) 11, delivery_backlog (ledger) 1, "
-    "delivery_backlog (warehouse) 2, unsuccessful_replays 1")
+    "delivery_backlog (warehouse) 2, unsuccessful_replays 1, lost_workers 1")
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ async def test_the_dashboard_shows_every_area_non_zero(client, demo):
         counts[item["name"]] += item["count"]
     assert set(counts) == {"open_anomalies", "dead_letters", "ambiguous_outcomes",
                            "open_circuits", "half_open_circuits", "stale_partials",
-                           "delivery_backlog", "unsuccessful_replays"}
+                           "delivery_backlog", "unsuccessful_replays", "lost_workers"}
     assert all(counts.values()), counts
     for window in ("last_5_min", "last_hour"):
         assert sum(dashboard["rates"][window]["ingestion"].values()), window

@@ -32,6 +32,7 @@ from pipeline_console.delivery.schemas import SystemCreate
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.delivery.systems import create_system
 from pipeline_console.delivery.transports import Transports
+from pipeline_console.delivery.workers import Identity, Liveness, heartbeat
 from pipeline_console.entity_types.service import put_entity_type
 from pipeline_console.errors import Conflict
 from pipeline_console.ingestion.intake import excerpt, parse_message
@@ -327,6 +328,12 @@ async def _operators(story: Story, settings: Settings) -> None:
     await story.deliver_until(179)
     await _circuit(story, "ledger", CircuitEvent.RESET,
                    "maintenance over; one trial delivery will tell")
+    gone = Identity("worker:edge-2:4242:demo", "edge-2", 4242)
+    await heartbeat(story.database, gone, Liveness(settings.worker_lost_after_s,
+                                                   settings.lease_safety_s), story.clock)
+    story.say(f"a worker on edge-2 (pid 4242) heartbeats at {story.clock():%H:%M} and is "
+              "never heard from again: it is lost (GET /api/v1/workers); what it held would "
+              "become ambiguous as worker_lost, without touching a circuit")
     story.clock.now = story.start + DURATION  # now; the trial waits for a worker
     async with database.read() as session:
         items = await attention(session, now=story.clock(),
