@@ -99,15 +99,16 @@ class Settings(BaseSettings):
         "(worker_lost)")
     lease_safety_s: float = Field(
         default=5.0, ge=0,
-        description="a claimed delivery is sent only if its whole exchange (the system's "
-        "timeout) and this many seconds more still fit in its lease; otherwise it is "
-        "released unsent")
+        description="a claimed delivery is sent only if its whole exchange (twice the system's "
+        "timeout plus 1 s) and this many seconds more still fit in its lease; otherwise it "
+        "is released unsent")
     worker_heartbeat_s: float = Field(
         default=5.0, gt=0, description="how often a worker tells the database it is alive")
     worker_lost_after_s: float = Field(
         default=30.0, gt=0,
-        description="a worker whose heartbeat is older than this is lost: its claims become "
-        "ambiguous (worker_lost) at once, without waiting for their leases")
+        description="a worker whose heartbeat is older than this is lost; its claims become "
+        "ambiguous (worker_lost) one exchange of their system later, without waiting for "
+        "their leases")
     worker_metrics_port: int = Field(
         default=0, ge=0, le=65535,
         description="port on which a worker serves its Prometheus counters (0: it does not)")

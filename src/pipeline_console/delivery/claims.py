@@ -366,8 +366,8 @@ async def _settle_recovered_unsent(session: AsyncSession, deliverer: Deliverer,
     return {entry_delivery for entry_delivery in deliveries}
 
 
-async def _lost_worker_conditions(session: AsyncSession, now: datetime,
-                                  lost_after_s: float) -> list[Any]:
+async def _lost_worker_conditions(session: AsyncSession, now: datetime, lost_after_s: float,
+                                  alive_since: datetime | None = None) -> list[Any]:
     """Claims of stopped workers, and of workers silent for lost_after_s plus one whole
     exchange of the claim's system: a worker whose heartbeats stopped committing may still
     have a send open that began while its heartbeat held (the fence lets it start one until
@@ -377,24 +377,33 @@ async def _lost_worker_conditions(session: AsyncSession, now: datetime,
     conditions = [Delivery.claimed_by.in_(stopped)]
     for name, timeout_s in timeouts:
         cutoff = now - timedelta(seconds=lost_after_s + total_deadline_s(timeout_s))
+        if alive_since is not None and alive_since > cutoff:
+            # the recovering worker was not itself alive all through that silence (a
+            # database outage silences every worker at once): the other's silence proves
+            # nothing yet; the leases still apply
+            continue
         conditions.append(and_(Delivery.system == name, Delivery.claimed_by.in_(
             select(_workers.c.id).where(_workers.c.last_seen_at < cutoff))))
     return conditions
 
 
 async def recover_lost_claims(deliverer: Deliverer, *, lost_after_s: float | None = None,
-                              limit: int = 100) -> int:
+                              limit: int = 100, alive_since: datetime | None = None) -> int:
     """In-flight deliveries whose lease ran out, or whose worker stopped or has been lost
     for longer than one exchange of the delivery's system, become ambiguous with the
     classification worker_lost: the request may have reached the system,
-    so it is never simply sent again; the status query (or a person) finds out. The circuit
+    so it is never simply sent again; the status query (or a person) finds out.
+    `alive_since`: when the recovering worker's own heartbeat epoch began; a silence that
+    overlaps its own (an outage of the database, not of the other worker) is not held
+    against anyone. The circuit
     is left alone: a worker's trouble is not the system's. (If the worker was only slow
     and its answer arrives after all, the answer settles the outcome: recording.py.)"""
     async def work(session: AsyncSession) -> list[str]:
         now = deliverer.clock()
         conditions = [Delivery.lease_expires_at < now]
         if lost_after_s is not None:
-            conditions += await _lost_worker_conditions(session, now, lost_after_s)
+            conditions += await _lost_worker_conditions(session, now, lost_after_s,
+                                                        alive_since)
         lost = (Delivery.status == "in_flight", or_(*conditions))
         names = sorted((await session.execute(
             select(Delivery.system).where(*lost).group_by(Delivery.system))).scalars())

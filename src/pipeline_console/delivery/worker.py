@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
-from pipeline_console.db import Database, create_engine
+from pipeline_console.db import Database, create_engine, unavailability
 from pipeline_console.delivery.base import StallWatch
 from pipeline_console.delivery.claims import recover_lost_claims
 from pipeline_console.delivery.pipeline import Pipeline
@@ -64,8 +64,11 @@ async def _run_if_due(deliverer: Deliverer, settings: Settings, scheduled: Sched
                 await release_failed_run(deliverer.database, scheduled, claim,
                                          now=deliverer.clock(), worker=deliverer.worker_id)
                 due = deliverer.clock() + RETRY_FAILED_AFTER
-    except Exception:
-        log.exception("scheduled job %s could not start", scheduled.job)
+    except Exception as error:
+        if unavailability(error):  # the database is away: expected, one line
+            log.warning("scheduled job %s could not start: %s", scheduled.job, error)
+        else:
+            log.exception("scheduled job %s could not start", scheduled.job)
         return time.time() + 5
     wait = (due - deliverer.clock()).total_seconds()
     return time.time() + min(max(wait, 0.0), MAX_SCHEDULE_WAIT_S)
@@ -167,7 +170,8 @@ async def _housekeeping(deliverer: Deliverer, settings: Settings, stop: asyncio.
                 next_check[scheduled.job] = await _run_if_due(deliverer, settings, scheduled)
         try:
             while await recover_lost_claims(
-                    deliverer, lost_after_s=settings.worker_lost_after_s) == RECOVER_LIMIT:
+                    deliverer, lost_after_s=settings.worker_lost_after_s,
+                    alive_since=deliverer.liveness.epoch_since) == RECOVER_LIMIT:
                 pass
         except Exception as error:  # the database went away, say: keep going, loudly
             log.warning("recovering lost claims failed: %s", error)
