@@ -141,6 +141,20 @@ class TestDeliveryReport:
         # nearest rank: p50 of three is the second, p95 the third
         assert (row["p50_latency_ms"], row["p95_latency_ms"]) == (latencies[1], latencies[2])
 
+    async def test_a_worker_lost_claim_is_not_held_against_the_system(self, client, history,
+                                                                      clock):
+        from pipeline_console.delivery.claims import claim_due, recover_lost_claims
+
+        answer = await client.post("/api/v1/messages", json=message(1, entity_id="LOST-1"))
+        assert answer.status_code == 200, answer.text
+        deliverer = client.app.state.deliverer
+        assert len(await claim_due(deliverer, 10)) == 1  # claimed; the process dies
+        clock.advance(minutes=5)
+        assert await recover_lost_claims(deliverer) == 1
+        [row] = (await report(client, "delivery"))["rows"]
+        assert (row["attempts"], row["success"], row["worker_lost"]) == (4, 2, 1)
+        assert row["success_rate"] == round(2 / 3, 4)  # as before the worker was lost
+
     async def test_csv(self, client, history):
         await assert_csv_matches_json(client, "delivery")
 

@@ -280,6 +280,10 @@ class TestTheWorkersList:
         page = await client.get("/workers?status=lost")  # the console page
         assert page.status_code == 200
         assert "worker:old" in page.text and "worker:alive" not in page.text
+        for anything in ("", "all"):  # the form's "any", and "all" as on other pages
+            page = await client.get(f"/workers?status={anything}")
+            assert page.status_code == 200, anything
+            assert "worker:old" in page.text and "worker:alive" in page.text
 
         clock.advance(hours=25)  # a day later the lost worker is history, not an alarm
         await heartbeat(database, alive, Liveness(30, 5), clock)

@@ -130,7 +130,8 @@ async def delivery_report(session: AsyncSession, start: datetime, end: datetime)
         row["dlq_reasons"][reason] = row["dlq_reasons"].get(reason, 0) + count
         row["dead_lettered"] += count
     for system, row in rows.items():
-        row["success_rate"] = _rate(row["success"], row["attempts"])
+        # worker_lost says nothing about the system: not held against its success rate
+        row["success_rate"] = _rate(row["success"], row["attempts"] - row["worker_lost"])
         for column, fraction in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
             row[column] = await _percentile(session, system, start, end,
                                             timed.get(system, 0), fraction)
@@ -138,7 +139,8 @@ async def delivery_report(session: AsyncSession, start: datetime, end: datetime)
     totals: dict[str, Any] = {column: sum(row[column] for row in ordered)
                               for column in ("attempts", *CLASSIFICATIONS, "delivered",
                                              "dead_lettered")}
-    totals["success_rate"] = _rate(totals["success"], totals["attempts"])
+    totals["success_rate"] = _rate(totals["success"],
+                                   totals["attempts"] - totals["worker_lost"])
     return Report("delivery", "Delivery by downstream system", start, end,
                   ["system", "attempts", *CLASSIFICATIONS, "success_rate", "p50_latency_ms",
                    "p95_latency_ms", "delivered", "dead_lettered", "dlq_reasons"],
