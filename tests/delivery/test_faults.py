@@ -13,6 +13,7 @@ import threading
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 
+import asyncpg
 from sqlalchemy.engine import make_url
 
 from tests.delivery.test_delivery import add_system, circuit, ingest
@@ -68,13 +69,30 @@ def _sqlite_is_free(database_url: str) -> bool:
         connection.close()
 
 
+async def _postgresql_is_free(database_url: str) -> bool:
+    """Whether no session on this test's database is inside a transaction: a process frozen
+    in one holds its row locks until the server ends the session, so the rows it locked
+    could not be recovered — a different fault (see idle_in_transaction_session_timeout),
+    and not this test's."""
+    url = make_url(database_url).set(drivername="postgresql")
+    connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        return not await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'")
+    finally:
+        await connection.close()
+
+
 async def freeze(process, database_url: str, backend: str) -> None:
-    for _ in range(20):
+    for _ in range(50):
         process.send_signal(signal.SIGSTOP)
-        if backend != "sqlite" or _sqlite_is_free(database_url):
+        free = (_sqlite_is_free(database_url) if backend == "sqlite"
+                else await _postgresql_is_free(database_url))
+        if free:
             return
         process.send_signal(signal.SIGCONT)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
     raise AssertionError("the worker never stopped outside a transaction")
 
 
