@@ -363,7 +363,7 @@ async def _settle_recovered_unsent(session: AsyncSession, deliverer: Deliverer,
                                 delivery.idempotency_key))
     await session.flush()
     await append_audit(session, audit, actor="system", now=now)
-    return {entry_delivery for entry_delivery in deliveries}
+    return set(deliveries)
 
 
 async def _lost_worker_conditions(session: AsyncSession, now: datetime, lost_after_s: float,

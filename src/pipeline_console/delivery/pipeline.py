@@ -129,6 +129,11 @@ class Pipeline:
         await self.stop.wait()
         self._wake.set()
 
+    def _failing(self, name: str) -> bool:
+        """Whether a system failed as often as its circuit's threshold in this worker."""
+        threshold = self.thresholds.get(name)
+        return threshold is not None and self.failures.get(name, 0) >= threshold
+
     def _alive(self) -> bool:
         """Whether this worker's heartbeat holds (claims made now could be sent)."""
         liveness = self.deliverer.liveness
@@ -198,7 +203,7 @@ class Pipeline:
         names = set(self.queued) | set(self.in_flight) | set(self.failures)
         budgets = {}
         for name in names:
-            if self.failures.get(name, 0) >= self.thresholds.get(name, 1 << 30):
+            if self._failing(name):
                 budgets[name] = 0  # failing: no more claims until the circuit has its say
             else:
                 budgets[name] = (share + -(-2 * self.batch_size * share // self.concurrency)
@@ -316,7 +321,7 @@ class Pipeline:
             if self.on_result is not None:
                 self.on_result(result)
         for name in {sent.prepared.config.name for sent, _ in batch}:
-            if self.failures.get(name, 0) >= self.thresholds.get(name, 1 << 30):
+            if self._failing(name):
                 # recorded: the circuit has counted them; its state now decides the claims
                 self.failures[name] = 0
         if again:
