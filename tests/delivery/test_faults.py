@@ -58,7 +58,7 @@ def _sqlite_is_free(database_url: str) -> bool:
     """Whether a write could start now (a process frozen inside a SQLite transaction would
     hold the only write lock: a different fault, and not this test's)."""
     path = make_url(database_url).database
-    connection = sqlite3.connect(path, timeout=0.5)
+    connection = sqlite3.connect(path, timeout=0.1)
     try:
         connection.execute("BEGIN IMMEDIATE")
         connection.rollback()
@@ -103,11 +103,14 @@ async def test_a_worker_frozen_past_its_lease_never_sends_what_was_recovered(
     key. W1 resumes: its ten answers are late, and the ten it had not sent yet stay unsent.
     The sink receives no key:version twice and never v1 after v2."""
     clock.now = datetime.now(UTC)  # worker processes run on the real clock
-    sink.answer(*[Answer(200, delay_s=1.5)] * 10, Answer(200))
-    # lease 2 x 2 + 1 + 2 = 7 s. W1's ten sends may time out when it wakes (their timers ran
+    # The sink holds W1's first ten sends until W1 is frozen (a fixed delay could run out
+    # while the test waits for W1 to be outside a transaction, on a loaded machine).
+    answers_go = threading.Event()
+    sink.answer(*[Answer(200, hold=answers_go)] * 10, Answer(200))
+    # lease 2 x 5 + 1 + 2 = 13 s. W1's ten sends may time out when it wakes (their timers ran
     # while it was frozen): that is W1's stall (worker_lost), not the system's failure, so
     # the circuit (threshold 3) must stay closed.
-    await add_system(client, sink, timeout_s=2, failure_threshold=3)
+    await add_system(client, sink, timeout_s=5, failure_threshold=3)
     keys = [f"F-{n:02}" for n in range(20)]
     await ingest(client, *[message(1, {"v": 1}, entity_id=key) for key in keys])
     first = start_worker(database_url, tmp_path / "first.log", worker_concurrency=10,
@@ -117,6 +120,7 @@ async def test_a_worker_frozen_past_its_lease_never_sends_what_was_recovered(
         await wait_for(lambda: sink.in_flight == 10, 60, "ten sends at the sink")
         await freeze(first, database_url, backend)
         frozen_at = asyncio.get_running_loop().time()
+        answers_go.set()
         in_flight = [d for d in await all_deliveries(client) if d["status"] == "in_flight"]
         assert len(in_flight) == 20, "W1 was to hold twenty claims when it froze"
 
@@ -128,7 +132,7 @@ async def test_a_worker_frozen_past_its_lease_never_sends_what_was_recovered(
             return sum(d["version"] == 2 and d["status"] == "delivered" for d in items) == 20
 
         await until(v2_delivered, 90, "W2 to deliver every v2")
-        left = frozen_at + 8 - asyncio.get_running_loop().time()  # past W1's 7 s leases
+        left = frozen_at + 14 - asyncio.get_running_loop().time()  # past W1's 13 s leases
         await asyncio.sleep(max(left, 0))
         first.send_signal(signal.SIGCONT)
 
@@ -140,6 +144,7 @@ async def test_a_worker_frozen_past_its_lease_never_sends_what_was_recovered(
         await until(first_settled, 60, "W1 to wake up and hold nothing")
         await asyncio.sleep(2)  # room for a wrong send to show up, if there were one
     finally:
+        answers_go.set()
         for process in (first, second):
             if process is not None:
                 process.send_signal(signal.SIGCONT)
