@@ -1,7 +1,7 @@
 """ORM models, one file per aggregate; importing this package registers every table."""
 
 from pipeline_console.models.audit import AuditEvent
-from pipeline_console.models.auth import ApiToken
+from pipeline_console.models.auth import ApiToken, ConsoleSession, LoginCode
 from pipeline_console.models.base import Base
 from pipeline_console.models.delivery import (
     AmbiguousOutcome,
@@ -31,6 +31,7 @@ __all__ = [
     "AuditEvent",
     "Base",
     "Circuit",
+    "ConsoleSession",
     "Correlation",
     "DeadLetter",
     "Delivery",
@@ -40,6 +41,7 @@ __all__ = [
     "IngestionAttempt",
     "JobRun",
     "JobSchedule",
+    "LoginCode",
     "ProductionRecord",
     "RecordState",
     "ReplayExecution",

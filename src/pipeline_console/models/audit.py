@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, String
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pipeline_console.models.base import Base, UTCDateTime
@@ -27,6 +27,8 @@ class AuditEvent(Base):
     row_hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
 
     __table_args__ = (
+        # the chain starts at 1: a row 0 or -1 slipped in before it is refused
+        CheckConstraint("id >= 1", name="positive_id"),
         Index(None, "idempotency_key", "id"),
         Index(None, "subject_type", "subject_id", "id"),
     )

@@ -1,8 +1,13 @@
-"""API tokens: stored only as SHA-256 hashes of high-entropy random strings."""
+"""API tokens: stored only as SHA-256 hashes of high-entropy random strings; console sessions
+and one-time login codes, made from a token and stored only as hashes too.
+
+A token row never changes in place, except once to record its revocation: a database
+trigger refuses any other UPDATE, and every DELETE (a role is changed by revoking the token
+and creating another, which the audit log then shows)."""
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, Index, String, text
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pipeline_console.models.base import Base, BigId, UTCDateTime
@@ -20,6 +25,9 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(128))
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # the source systems an ingest token may post for; None: any (operator and admin
+    # tokens, and ingest tokens made before scoping existed, which are flagged until replaced)
+    sources: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (
         CheckConstraint("role IN ('ingest', 'viewer', 'operator', 'admin')", name="role"),
@@ -28,3 +36,34 @@ class ApiToken(Base):
               sqlite_where=text("revoked_at IS NULL"),
               postgresql_where=text("revoked_at IS NULL")),
     )
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: the cookie holds a random id, this row only its hash. The API
+    never accepts it; it ends at logout, at expiry, after an idle time, or when the token it
+    was made from is revoked."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ended_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class LoginCode(Base):
+    """A one-time, short-lived code that signs a browser in as a token (the demo's link):
+    it is exchanged once for a console session and is worth nothing after."""
+
+    __tablename__ = "login_codes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
