@@ -34,6 +34,8 @@ POSTGRES_URL = os.environ.get(
     "PIPELINE_CONSOLE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The in-process clients talk to http://test; real servers are on 127.0.0.1.
+os.environ.setdefault("PIPELINE_CONSOLE_ALLOWED_HOSTS", "127.0.0.1,localhost,::1,test")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

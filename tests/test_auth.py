@@ -273,7 +273,7 @@ def test_the_only_routes_without_a_role_are_the_public_description_and_static_fi
                     and not any(context.original_route is route
                                 for context in iter_route_contexts(app.routes)
                                 if isinstance(context.original_route, APIRoute)))
-    assert others == ["/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/static"]
+    assert others == ["/docs", "/openapi.json", "/static"]
 
 
 async def test_the_console_cookie_opens_no_api_route(client, database, clock):
@@ -287,9 +287,10 @@ async def test_the_console_cookie_opens_no_api_route(client, database, clock):
         text_plain = await browser.post("/api/v1/messages", content=b'{"x": 1}',
                                         headers={"content-type": "text/plain"})
         assert text_plain.status_code == 401
-        assert (await browser.get("/")).status_code == 200  # the console takes it
-        no_origin = await browser.post("/jobs/promote_staging/run", data={"csrf": "x"})
-        assert no_origin.status_code == 403
+        # nor does the console: its cookie holds a session id, never a token
+        assert (await browser.get("/")).status_code == 303
+        no_session = await browser.post("/jobs/promote_staging/run", data={"csrf": "x"})
+        assert no_session.status_code == 401
         null_origin = await browser.post("/login", data={"token": token},
                                          headers={"origin": "null"})
         assert null_origin.status_code == 403

@@ -126,7 +126,7 @@ UNAVAILABLE_DETAILS: dict[Unavailability, str] = {
 
 
 MACHINE_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-                    "/redoc", "/static/")
+                    "/static/")
 HtmlErrors = Callable[[Request, int, str, list[FieldError]], Response]
 
 

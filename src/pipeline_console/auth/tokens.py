@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.auth.roles import ROLES
+from pipeline_console.auth.sessions import end_sessions_of_token
 from pipeline_console.errors import Conflict, FieldError, InvalidInput, NotFound
 from pipeline_console.models import ApiToken
 
@@ -70,6 +71,7 @@ async def revoke_token(session: AsyncSession, name: str, *, actor: str,
         raise NotFound(f"no active token is named {name!r}")
     row.revoked_at, row.revoked_by = now, actor
     await session.flush()
+    await end_sessions_of_token(session, row.id, now=now)  # the console's, at once
     await append_audit(session, [AuditEntry("token.revoked", "token", name,
                                             {"role": row.role, "prefix": row.prefix})],
                        actor=actor, now=now)
