@@ -73,29 +73,38 @@ def serve(
 def demo() -> None:
     """Load the demo scenario into an empty database: three hours of an ERP, a CRM and a
     shop, three downstream systems, every decision, queue and circuit state."""
+    from pipeline_console.auth.sessions import issue_login_code
     from pipeline_console.auth.tokens import active_token_named, create_token, revoke_token
     from pipeline_console.demo import load_demo
     from pipeline_console.errors import Conflict
 
-    async def work(database: Database) -> tuple[list[str], str]:
+    settings = Settings()
+
+    async def work(database: Database) -> tuple[list[str], str, str]:
         lines = await load_demo(database, now=system_clock())
         async with database.transaction() as session:  # one click into the console
             if await active_token_named(session, DEMO_ADMIN) is not None:
                 await revoke_token(session, DEMO_ADMIN, actor=CLI_ACTOR, now=system_clock())
             _, token = await create_token(session, name=DEMO_ADMIN, role="admin",
                                           actor=CLI_ACTOR, now=system_clock())
-        return lines, token
+            code = await issue_login_code(session, DEMO_ADMIN, actor=CLI_ACTOR,
+                                          now=system_clock(), ttl_s=settings.login_code_ttl_s)
+        return lines, token, code
 
     try:
-        summary, token = _with_database(work)
+        summary, token, code = _with_database(work)
     except Conflict as error:
         typer.echo(error.detail, err=True)
         raise typer.Exit(1) from error
     for line in summary:
         typer.echo(line)
     typer.echo("")
-    typer.echo(f"Sign in to the console (admin token {DEMO_ADMIN!r}; the link carries it):")
-    typer.echo(f"  http://127.0.0.1:8000/login#token={token}")
+    # The link carries a one-time code, not the token: a link ends up in browser histories,
+    # screenshots and chat logs; the code is worth nothing once used or after a while.
+    typer.echo(f"Sign in to the console as {DEMO_ADMIN!r} (admin) with this one-time link "
+               f"(valid {settings.login_code_ttl_s // 60} min, once; "
+               f"`pipeline-console tokens login-link {DEMO_ADMIN}` makes another):")
+    typer.echo(f"  http://127.0.0.1:8000/login#code={code}")
     typer.echo(f"API: curl -H 'Authorization: Bearer {token}' "
                "http://127.0.0.1:8000/api/v1/dashboard")
 
@@ -251,6 +260,34 @@ def tokens_revoke(name: str) -> None:
         typer.echo(error.detail, err=True)
         raise typer.Exit(2) from error
     typer.echo(f"revoked token {name!r}")
+
+
+@tokens_app.command("login-link")
+def tokens_login_link(
+    name: Annotated[str, typer.Argument(help="the active token to sign in as")],
+    base_url: Annotated[str, typer.Option(help="where the console is reached")] =
+        "http://127.0.0.1:8000",
+) -> None:
+    """Print a link that signs one browser in to the console as the token NAME: a one-time
+    code (valid LOGIN_CODE_TTL_S seconds, 15 min by default), never the token itself."""
+    from pipeline_console.auth.sessions import issue_login_code
+    from pipeline_console.errors import DomainError
+
+    settings = Settings()
+
+    async def work(database: Database) -> str:
+        async with database.transaction() as session:
+            return await issue_login_code(session, name, actor=CLI_ACTOR, now=system_clock(),
+                                          ttl_s=settings.login_code_ttl_s)
+
+    try:
+        code = _with_database(work)
+    except DomainError as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"a one-time sign-in link for {name!r}, valid "
+               f"{settings.login_code_ttl_s // 60} min:")
+    typer.echo(f"{base_url.rstrip('/')}/login#code={code}")
 
 
 @tokens_app.command("new")

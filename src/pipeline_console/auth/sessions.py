@@ -21,7 +21,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.api.dependencies import Actor
-from pipeline_console.errors import Unauthorized
+from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.errors import NotFound, Unauthorized
 from pipeline_console.models import ApiToken
 from pipeline_console.models.auth import ConsoleSession, LoginCode
 
@@ -126,6 +127,20 @@ async def create_login_code(session: AsyncSession, token: ApiToken, *, now: date
     session.add(LoginCode(code_hash=secret_hash(plain), token_id=token.id, created_at=now,
                           expires_at=now + timedelta(seconds=ttl_s)))
     await session.flush()
+    return plain
+
+
+async def issue_login_code(session: AsyncSession, name: str, *, actor: str, now: datetime,
+                           ttl_s: float) -> str:
+    """A login code for the active token `name` (audited: it is worth a session)."""
+    token = await session.scalar(select(ApiToken).where(ApiToken.name == name,
+                                                        ApiToken.revoked_at.is_(None)))
+    if token is None:
+        raise NotFound(f"no active token is named {name!r}")
+    plain = await create_login_code(session, token, now=now, ttl_s=ttl_s)
+    await append_audit(session, [AuditEntry("token.login_code", "token", name,
+                                            {"role": token.role, "valid_s": ttl_s})],
+                       actor=actor, now=now)
     return plain
 
 
