@@ -3,12 +3,16 @@ queue and every state, the same on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections import Counter
 
 import pytest
 
 from pipeline_console.demo import load_demo
 from pipeline_console.errors import Conflict
+from tests.console.test_sessions import browser_for, sign_in
+from tests.test_operations import run_cli
 
 # The scenario is deterministic: the same steps and seeds give these counts on both databases.
 EXPECTED_ATTENTION = (
@@ -92,3 +96,19 @@ async def test_every_report_has_rows(client, demo):
 async def test_the_demo_refuses_a_database_that_is_not_empty(database, clock, settings, demo):
     with pytest.raises(Conflict, match="empty database"):
         await load_demo(database, now=clock.now, settings=settings)
+
+
+async def test_the_demo_prints_a_one_time_login_link_never_a_token_in_a_link(database_url,
+                                                                              client):
+    result = await asyncio.to_thread(run_cli, database_url, "demo")
+    assert result.returncode == 0, result.stderr
+    links = re.findall(r"https?://\S+", result.stdout)
+    assert links and not [link for link in links if "pc_" in link]
+    [login] = [link for link in links if "/login" in link]
+    assert re.fullmatch(r"http://127\.0\.0\.1:8000/login#code=lc_[\w-]+", login)
+    [token] = re.findall(r"Bearer (pc_[\w-]+)", result.stdout)  # for the README's curl
+    async with browser_for(client.app) as browser:
+        await sign_in(browser, code=login.partition("#code=")[2])
+        assert "demo-admin (admin)" in (await browser.get("/")).text
+        api = await browser.get("/api/v1/dashboard", headers={"Authorization": f"Bearer {token}"})
+        assert api.status_code == 200
