@@ -247,7 +247,7 @@ async def test_metrics_are_for_viewers_unless_configured_open(client, tokens):
 
 def expected_role(method: str, path: str) -> str:
     """The policy of docs/security.md, independent of what the routes declare."""
-    if path in ("/healthz", "/readyz", "/login", "/logout"):
+    if path in ("/healthz", "/readyz", "/login", "/login/who", "/logout"):
         return "public"
     if method == "GET":
         return "operator" if re.fullmatch(r"/circuits/\{system\}/\{action\}", path) else "viewer"

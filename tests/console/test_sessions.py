@@ -288,3 +288,20 @@ class TestNotices:
             page = await browser.get("/jobs")
             assert page.status_code == 200
             assert "call +1-555" not in page.text and 'class="notice"' not in page.text
+
+
+class TestWhomALinkSignsInAs:
+    async def test_a_code_is_named_without_being_spent(self, app, operator, database, clock):
+        code = await TestLoginCodes().code(database, clock)
+        async with browser_for(app) as browser:
+            for _ in range(2):
+                who = await browser.post("/login/who", data={"code": code})
+                assert who.json() == {"name": "night-operator", "role": "operator"}
+            token = await browser.post("/login/who", data={"token": operator})
+            assert token.json() == {"name": "night-operator", "role": "operator"}
+            await sign_in(browser, code=code)  # still unspent
+            spent = await browser.post("/login/who", data={"code": code})
+            assert spent.status_code == 404 and "night-operator" not in spent.text
+            other_site = await browser.post("/login/who", data={"code": code},
+                                            headers={"origin": "http://evil.example"})
+            assert other_site.status_code == 403

@@ -144,6 +144,17 @@ async def issue_login_code(session: AsyncSession, name: str, *, actor: str, now:
     return plain
 
 
+async def peek_login_code(session: AsyncSession, plain: str, *,
+                          now: datetime) -> ApiToken | None:
+    """The active token a live code would sign in as, without spending it."""
+    if not _plausible(plain, LOGIN_CODE_PREFIX):
+        return None
+    return await session.scalar(
+        select(ApiToken).join(LoginCode, LoginCode.token_id == ApiToken.id)
+        .where(LoginCode.code_hash == secret_hash(plain), LoginCode.used_at.is_(None),
+               LoginCode.expires_at > now, ApiToken.revoked_at.is_(None)))
+
+
 async def redeem_login_code(session: AsyncSession, plain: str, *,
                             now: datetime) -> ApiToken | None:
     """Spend the code: the active token it was made for, or None (unknown, used, expired,

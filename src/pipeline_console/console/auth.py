@@ -13,7 +13,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from pipeline_console.api.dependencies import Actor
 from pipeline_console.auth.dependencies import (
@@ -23,7 +23,12 @@ from pipeline_console.auth.dependencies import (
     bearer_token,
     session_cookie_name,
 )
-from pipeline_console.auth.sessions import end_session, redeem_login_code, start_session
+from pipeline_console.auth.sessions import (
+    end_session,
+    peek_login_code,
+    redeem_login_code,
+    start_session,
+)
 from pipeline_console.auth.tokens import find_active
 from pipeline_console.console.forms import form_of
 from pipeline_console.console.templating import csrf_for, page
@@ -124,6 +129,23 @@ async def login(request: Request, token: Annotated[str, Form(max_length=256)] = 
                         httponly=True, samesite="strict", path="/",
                         secure=cookie == SECURE_SESSION_COOKIE)
     return response
+
+
+@router.post("/login/who", dependencies=[PUBLIC])
+async def login_who(request: Request, token: Annotated[str, Form(max_length=256)] = "",
+                    code: Annotated[str, Form(max_length=256)] = "") -> Response:
+    """Whom a login link would sign in as (the code is not spent), so that the sign-in page
+    asks "Sign in as NAME (ROLE)?" before anything happens: a link someone else made
+    signs in as them, and the page says so."""
+    check_origin(request)
+    if not (token.strip() or code.strip()):
+        return JSONResponse({"detail": "give a token or a code"}, status_code=404)
+    async with request.app.state.database.read() as session:
+        found = (await peek_login_code(session, code.strip(), now=request.app.state.clock())
+                 if code.strip() else await find_active(session, token.strip()))
+    if found is None:
+        return JSONResponse({"detail": "unknown, used, expired or revoked"}, status_code=404)
+    return JSONResponse({"name": found.name, "role": found.role})
 
 
 @router.post("/logout", dependencies=[PUBLIC])

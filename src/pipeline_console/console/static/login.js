@@ -16,10 +16,24 @@
   } catch (error) {
     return;
   }
-  document.getElementById(match[1] === "code" ? "link-code" : "link-token").value = value;
-  document.getElementById("link-says").textContent = match[1] === "code"
-    ? "Sign in with the one-time login link you followed?"
-    : "Sign in with the token in the link you followed?";
+  var field = match[1] === "code" ? "code" : "token";
+  document.getElementById("link-" + field).value = value;
+  var says = document.getElementById("link-says");
+  var button = document.getElementById("link-sign-in");
   document.getElementById("link-login").hidden = false;
-  document.getElementById("link-sign-in").focus();
+  button.focus();
+  // Whom the link signs in as, asked without spending it: "Sign in as NAME (ROLE)?"
+  var body = new URLSearchParams();
+  body.set(field, value);
+  fetch("/login/who", {method: "POST", body: body, credentials: "same-origin"})
+    .then(function (answer) { return answer.ok ? answer.json() : null; })
+    .then(function (who) {
+      if (who) {
+        says.textContent = "Sign in as " + who.name + " (" + who.role + ")?";
+      } else {
+        says.textContent = "This link is unknown, used or expired.";
+        button.hidden = true;
+      }
+    })
+    .catch(function () {});
 })();
