@@ -262,25 +262,44 @@ def tokens_new() -> None:
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Recompute the audit hash chain; exit 1 and name the first broken row if it is broken."""
+def audit_verify(
+    anchor: Annotated[str | None, typer.Option(
+        help="ID:HASH, a head printed (or written by the audit_anchor job) earlier: fail "
+        "unless that row still has that hash and the chain through it to the head "
+        "verifies (detects deleted newest rows and a rewritten, rehashed log)")] = None,
+) -> None:
+    """Recompute the audit hash chain; exit 1 and say why if it is broken or does not extend
+    --anchor. The last line is always the head, `head ID:HASH`: keep it outside the
+    database and pass it as --anchor next time."""
+    from pipeline_console.audit.chain import parse_anchor
     from pipeline_console.audit.service import verify_audit_chain
+
+    try:
+        kept = None if anchor is None else parse_anchor(anchor)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--anchor") from error
 
     async def work(database: Database) -> Any:
         async with database.read() as session:
-            return await verify_audit_chain(session)
+            return await verify_audit_chain(session, anchor=kept)
 
     report = _with_database(work)
-    if report.ok:
-        typer.echo(f"audit chain ok: {report.checked} rows checked")
-        return
     broken = report.first_broken
-    typer.echo(
-        f"audit chain BROKEN at row {broken.id}: {broken.reason} "
-        f"({report.checked} rows before it are intact)",
-        err=True,
-    )
-    raise typer.Exit(1)
+    if broken is not None:
+        typer.echo(
+            f"audit chain BROKEN at row {broken.id}: {broken.reason} "
+            f"({report.checked} rows before it are intact)",
+            err=True,
+        )
+    elif report.anchor_problem is not None:
+        typer.echo(f"audit chain does NOT extend the anchor {kept}: {report.anchor_problem} "
+                   f"({report.checked} rows verify)", err=True)
+    else:
+        through = f", through the anchor row {kept.id}" if kept else ""
+        typer.echo(f"audit chain ok: {report.checked} rows checked{through}")
+    typer.echo(f"head {report.head}" if report.head else "head none (the log is empty)")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:
