@@ -251,6 +251,8 @@ def expected_role(method: str, path: str) -> str:
     """The policy of docs/security.md, independent of what the routes declare."""
     if path in ("/healthz", "/readyz", "/login", "/logout"):
         return "public"
+    if path in ("/api/v1/tokens", "/tokens"):  # who holds which token: admins only
+        return "admin"
     if method == "GET":
         return "operator" if re.fullmatch(r"/circuits/\{system\}/\{action\}", path) else "viewer"
     if path.startswith("/api/v1/messages"):

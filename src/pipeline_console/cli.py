@@ -199,31 +199,38 @@ def reports_show(
 def tokens_create(
     role: Annotated[str, typer.Option(help="ingest, viewer, operator or admin")],
     name: Annotated[str, typer.Option(help="who or what uses it; the audit log shows it")],
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="ingest tokens only, and required for them: a source system whose "
+        "messages it may post (repeat for several); others are refused with 403")] = None,
 ) -> None:
-    """Create a token and print it as the last line (it is shown only this once)."""
+    """Create a token and print it as the last line (it is shown only this once). A token
+    never changes: to change its role or sources, revoke it and create another."""
     from pipeline_console.auth.tokens import create_token
     from pipeline_console.errors import DomainError
 
-    async def work(database: Database) -> str:
+    async def work(database: Database) -> tuple[str, list[str] | None]:
         async with database.transaction() as session:
-            _, plain = await create_token(session, name=name, role=role, actor=CLI_ACTOR,
-                                          now=system_clock())
-        return plain
+            row, plain = await create_token(session, name=name, role=role, actor=CLI_ACTOR,
+                                            now=system_clock(), sources=source)
+            return plain, row.sources
 
     try:
-        plain = _with_database(work)
+        plain, sources = _with_database(work)
     except DomainError as error:
         typer.echo(error.detail, err=True)
         raise typer.Exit(2) from error
-    typer.echo(f"created token {name!r} with the role {role}; store it now, it is not shown "
-               "again:")
+    scope = f" for {', '.join(sources)}" if sources else ""
+    typer.echo(f"created token {name!r} with the role {role}{scope}; store it now, it is not "
+               "shown again:")
     typer.echo(plain)
 
 
 @tokens_app.command("list")
 def tokens_list() -> None:
-    """Every token: name, role, when created, whether revoked (never the token itself)."""
-    from pipeline_console.auth.tokens import list_tokens
+    """Every token: name, role, sources, when created, whether revoked (never the token
+    itself). UNSCOPED marks an ingest token without sources (made before scoping): it may
+    post for any source, so replace it (revoke, create with --source)."""
+    from pipeline_console.auth.tokens import list_tokens, unscoped
 
     async def work(database: Database) -> list[Any]:
         async with database.read() as session:
@@ -231,7 +238,13 @@ def tokens_list() -> None:
 
     for row in _with_database(work):
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}Z" if row.revoked_at else "active"
-        typer.echo(f"{row.name:32} {row.role:9} {row.prefix}…  created "
+        if unscoped(row):
+            scope = "UNSCOPED"
+        elif row.sources:
+            scope = "sources " + ",".join(row.sources)
+        else:
+            scope = "no source scope" if row.role == "ingest" else "any source"
+        typer.echo(f"{row.name:32} {row.role:9} {row.prefix}…  {scope}  created "
                    f"{row.created_at:%Y-%m-%d %H:%M}Z by {row.created_by}  {state}")
 
 

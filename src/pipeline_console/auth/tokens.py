@@ -11,13 +11,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.auth.roles import ROLES
 from pipeline_console.errors import Conflict, FieldError, InvalidInput, NotFound
 from pipeline_console.models import ApiToken
+from pipeline_console.pagination import Page, PageRequest, fetch_page
 
 TOKEN_PREFIX = "pc_"
 NAME_PATTERN = "letters, digits, '_', '.', '-', '@'; at most 64 characters"
@@ -101,9 +102,9 @@ async def create_token(session: AsyncSession, *, name: str, role: str, actor: st
 
 
 def unscoped(row: ApiToken) -> bool:
-    """An ingest token made before scoping existed: it may post for any source, so it is
-    flagged (tokens list, the dashboard) until it is replaced."""
-    return row.role == "ingest" and row.sources is None
+    """An active ingest token made before scoping existed: it may post for any source, so
+    it is flagged (tokens list, the dashboard) until it is replaced."""
+    return row.role == "ingest" and row.sources is None and row.revoked_at is None
 
 
 def known_token(row: ApiToken) -> KnownToken:
@@ -132,6 +133,24 @@ async def revoke_token(session: AsyncSession, name: str, *, actor: str,
 
 async def list_tokens(session: AsyncSession) -> list[ApiToken]:
     return list((await session.execute(select(ApiToken).order_by(ApiToken.id))).scalars())
+
+
+# active ingest tokens made before scoping existed (the dashboard counts what the list shows)
+UNSCOPED = (ApiToken.role == "ingest", ApiToken.sources.is_(None),
+            ApiToken.revoked_at.is_(None))
+
+
+async def list_token_page(session: AsyncSession, page: PageRequest, *, unscoped_only: bool,
+                          role: str | None = None) -> Page[ApiToken]:
+    return await fetch_page(session, ApiToken.id, page, equal=[(ApiToken.role, role)],
+                            where=UNSCOPED if unscoped_only else ())
+
+
+async def unscoped_summary(session: AsyncSession) -> tuple[int, datetime | None]:
+    """How many active ingest tokens have no source scope, and when the oldest was made."""
+    count, oldest = (await session.execute(
+        select(func.count(), func.min(ApiToken.created_at)).where(*UNSCOPED))).one()
+    return count, oldest
 
 
 async def find_active(session: AsyncSession, token: str) -> ApiToken | None:
