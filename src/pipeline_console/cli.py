@@ -98,6 +98,27 @@ def demo() -> None:
     typer.echo(f"  http://127.0.0.1:8000/login#token={token}")
     typer.echo(f"API: curl -H 'Authorization: Bearer {token}' "
                "http://127.0.0.1:8000/api/v1/dashboard")
+    _print_demo_source_tokens()
+
+
+def _print_demo_source_tokens() -> None:
+    """The demo's source systems post with ingest tokens scoped to them (never an unscoped
+    one): with the shop's token, a message claiming to be the ERP's is refused (403)."""
+    from pipeline_console.demo import create_source_tokens
+
+    async def work(database: Database) -> dict[str, str]:
+        async with database.transaction() as session:
+            return await create_source_tokens(session, actor=CLI_ACTOR, now=system_clock())
+
+    tokens = _with_database(work)
+    typer.echo("")
+    typer.echo("Source systems post with their own ingest tokens, each only for its source:")
+    for name, plain in tokens.items():
+        typer.echo(f"  {name:12} {plain}")
+    typer.echo(f"  curl -X POST http://127.0.0.1:8000/api/v1/messages -H 'Authorization: "
+               f"Bearer {tokens['shop-ingest']}' -H 'content-type: application/json' -d "
+               """'{"source_system": "shop", "entity_type": "order", "entity_id": "O-6001", """
+               """"version": 1, "payload": {"total": 10}}'""")
 
 
 @app.command()
