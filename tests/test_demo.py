@@ -106,9 +106,49 @@ async def test_the_demo_prints_a_one_time_login_link_never_a_token_in_a_link(dat
     assert links and not [link for link in links if "pc_" in link]
     [login] = [link for link in links if "/login" in link]
     assert re.fullmatch(r"http://127\.0\.0\.1:8000/login#code=lc_[\w-]+", login)
-    [token] = re.findall(r"Bearer (pc_[\w-]+)", result.stdout)  # for the README's curl
+    token = re.findall(r"Bearer (pc_[\w-]+)", result.stdout)[0]  # the admin's, for curl
     async with browser_for(client.app) as browser:
         await sign_in(browser, code=login.partition("#code=")[2])
         assert "demo-admin (admin)" in (await browser.get("/")).text
         api = await browser.get("/api/v1/dashboard", headers={"Authorization": f"Bearer {token}"})
         assert api.status_code == 200
+
+
+async def test_each_demo_source_has_its_own_scoped_ingest_token(client, database, clock, demo):
+    from pipeline_console.demo import DEMO_SOURCES, create_source_tokens
+    from tests.support import message
+
+    async with database.transaction() as session:
+        tokens = await create_source_tokens(session, actor="cli", now=clock.now)
+    assert sorted(tokens) == sorted(f"{source}-ingest" for source in DEMO_SOURCES)
+    listed = {item["name"]: item for item in await items(client, "/api/v1/tokens")}
+    assert all(listed[name]["sources"] == [name.removesuffix("-ingest")] for name in tokens)
+    assert not any(item["unscoped"] for item in listed.values())
+    shop = {"Authorization": f"Bearer {tokens['shop-ingest']}"}
+    forged = await client.post("/api/v1/messages", headers=shop,
+                               json=message(99, entity_id="C-1003"))
+    assert forged.status_code == 403
+    own = await client.post("/api/v1/messages", headers=shop, json=message(
+        1, {"total": 10}, source_system="shop", entity_type="order", entity_id="O-6001"))
+    assert own.status_code == 200, own.text
+    async with database.transaction() as session:  # a second run replaces them
+        again = await create_source_tokens(session, actor="cli", now=clock.now)
+    assert set(again.values()).isdisjoint(tokens.values())
+    clock.advance(seconds=6)  # past TOKEN_CACHE_S, which this process remembered it for
+    refused = await client.post("/api/v1/messages", headers=shop, json=message(
+        2, source_system="shop", entity_type="order", entity_id="O-6001"))
+    assert refused.status_code == 401
+
+
+async def test_the_demo_command_prints_the_source_tokens(database_url):
+    import asyncio
+
+    from tests.test_operations import run_cli
+
+    result = await asyncio.to_thread(run_cli, database_url, "demo")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for source in ("erp", "crm", "shop"):
+        assert any(line.split()[:1] == [f"{source}-ingest"] and "pc_" in line
+                   for line in lines), source
+    assert "Authorization: Bearer pc_" in lines[-1] and '"source_system": "shop"' in lines[-1]

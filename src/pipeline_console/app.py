@@ -33,6 +33,7 @@ from pipeline_console.api.problems import (
 from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.api.web_security import WebSecurity
 from pipeline_console.audit.api import router as audit_router
+from pipeline_console.auth.api import router as tokens_router
 from pipeline_console.auth.dependencies import METRICS, PUBLIC
 from pipeline_console.auth.tokens import (
     BOOTSTRAP_NAME,
@@ -48,6 +49,7 @@ from pipeline_console.console.overview import router as console_overview
 from pipeline_console.console.queues import router as console_queues
 from pipeline_console.console.templating import HERE as CONSOLE_HERE
 from pipeline_console.console.templating import html_error
+from pipeline_console.console.tokens import router as console_tokens
 from pipeline_console.console.workers import router as console_workers
 from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
@@ -125,12 +127,13 @@ def create_app(
     api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500, 503))
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
-                   dashboard_router, jobs_router, reports_router, workers_router):
+                   dashboard_router, jobs_router, reports_router, workers_router,
+                   tokens_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
     for router in (console_auth, console_overview, console_queues, console_admin,
-                   console_workers):
+                   console_workers, console_tokens):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     app.add_route("/docs", _swagger_ui, include_in_schema=False)

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     stale_partial_sweep_interval_s: float = Field(
         default=300.0, ge=0,
         description="how often the worker runs stale_partial_sweep (0: never)")
+    audit_anchor_interval_s: float = Field(
+        default=3600.0, ge=0,
+        description="how often the worker runs audit_anchor, which writes the audit log's "
+        "head to the log and to AUDIT_ANCHOR_FILE (0: never)")
+    audit_anchor_file: str | None = Field(
+        default=None,
+        description="a file the audit_anchor job appends 'ISO-time ID:HASH' lines to (with "
+        "fsync); keep it where the database's owner cannot rewrite it")
     daily_report_at_utc: str = Field(
         default="00:05", pattern=r"^$|^([01][0-9]|2[0-3]):[0-5][0-9]$",
         description="when (HH:MM, UTC) the worker runs daily_report for the day before "

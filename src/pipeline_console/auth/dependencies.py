@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from pipeline_console.api.dependencies import Actor
 from pipeline_console.auth.roles import allows
 from pipeline_console.auth.sessions import session_actor
-from pipeline_console.auth.tokens import find_active
+from pipeline_console.auth.tokens import KnownToken, find_active, known_token
 from pipeline_console.errors import Forbidden, Unauthorized
 
 SESSION_COOKIE = "console_session"
@@ -47,15 +47,15 @@ class Requires:
                 raise Unauthorized("send an API token: Authorization: Bearer <token>")
             database = request.app.state.database
 
-            async def lookup() -> tuple[str, str] | None:
+            async def lookup() -> KnownToken | None:
                 async with database.read() as session:
                     found = await find_active(session, token)
-                return None if found is None else (found.name, found.role)
+                return None if found is None else known_token(found)
 
             known = await request.app.state.token_cache.resolve(token, lookup)
             if known is None:
                 raise Unauthorized("the token is unknown or revoked")
-            actor = Actor(name=known[0], role=known[1])
+            actor = Actor(name=known.name, role=known.role, sources=known.sources)
             if not allows(actor.role, self.role):
                 raise Forbidden(f"the role {actor.role} may not do this; it needs "
                                 f"{self.role}")
