@@ -83,7 +83,7 @@ class TestStalePartialSweep:
         [stale] = [entry for entry in inspected["timeline"]
                    if entry["kind"] == "audit.record.partial_stale"]
         assert stale["summary"] == (
-            "version 1 from erp is still partial after 9000 s, missing: 'country' is a "
+            "version 1 from erp is still partial after 9000 s, missing: \"country\" is a "
             "required property (by tester (admin))")
         [staged] = inspected["staging"]
         assert staged["status"] == "partial"  # marked, never changed or deleted

@@ -70,7 +70,7 @@ async def test_the_openapi_document_describes_every_endpoint_and_body(client):
     for method, path in CONTRACT_PATHS:
         assert method in document["paths"].get(path, {}), (method, path)
     schemas = document["components"]["schemas"]
-    assert {"MessageIn", "BatchIn", "IngestResult", "Problem"} <= set(schemas)
+    assert {"MessageIn", "BatchIn", "IngestResult", "ProblemDetails"} <= set(schemas)
     assert schemas["MessageIn"]["properties"]["version"]["minimum"] == 0
     message_op = document["paths"]["/api/v1/messages"]["post"]
     assert message_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(

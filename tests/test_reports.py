@@ -243,6 +243,14 @@ class TestErrors:
 
 @pytest.mark.parametrize(("value", "cell"), [
     ("=HYPERLINK(1)", "'=HYPERLINK(1)"), ("+1", "'+1"), ("-1", "'-1"), ("@x", "'@x"),
-    ("erp", "erp"), (None, ""), (3, 3), ({"a": 1, "b": 2}, "a=1; b=2")])
+    ("erp", "erp"), (None, ""), (3, 3), ({"a": 1, "b": 2}, "a=1; b=2"),
+    # after blanks or a ";" (a list separator in some locales) a spreadsheet still reads a
+    # formula (issue 19, point 7)
+    (" =1+1", "' =1+1"), (";=cmd", "';=cmd"), ("\t=x", "'\t=x"), ("\r\n@SUM(A1)", "'\r\n@SUM(A1)"),
+    (" ; -1", "' ; -1"), ({";=cmd": 1}, "';=cmd=1"),
+    # a negative number written as text is neutralised (it is a name here; the apostrophe
+    # keeps it text); a number is a number
+    ("-2", "'-2"), (-2, -2), (-0.5, -0.5),
+    (" erp", " erp")])
 def test_csv_cells_never_start_a_formula(value, cell):
     assert csv_cell(value) == cell

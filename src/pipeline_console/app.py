@@ -11,7 +11,6 @@ from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -22,13 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from pipeline_console import __version__
 from pipeline_console.anomalies.api import router as anomalies_router
 from pipeline_console.api.guards import RefuseNulInUrls
+from pipeline_console.api.openapi import install_openapi
 from pipeline_console.api.problems import (
     PROBLEM_MEDIA_TYPE,
     RETRY_AFTER_HEADER,
     RETRY_AFTER_S,
     install_problem_handlers,
     problem,
-    problem_responses,
 )
 from pipeline_console.api.request_metrics import MeasureRequests
 from pipeline_console.api.web_security import WebSecurity
@@ -124,7 +123,7 @@ def create_app(
     app.add_middleware(CorrelationIdMiddleware)  # the request id, before the access log reads it
     app.add_middleware(MeasureRequests)  # outermost: it times the refusals too
 
-    api = APIRouter(prefix="/api/v1", responses=problem_responses(422, 500, 503))
+    api = APIRouter(prefix="/api/v1")  # 401/403/422/503 come from api/openapi.py's rules
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
                    dashboard_router, jobs_router, reports_router, workers_router,
@@ -137,7 +136,7 @@ def create_app(
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     app.add_route("/docs", _swagger_ui, include_in_schema=False)
-    _describe_hand_parsed_bodies(app, [MessageIn, BatchIn])
+    install_openapi(app, hand_parsed_bodies=[MessageIn, BatchIn])
     return app
 
 
@@ -244,23 +243,3 @@ def _operations_router() -> APIRouter:
         return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def _describe_hand_parsed_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Ingestion reads its bodies itself; add their schemas to the OpenAPI components."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version,
-                                 description=app.description, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                model_schema = model.model_json_schema(
-                    ref_template="#/components/schemas/{model}"
-                )
-                components.update(model_schema.pop("$defs", {}))
-                components[model.__name__] = model_schema
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -111,7 +111,7 @@ class TestStagingAndPromotion:
         assert result.staging_status == "partial"
         [staged] = await rows(database, StagingRecord)
         assert staged.status == "partial"
-        assert "'country' is a required property" in staged.validation_errors[0]["message"]
+        assert '"country" is a required property' in staged.validation_errors[0]["message"]
         assert await production_of(database) is None
 
     async def test_a_newer_version_completes_a_partial_record(self, database, clock):

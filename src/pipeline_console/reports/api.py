@@ -92,13 +92,25 @@ def csv_filename(report: Report) -> str:
     return f"{report.name}-report_{report.start:%Y%m%dT%H%M%SZ}_{report.end:%Y%m%dT%H%M%SZ}.csv"
 
 
+# OWASP's CSV injection rule: a cell must not start a formula. Spreadsheets skip leading
+# blanks before reading one, and where ";" is the list separator a leading ";" ends an empty
+# cell and the rest starts a new one: so what counts is the first character after those.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_SKIPPED_BEFORE_A_FORMULA = " \t\r\n\x0b\x0c;"
+
+
 def csv_cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, dict):
         value = "; ".join(f"{key}={count}" for key, count in value.items())
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    if isinstance(value, str) and (
+        value[:1] in _FORMULA_STARTS
+        or value.lstrip(_SKIPPED_BEFORE_A_FORMULA)[:1] in _FORMULA_STARTS
+    ):
         # A source system's name is untrusted: never let a spreadsheet run it as a formula.
+        # Text that looks like a negative number ("-2") is neutralised too: it is a name here,
+        # and the apostrophe keeps it text. Numbers (counts, latencies) are never strings.
         return "'" + value
     return value
 
