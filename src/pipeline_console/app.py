@@ -30,7 +30,7 @@ from pipeline_console.api.problems import (
     problem,
 )
 from pipeline_console.api.request_metrics import MeasureRequests
-from pipeline_console.api.web_security import WebSecurity
+from pipeline_console.api.web_security import WebSecurity, with_browser_headers
 from pipeline_console.audit.api import router as audit_router
 from pipeline_console.auth.api import router as tokens_router
 from pipeline_console.auth.dependencies import METRICS, PUBLIC
@@ -117,6 +117,7 @@ def create_app(
     if database is not None:
         app.state.database = database
     install_problem_handlers(app, html=html_error)
+    app.add_exception_handler(Exception, with_browser_headers(app.exception_handlers[Exception]))
     app.add_middleware(RefuseNulInUrls)
     app.add_middleware(WebSecurity, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(AccessLog)

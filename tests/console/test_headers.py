@@ -88,6 +88,21 @@ class TestEveryConsolePage:
             api = await client.get("/api/v1/records")
             assert "content-security-policy" not in api.headers  # JSON needs none
 
+    async def test_an_unexpected_error_page_carries_them_too(self, settings, database):
+        from pipeline_console.app import create_app
+
+        app = create_app(settings, database=database)
+
+        @app.get("/boom", include_in_schema=False)
+        async def boom() -> None:
+            raise RuntimeError("a bug")
+
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as anyone:
+            response = await anyone.get("/boom")
+        assert response.status_code == 500
+        assert_browser_headers(response, "/boom")
+
     async def test_the_page_templates_hold_no_inline_code(self):
         from pipeline_console.console.templating import HERE
 

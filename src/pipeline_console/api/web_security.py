@@ -14,7 +14,7 @@ A pure ASGI middleware: it sees every answer, the problem pages included."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from pipeline_console.api.problems import problem
@@ -76,3 +76,21 @@ class WebSecurity:
             await response(scope, receive, send_with_headers)
             return
         await self.app(scope, receive, send_with_headers)
+
+
+def add_browser_headers(response: Any) -> Any:
+    """The same headers on a response made outside this middleware: Starlette answers an
+    unexpected error (500) in its outermost layer, past every middleware."""
+    content_type = response.headers.get("content-type", "")
+    for name, value in EVERY_ANSWER + (HTML_ANSWERS if content_type.startswith("text/html")
+                                       else []):
+        response.headers.setdefault(name.decode(), value.decode())
+    return response
+
+
+def with_browser_headers(handler: Callable[[Any, Exception], Awaitable[Any]]
+                         ) -> Callable[[Any, Exception], Awaitable[Any]]:
+    async def answer(request: Any, error: Exception) -> Any:
+        return add_browser_headers(await handler(request, error))
+
+    return answer
