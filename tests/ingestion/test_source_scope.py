@@ -64,6 +64,7 @@ class TestAForgedSourceIsRefused:
         assert "shop-ingest" in recorded.reason and recorded.version == HUGE
         assert recorded.source_system == "erp" and recorded.idempotency_key == "customer:C-1003"
         assert recorded.errors[0]["field"] == "source_system"
+        assert recorded.actor == "shop-ingest (ingest)"
         async with database.read() as session:
             state = await session.get(RecordState, "customer:C-1003")
         assert state.current_version == 3  # nothing was decided
@@ -175,6 +176,9 @@ class TestOperatorsAndAdminsPostFromAnySource:
             actors = set((await session.execute(select(AuditEvent.actor).where(
                 AuditEvent.action == "record.accepted"))).scalars())
         assert actors == {f"hand-{role} ({role})"}
+        assert {row.actor for row in await attempts(database)} == {f"hand-{role} ({role})"}
+        listed = (await client.get("/api/v1/attempts?limit=5")).json()["items"]
+        assert {item["actor"] for item in listed} == {f"hand-{role} ({role})"}
 
     async def test_a_viewer_may_not_post(self, client, database, clock):
         token = bearer(await make_token(database, "viewer", name="reader", now=clock.now))

@@ -95,7 +95,7 @@ async def ingest_messages(
     payloads = list(map(stored_form(session, StagingRecord.__table__, "payload"),
                         [message.payload for message in messages]))
     attempt_ids = await _write_attempts(session, items, messages, payloads, plan, anomaly_ids,
-                                        now)
+                                        now, actor)
     message_attempts = (attempt_ids if len(messages) == len(items) else [
         attempt_id for item, attempt_id in zip(items, attempt_ids, strict=True)
         if isinstance(item, IncomingMessage)
@@ -250,6 +250,7 @@ async def _write_attempts(
     plan: Plan,
     anomaly_ids: list[int],
     now: datetime,
+    actor: str,
 ) -> list[int]:
     """One attempt row per item, written as columns (no dict per row)."""
     table = IngestionAttempt.__table__
@@ -281,6 +282,7 @@ async def _write_attempts(
     await insert_columns(session, table, {
         "id": ids,
         "received_at": Same(now),
+        "actor": Same(actor),
         "decision": [str(outcome.decision) for outcome in outcomes],  # a StrEnum's value
         "reason": [outcome.reason for outcome in outcomes],
         "source_system": [subject.source_system for subject in subjects],

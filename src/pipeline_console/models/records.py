@@ -156,6 +156,9 @@ class IngestionAttempt(Base):
     anomaly_id: Mapped[int | None] = mapped_column(ForeignKey("anomalies.id"), nullable=True)
     raw_body: Mapped[str | None] = mapped_column(Text, nullable=True)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # who posted it: the token's name and role, as the audit log names actors (None: before
+    # migration 0010)
+    actor: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
     __table_args__ = (
         CheckConstraint(

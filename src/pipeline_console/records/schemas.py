@@ -97,6 +97,7 @@ class AttemptRead(ORM):
     anomaly_id: int | None
     raw_body: str | None
     errors: list[dict[str, Any]] | None
+    actor: str | None = None  # the token that posted it ("name (role)")
 
 
 class AttemptPage(BaseModel):
