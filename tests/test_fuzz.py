@@ -108,9 +108,9 @@ def test_chains_of_calls_along_the_links_answer_as_the_schema_says(fuzz_server):
 
     class Workflow(api.as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case):
-            # Cases built along links do not get the configured credentials applied (as of
-            # Schemathesis 4.32): send the token as the header the scheme describes.
-            return {"base_url": base, "headers": {"Authorization": f"Bearer {token}"}}
+            # The token comes from the bearerAuth credentials of the schema's configuration:
+            # about a fifth of the calls go without it (Schemathesis' variations): 401s.
+            return {"base_url": base}
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):
             case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs or None,
