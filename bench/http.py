@@ -92,7 +92,7 @@ async def _prepare(url: str) -> str:
     async with database.transaction() as session:
         await put_entity_type(session, "customer", None, actor="bench", now=now)
         _, token = await create_token(session, name="bench-source", role="ingest",
-                                      actor="bench", now=now)
+                                      actor="bench", now=now, sources=["crm", "erp"])
     await database.dispose()
     return token
 

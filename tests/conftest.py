@@ -34,6 +34,8 @@ POSTGRES_URL = os.environ.get(
     "PIPELINE_CONSOLE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The in-process clients talk to http://test; real servers are on 127.0.0.1.
+os.environ.setdefault("PIPELINE_CONSOLE_ALLOWED_HOSTS", "127.0.0.1,localhost,::1,test")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -145,13 +147,18 @@ TEST_ACTOR = "tester"  # the admin token every `client` request carries: "tester
 
 
 async def make_token(database: Database, role: str, *, name: str | None = None,
-                     now: datetime | None = None) -> str:
-    """A real API token with `role`, created through the service (as the CLI does)."""
+                     now: datetime | None = None, sources: list[str] | None = None) -> str:
+    """A real API token with `role`, created through the service (as the CLI does). An
+    ingest token posts for `sources`, by default the ERP's (what tests.support.message
+    sends)."""
     from pipeline_console.auth.tokens import create_token
 
+    if role == "ingest" and sources is None:
+        sources = ["erp"]
     async with database.transaction() as session:
         _, plain = await create_token(session, name=name or f"test-{role}", role=role,
-                                      actor="test", now=now or datetime.now(UTC))
+                                      actor="test", now=now or datetime.now(UTC),
+                                      sources=sources)
     return plain
 
 

@@ -3,12 +3,16 @@ queue and every state, the same on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections import Counter
 
 import pytest
 
 from pipeline_console.demo import load_demo
 from pipeline_console.errors import Conflict
+from tests.console.test_sessions import browser_for, sign_in
+from tests.test_operations import run_cli
 
 # The scenario is deterministic: the same steps and seeds give these counts on both databases.
 EXPECTED_ATTENTION = (
@@ -92,3 +96,59 @@ async def test_every_report_has_rows(client, demo):
 async def test_the_demo_refuses_a_database_that_is_not_empty(database, clock, settings, demo):
     with pytest.raises(Conflict, match="empty database"):
         await load_demo(database, now=clock.now, settings=settings)
+
+
+async def test_the_demo_prints_a_one_time_login_link_never_a_token_in_a_link(database_url,
+                                                                              client):
+    result = await asyncio.to_thread(run_cli, database_url, "demo")
+    assert result.returncode == 0, result.stderr
+    links = re.findall(r"https?://\S+", result.stdout)
+    assert links and not [link for link in links if "pc_" in link]
+    [login] = [link for link in links if "/login" in link]
+    assert re.fullmatch(r"http://127\.0\.0\.1:8000/login#code=lc_[\w-]+", login)
+    token = re.findall(r"Bearer (pc_[\w-]+)", result.stdout)[0]  # the admin's, for curl
+    async with browser_for(client.app) as browser:
+        await sign_in(browser, code=login.partition("#code=")[2])
+        assert "demo-admin (admin)" in (await browser.get("/")).text
+        api = await browser.get("/api/v1/dashboard", headers={"Authorization": f"Bearer {token}"})
+        assert api.status_code == 200
+
+
+async def test_each_demo_source_has_its_own_scoped_ingest_token(client, database, clock, demo):
+    from pipeline_console.demo import DEMO_SOURCES, create_source_tokens
+    from tests.support import message
+
+    async with database.transaction() as session:
+        tokens = await create_source_tokens(session, actor="cli", now=clock.now)
+    assert sorted(tokens) == sorted(f"{source}-ingest" for source in DEMO_SOURCES)
+    listed = {item["name"]: item for item in await items(client, "/api/v1/tokens")}
+    assert all(listed[name]["sources"] == [name.removesuffix("-ingest")] for name in tokens)
+    assert not any(item["unscoped"] for item in listed.values())
+    shop = {"Authorization": f"Bearer {tokens['shop-ingest']}"}
+    forged = await client.post("/api/v1/messages", headers=shop,
+                               json=message(99, entity_id="C-1003"))
+    assert forged.status_code == 403
+    own = await client.post("/api/v1/messages", headers=shop, json=message(
+        1, {"total": 10}, source_system="shop", entity_type="order", entity_id="O-6001"))
+    assert own.status_code == 200, own.text
+    async with database.transaction() as session:  # a second run replaces them
+        again = await create_source_tokens(session, actor="cli", now=clock.now)
+    assert set(again.values()).isdisjoint(tokens.values())
+    clock.advance(seconds=6)  # past TOKEN_CACHE_S, which this process remembered it for
+    refused = await client.post("/api/v1/messages", headers=shop, json=message(
+        2, source_system="shop", entity_type="order", entity_id="O-6001"))
+    assert refused.status_code == 401
+
+
+async def test_the_demo_command_prints_the_source_tokens(database_url):
+    import asyncio
+
+    from tests.test_operations import run_cli
+
+    result = await asyncio.to_thread(run_cli, database_url, "demo")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for source in ("erp", "crm", "shop"):
+        assert any(line.split()[:1] == [f"{source}-ingest"] and "pc_" in line
+                   for line in lines), source
+    assert "Authorization: Bearer pc_" in lines[-1] and '"source_system": "shop"' in lines[-1]

@@ -57,7 +57,7 @@ async def test_cli_runs_are_recorded_too(client, database_url):
 async def test_every_registered_job_is_listed(client):
     names = [job["name"] for job in (await client.get("/api/v1/jobs")).json()["items"]]
     assert names == ["deliver_due", "promote_staging", "query_ambiguous",
-                     "stale_partial_sweep", "daily_report"]
+                     "stale_partial_sweep", "audit_anchor", "daily_report"]
 
 
 async def run(client, name):
@@ -212,7 +212,9 @@ class TestSharedSchedule:
 
     def test_the_settings_turn_jobs_off(self):
         jobs = [s.job for s in worker_schedule(Settings(stale_partial_sweep_interval_s=0,
+                                                        audit_anchor_interval_s=0,
                                                         daily_report_at_utc=""))]
         assert jobs == ["promote_staging", "query_ambiguous"]
+        assert "audit_anchor" in [s.job for s in worker_schedule(Settings())]
         with pytest.raises(ValidationError):
             Settings(daily_report_at_utc="25:00")

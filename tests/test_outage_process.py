@@ -111,6 +111,11 @@ async def test_the_server_answers_2xx_or_503_through_a_cut_and_recovers_by_itsel
     process, base = await asyncio.to_thread(start_server, through(proxy, database_url),
                                             tmp_path, token_cache_s=TOKEN_CACHE_S)
     server_log = next(tmp_path.glob("server-*.log"))
+    async with httpx.AsyncClient(base_url=base, timeout=30) as signer:  # a console session
+        signed = await signer.post("/login", data={"token": viewer_token},
+                                   headers={"origin": base})
+        assert signed.status_code == 303, signed.text
+        console_session = signed.cookies["console_session"]
     load = Load()
     limits = httpx.Limits(max_connections=20)
     try:
@@ -120,7 +125,7 @@ async def test_the_server_answers_2xx_or_503_through_a_cut_and_recovers_by_itsel
             httpx.AsyncClient(base_url=base, timeout=30, headers={
                 "Authorization": f"Bearer {viewer_token}"}) as reader,
             httpx.AsyncClient(base_url=base, timeout=30,
-                              cookies={"console_session": viewer_token}) as browser,
+                              cookies={"console_session": console_session}) as browser,
         ):
             clients = [asyncio.create_task(load.ingest(sender, n)) for n in range(6)]
             clients += [

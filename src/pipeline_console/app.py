@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -29,7 +30,9 @@ from pipeline_console.api.problems import (
     problem,
 )
 from pipeline_console.api.request_metrics import MeasureRequests
+from pipeline_console.api.web_security import WebSecurity
 from pipeline_console.audit.api import router as audit_router
+from pipeline_console.auth.api import router as tokens_router
 from pipeline_console.auth.dependencies import METRICS, PUBLIC
 from pipeline_console.auth.tokens import (
     BOOTSTRAP_NAME,
@@ -45,6 +48,7 @@ from pipeline_console.console.overview import router as console_overview
 from pipeline_console.console.queues import router as console_queues
 from pipeline_console.console.templating import HERE as CONSOLE_HERE
 from pipeline_console.console.templating import html_error
+from pipeline_console.console.tokens import router as console_tokens
 from pipeline_console.console.workers import router as console_workers
 from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
@@ -103,14 +107,18 @@ def create_app(
                     await app.state.database.dispose()
 
     app = FastAPI(title="Integration Pipeline Console", version=__version__,
-                  description=DESCRIPTION, lifespan=lifespan)
+                  description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    # signs the console's notices: one shared value, or a key of this process's own
+    app.state.console_secret = (settings.console_secret_key.get_secret_value().encode()
+                                if settings.console_secret_key else secrets.token_bytes(32))
     app.state.clock = clock
     app.state.token_cache = TokenCache(settings.token_cache_s, clock)
     if database is not None:
         app.state.database = database
     install_problem_handlers(app, html=html_error)
     app.add_middleware(RefuseNulInUrls)
+    app.add_middleware(WebSecurity, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(AccessLog)
     app.add_middleware(CorrelationIdMiddleware)  # the request id, before the access log reads it
     app.add_middleware(MeasureRequests)  # outermost: it times the refusals too
@@ -118,16 +126,40 @@ def create_app(
     api = APIRouter(prefix="/api/v1")  # 401/403/422/503 come from api/openapi.py's rules
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
-                   dashboard_router, jobs_router, reports_router, workers_router):
+                   dashboard_router, jobs_router, reports_router, workers_router,
+                   tokens_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
     for router in (console_auth, console_overview, console_queues, console_admin,
-                   console_workers):
+                   console_workers, console_tokens):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
+    app.add_route("/docs", _swagger_ui, include_in_schema=False)
     install_openapi(app, hand_parsed_bodies=[MessageIn, BatchIn])
     return app
+
+
+SWAGGER_UI_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Integration Pipeline Console · API</title>
+<link rel="stylesheet" href="/static/swagger/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/static/swagger/swagger-ui-bundle.js"></script>
+<script src="/static/swagger/init.js"></script>
+</body>
+</html>
+"""
+
+
+async def _swagger_ui(request: Request) -> HTMLResponse:
+    """/docs: Swagger UI from the package's own files (works offline, no inline script, so
+    the Content-Security-Policy holds)."""
+    return HTMLResponse(SWAGGER_UI_PAGE)
 
 
 class Health(BaseModel):

@@ -73,31 +73,61 @@ def serve(
 def demo() -> None:
     """Load the demo scenario into an empty database: three hours of an ERP, a CRM and a
     shop, three downstream systems, every decision, queue and circuit state."""
+    from pipeline_console.auth.sessions import issue_login_code
     from pipeline_console.auth.tokens import active_token_named, create_token, revoke_token
     from pipeline_console.demo import load_demo
     from pipeline_console.errors import Conflict
 
-    async def work(database: Database) -> tuple[list[str], str]:
+    settings = Settings()
+
+    async def work(database: Database) -> tuple[list[str], str, str]:
         lines = await load_demo(database, now=system_clock())
         async with database.transaction() as session:  # one click into the console
             if await active_token_named(session, DEMO_ADMIN) is not None:
                 await revoke_token(session, DEMO_ADMIN, actor=CLI_ACTOR, now=system_clock())
             _, token = await create_token(session, name=DEMO_ADMIN, role="admin",
                                           actor=CLI_ACTOR, now=system_clock())
-        return lines, token
+            code = await issue_login_code(session, DEMO_ADMIN, actor=CLI_ACTOR,
+                                          now=system_clock(), ttl_s=settings.login_code_ttl_s)
+        return lines, token, code
 
     try:
-        summary, token = _with_database(work)
+        summary, token, code = _with_database(work)
     except Conflict as error:
         typer.echo(error.detail, err=True)
         raise typer.Exit(1) from error
     for line in summary:
         typer.echo(line)
     typer.echo("")
-    typer.echo(f"Sign in to the console (admin token {DEMO_ADMIN!r}; the link carries it):")
-    typer.echo(f"  http://127.0.0.1:8000/login#token={token}")
+    # The link carries a one-time code, not the token: a link ends up in browser histories,
+    # screenshots and chat logs; the code is worth nothing once used or after a while.
+    typer.echo(f"Sign in to the console as {DEMO_ADMIN!r} (admin) with this one-time link "
+               f"(valid {settings.login_code_ttl_s // 60} min, once; "
+               f"`pipeline-console tokens login-link {DEMO_ADMIN}` makes another):")
+    typer.echo(f"  http://127.0.0.1:8000/login#code={code}")
     typer.echo(f"API: curl -H 'Authorization: Bearer {token}' "
                "http://127.0.0.1:8000/api/v1/dashboard")
+    _print_demo_source_tokens()
+
+
+def _print_demo_source_tokens() -> None:
+    """The demo's source systems post with ingest tokens scoped to them (never an unscoped
+    one): with the shop's token, a message claiming to be the ERP's is refused (403)."""
+    from pipeline_console.demo import create_source_tokens
+
+    async def work(database: Database) -> dict[str, str]:
+        async with database.transaction() as session:
+            return await create_source_tokens(session, actor=CLI_ACTOR, now=system_clock())
+
+    tokens = _with_database(work)
+    typer.echo("")
+    typer.echo("Source systems post with their own ingest tokens, each only for its source:")
+    for name, plain in tokens.items():
+        typer.echo(f"  {name:12} {plain}")
+    typer.echo(f"  curl -X POST http://127.0.0.1:8000/api/v1/messages -H 'Authorization: "
+               f"Bearer {tokens['shop-ingest']}' -H 'content-type: application/json' -d "
+               """'{"source_system": "shop", "entity_type": "order", "entity_id": "O-6001", """
+               """"version": 1, "payload": {"total": 10}}'""")
 
 
 @app.command()
@@ -199,31 +229,38 @@ def reports_show(
 def tokens_create(
     role: Annotated[str, typer.Option(help="ingest, viewer, operator or admin")],
     name: Annotated[str, typer.Option(help="who or what uses it; the audit log shows it")],
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="ingest tokens only, and required for them: a source system whose "
+        "messages it may post (repeat for several); others are refused with 403")] = None,
 ) -> None:
-    """Create a token and print it as the last line (it is shown only this once)."""
+    """Create a token and print it as the last line (it is shown only this once). A token
+    never changes: to change its role or sources, revoke it and create another."""
     from pipeline_console.auth.tokens import create_token
     from pipeline_console.errors import DomainError
 
-    async def work(database: Database) -> str:
+    async def work(database: Database) -> tuple[str, list[str] | None]:
         async with database.transaction() as session:
-            _, plain = await create_token(session, name=name, role=role, actor=CLI_ACTOR,
-                                          now=system_clock())
-        return plain
+            row, plain = await create_token(session, name=name, role=role, actor=CLI_ACTOR,
+                                            now=system_clock(), sources=source)
+            return plain, row.sources
 
     try:
-        plain = _with_database(work)
+        plain, sources = _with_database(work)
     except DomainError as error:
         typer.echo(error.detail, err=True)
         raise typer.Exit(2) from error
-    typer.echo(f"created token {name!r} with the role {role}; store it now, it is not shown "
-               "again:")
+    scope = f" for {', '.join(sources)}" if sources else ""
+    typer.echo(f"created token {name!r} with the role {role}{scope}; store it now, it is not "
+               "shown again:")
     typer.echo(plain)
 
 
 @tokens_app.command("list")
 def tokens_list() -> None:
-    """Every token: name, role, when created, whether revoked (never the token itself)."""
-    from pipeline_console.auth.tokens import list_tokens
+    """Every token: name, role, sources, when created, whether revoked (never the token
+    itself). UNSCOPED marks an ingest token without sources (made before scoping): it may
+    post for any source, so replace it (revoke, create with --source)."""
+    from pipeline_console.auth.tokens import list_tokens, unscoped
 
     async def work(database: Database) -> list[Any]:
         async with database.read() as session:
@@ -231,7 +268,13 @@ def tokens_list() -> None:
 
     for row in _with_database(work):
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}Z" if row.revoked_at else "active"
-        typer.echo(f"{row.name:32} {row.role:9} {row.prefix}…  created "
+        if unscoped(row):
+            scope = "UNSCOPED"
+        elif row.sources:
+            scope = "sources " + ",".join(row.sources)
+        else:
+            scope = "no source scope" if row.role == "ingest" else "any source"
+        typer.echo(f"{row.name:32} {row.role:9} {row.prefix}…  {scope}  created "
                    f"{row.created_at:%Y-%m-%d %H:%M}Z by {row.created_by}  {state}")
 
 
@@ -253,6 +296,34 @@ def tokens_revoke(name: str) -> None:
     typer.echo(f"revoked token {name!r}")
 
 
+@tokens_app.command("login-link")
+def tokens_login_link(
+    name: Annotated[str, typer.Argument(help="the active token to sign in as")],
+    base_url: Annotated[str, typer.Option(help="where the console is reached")] =
+        "http://127.0.0.1:8000",
+) -> None:
+    """Print a link that signs one browser in to the console as the token NAME: a one-time
+    code (valid LOGIN_CODE_TTL_S seconds, 15 min by default), never the token itself."""
+    from pipeline_console.auth.sessions import issue_login_code
+    from pipeline_console.errors import DomainError
+
+    settings = Settings()
+
+    async def work(database: Database) -> str:
+        async with database.transaction() as session:
+            return await issue_login_code(session, name, actor=CLI_ACTOR, now=system_clock(),
+                                          ttl_s=settings.login_code_ttl_s)
+
+    try:
+        code = _with_database(work)
+    except DomainError as error:
+        typer.echo(error.detail, err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"a one-time sign-in link for {name!r}, valid "
+               f"{settings.login_code_ttl_s // 60} min:")
+    typer.echo(f"{base_url.rstrip('/')}/login#code={code}")
+
+
 @tokens_app.command("new")
 def tokens_new() -> None:
     """Print a fresh random token (for PIPELINE_CONSOLE_BOOTSTRAP_ADMIN_TOKEN); stores nothing."""
@@ -262,25 +333,44 @@ def tokens_new() -> None:
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Recompute the audit hash chain; exit 1 and name the first broken row if it is broken."""
+def audit_verify(
+    anchor: Annotated[str | None, typer.Option(
+        help="ID:HASH, a head printed (or written by the audit_anchor job) earlier: fail "
+        "unless that row still has that hash and the chain through it to the head "
+        "verifies (detects deleted newest rows and a rewritten, rehashed log)")] = None,
+) -> None:
+    """Recompute the audit hash chain; exit 1 and say why if it is broken or does not extend
+    --anchor. The last line is always the head, `head ID:HASH`: keep it outside the
+    database and pass it as --anchor next time."""
+    from pipeline_console.audit.chain import parse_anchor
     from pipeline_console.audit.service import verify_audit_chain
+
+    try:
+        kept = None if anchor is None else parse_anchor(anchor)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--anchor") from error
 
     async def work(database: Database) -> Any:
         async with database.read() as session:
-            return await verify_audit_chain(session)
+            return await verify_audit_chain(session, anchor=kept)
 
     report = _with_database(work)
-    if report.ok:
-        typer.echo(f"audit chain ok: {report.checked} rows checked")
-        return
     broken = report.first_broken
-    typer.echo(
-        f"audit chain BROKEN at row {broken.id}: {broken.reason} "
-        f"({report.checked} rows before it are intact)",
-        err=True,
-    )
-    raise typer.Exit(1)
+    if broken is not None:
+        typer.echo(
+            f"audit chain BROKEN at row {broken.id}: {broken.reason} "
+            f"({report.checked} rows before it are intact)",
+            err=True,
+        )
+    elif report.anchor_problem is not None:
+        typer.echo(f"audit chain does NOT extend the anchor {kept}: {report.anchor_problem} "
+                   f"({report.checked} rows verify)", err=True)
+    else:
+        through = f", through the anchor row {kept.id}" if kept else ""
+        typer.echo(f"audit chain ok: {report.checked} rows checked{through}")
+    typer.echo(f"head {report.head}" if report.head else "head none (the log is empty)")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

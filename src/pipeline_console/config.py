@@ -1,9 +1,9 @@
 """One Settings object; every value can be set with a PIPELINE_CONSOLE_ environment variable."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -72,6 +72,30 @@ class Settings(BaseSettings):
     # The console.
     console_refresh_s: int = Field(default=15, ge=1, le=3600,
                                    description="how often the dashboard refreshes itself")
+    console_session_max_age_s: int = Field(
+        default=12 * 3600, ge=60, description="a console session ends this long after sign-in")
+    console_session_idle_s: int = Field(
+        default=3600, ge=60, description="a console session unused this long ends")
+    login_code_ttl_s: int = Field(
+        default=900, ge=10, le=86_400,
+        description="how long a one-time login link (tokens login-link) can be used")
+    console_https: bool = Field(
+        default=False, description="the console is reached over HTTPS even if this process "
+        "sees plain HTTP (a proxy ends TLS): the cookie is then Secure and named __Host-…")
+    console_secret_key: SecretStr | None = Field(
+        default=None, description="signs the console's one-time notices; default: a random "
+        "key per process (set one shared value when several processes serve the console)")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=["127.0.0.1", "localhost", "::1"],
+        description="the host names (comma-separated) this server answers to; another Host "
+        "header gets 400 (DNS rebinding). '*' allows any. /healthz and /readyz answer any")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
 
     # The dashboard.
     stale_partial_after_s: float = Field(
@@ -88,6 +112,14 @@ class Settings(BaseSettings):
     stale_partial_sweep_interval_s: float = Field(
         default=300.0, ge=0,
         description="how often the worker runs stale_partial_sweep (0: never)")
+    audit_anchor_interval_s: float = Field(
+        default=3600.0, ge=0,
+        description="how often the worker runs audit_anchor, which writes the audit log's "
+        "head to the log and to AUDIT_ANCHOR_FILE (0: never)")
+    audit_anchor_file: str | None = Field(
+        default=None,
+        description="a file the audit_anchor job appends 'ISO-time ID:HASH' lines to (with "
+        "fsync); keep it where the database's owner cannot rewrite it")
     daily_report_at_utc: str = Field(
         default="00:05", pattern=r"^$|^([01][0-9]|2[0-3]):[0-5][0-9]$",
         description="when (HH:MM, UTC) the worker runs daily_report for the day before "

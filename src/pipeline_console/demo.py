@@ -21,8 +21,10 @@ from typing import Any
 
 import orjson
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.anomalies.service import resolve_anomaly
+from pipeline_console.auth.tokens import active_token_named, create_token, revoke_token
 from pipeline_console.config import Settings
 from pipeline_console.dashboard.service import attention
 from pipeline_console.db import Database
@@ -42,6 +44,8 @@ from pipeline_console.models import Anomaly, AuditEvent, DeadLetter, DownstreamS
 from pipeline_console.replay.service import Target, create_replay, execute_replay
 
 DEMO_ACTOR = "demo"
+# the demo's source systems, each with its own ingest token that may post only its messages
+DEMO_SOURCES = ("erp", "crm", "shop")
 OPERATOR = "demo-operator"
 DURATION = timedelta(hours=3)
 DELIVERY_TICK = timedelta(minutes=2)
@@ -206,6 +210,20 @@ async def load_demo(database: Database, *, now: datetime,
         await _traffic(story)
         await _operators(story, settings)
     return story.lines
+
+
+async def create_source_tokens(session: AsyncSession, *, actor: str,
+                               now: datetime) -> dict[str, str]:
+    """An ingest token per demo source, named `{source}-ingest` and scoped to it (replacing
+    one of that name from an earlier run): name → the token, shown once."""
+    tokens = {}
+    for source in DEMO_SOURCES:
+        name = f"{source}-ingest"
+        if await active_token_named(session, name) is not None:
+            await revoke_token(session, name, actor=actor, now=now)
+        _, tokens[name] = await create_token(session, name=name, role="ingest", actor=actor,
+                                             now=now, sources=[source])
+    return tokens
 
 
 async def _setup(story: Story) -> None:

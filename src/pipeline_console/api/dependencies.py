@@ -32,6 +32,8 @@ async def get_now(request: Request) -> datetime:
 class Actor:
     name: str
     role: str
+    # an ingest token's source systems: it may post only their messages (None: any source)
+    sources: frozenset[str] | None = None
 
     @property
     def label(self) -> str:

@@ -70,6 +70,8 @@ _DESCRIPTIONS = {
 
 _TITLES = {
     400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
@@ -79,8 +81,8 @@ _TITLES = {
     500: "Internal server error",
     503: "Service unavailable",
 }
-_SLUGS = {404: "not-found", 409: "conflict", 413: "too-large", 415: "unsupported-media-type",
-          422: "invalid-input"}
+_SLUGS = {403: "forbidden", 404: "not-found", 409: "conflict", 413: "too-large",
+          415: "unsupported-media-type", 422: "invalid-input"}
 
 
 def problem(
@@ -126,7 +128,7 @@ UNAVAILABLE_DETAILS: dict[Unavailability, str] = {
 
 
 MACHINE_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-                    "/redoc", "/static/")
+                    "/static/")
 HtmlErrors = Callable[[Request, int, str, list[FieldError]], Response]
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -109,4 +110,44 @@ def first_broken_link(
         if row_hash(prev_hash, content) != stored_hash:
             return BrokenLink(content.id, "row content does not match its hash (row was altered)")
         expected_prev, expected_id = stored_hash, content.id + 1
+    return None
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """A row of the chain by its id and hash: the newest row (the head), or an anchor (a head
+    kept somewhere the database's owner cannot rewrite)."""
+
+    id: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.id}:{self.hash}"
+
+
+_ANCHOR = re.compile(r"([1-9][0-9]{0,18}):([0-9a-f]{64})")
+ANCHOR_FORMAT = "ID:HASH, a row id (1 or more) and its 64-character lowercase hex row hash"
+
+
+def parse_anchor(text: str) -> ChainHead:
+    """`ID:HASH` as `audit verify` prints the head; ValueError if it is not one."""
+    match = _ANCHOR.fullmatch(text.strip().lower()) if len(text) <= 100 else None
+    if match is None:
+        raise ValueError(f"an anchor is {ANCHOR_FORMAT}")
+    return ChainHead(int(match.group(1)), match.group(2))
+
+
+def anchor_mismatch(anchor: ChainHead, head: ChainHead | None,
+                    stored_hash: str | None) -> str | None:
+    """Why the log does not extend the anchor (None: it does, given that the chain itself
+    verifies). `stored_hash`: the hash row anchor.id holds now (None: the row is gone)."""
+    if head is None or anchor.id > head.id:
+        newest = "is empty" if head is None else f"ends at row {head.id}"
+        return (f"the anchor's row {anchor.id} is gone: the log {newest}, so its newest "
+                "rows were deleted")
+    if stored_hash is None:
+        return f"the anchor's row {anchor.id} is missing"
+    if stored_hash != anchor.hash:
+        return (f"row {anchor.id} no longer has the anchor's hash: the log up to it was "
+                "rewritten (and rehashed)")
     return None

@@ -7,10 +7,19 @@ from fastapi import Depends, Request
 
 from pipeline_console.api.dependencies import Actor
 from pipeline_console.auth.roles import allows
-from pipeline_console.auth.tokens import find_active
+from pipeline_console.auth.sessions import session_actor
+from pipeline_console.auth.tokens import KnownToken, find_active, known_token
 from pipeline_console.errors import Forbidden, Unauthorized
 
 SESSION_COOKIE = "console_session"
+# Over HTTPS: a cookie with this prefix is only accepted by the browser with Secure, Path=/
+# and no Domain, so neither plain HTTP nor another subdomain can plant or overwrite it.
+SECURE_SESSION_COOKIE = "__Host-console_session"
+
+
+def session_cookie_name(request: Request) -> str:
+    secure = request.url.scheme == "https" or request.app.state.settings.console_https
+    return SECURE_SESSION_COOKIE if secure else SESSION_COOKIE
 
 
 class Requires:
@@ -26,22 +35,27 @@ class Requires:
         settings = request.app.state.settings
         if settings.auth == "disabled":
             actor = Actor(name="anonymous", role="admin")
+        elif self.cookie and not bearer_token(request):
+            # a console page: the cookie is a session id, never a token (auth/sessions.py)
+            actor = await session_actor(request, session_cookie_name(request))
+            if not allows(actor.role, self.role):
+                raise Forbidden(f"the role {actor.role} may not do this; it needs "
+                                f"{self.role}")
         else:
-            token = bearer_token(request) or (
-                request.cookies.get(SESSION_COOKIE) if self.cookie else None)
+            token = bearer_token(request)
             if not token:
                 raise Unauthorized("send an API token: Authorization: Bearer <token>")
             database = request.app.state.database
 
-            async def lookup() -> tuple[str, str] | None:
+            async def lookup() -> KnownToken | None:
                 async with database.read() as session:
                     found = await find_active(session, token)
-                return None if found is None else (found.name, found.role)
+                return None if found is None else known_token(found)
 
             known = await request.app.state.token_cache.resolve(token, lookup)
             if known is None:
                 raise Unauthorized("the token is unknown or revoked")
-            actor = Actor(name=known[0], role=known[1])
+            actor = Actor(name=known.name, role=known.role, sources=known.sources)
             if not allows(actor.role, self.role):
                 raise Forbidden(f"the role {actor.role} may not do this; it needs "
                                 f"{self.role}")

@@ -1,8 +1,9 @@
 """Who may do what. Pure.
 
-ingest   source systems: may only post messages
+ingest   source systems: may only post messages, each token for its own sources only
 viewer   reads everything
-operator reads, and acts: resolves, resets, replays, runs jobs
+operator reads, and acts: resolves, resets, replays, runs jobs; may post messages from any
+         source (a correction by hand, named in the audit log)
 admin    everything, and configures: systems, entity types, tokens"""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ ROLES = ("ingest", "viewer", "operator", "admin")
 
 # The roles each required role admits.
 ADMITS: dict[str, frozenset[str]] = {
-    "ingest": frozenset({"ingest", "admin"}),
+    "ingest": frozenset({"ingest", "operator", "admin"}),
     "viewer": frozenset({"viewer", "operator", "admin"}),
     "operator": frozenset({"operator", "admin"}),
     "admin": frozenset({"admin"}),

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
 from pipeline_console.auth.roles import ROLES
+from pipeline_console.auth.sessions import end_sessions_of_token
 from pipeline_console.errors import Conflict, FieldError, InvalidInput, NotFound
 from pipeline_console.models import ApiToken
+from pipeline_console.pagination import Page, PageRequest, fetch_page
 
 TOKEN_PREFIX = "pc_"
 NAME_PATTERN = "letters, digits, '_', '.', '-', '@'; at most 64 characters"
@@ -27,6 +31,42 @@ def new_token() -> str:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", errors="replace")).hexdigest()
+
+
+# what a message's source_system may be (ingestion/schemas.Name)
+SOURCE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownToken:
+    """Who an active token is, as a request needs it (what the TokenCache keeps)."""
+
+    name: str
+    role: str
+    # the source systems an ingest token may post for; None: any (operators, admins, and
+    # ingest tokens made before scoping existed: see `unscoped`)
+    sources: frozenset[str] | None = None
+
+
+def scope_of(role: str, sources: Iterable[str] | None) -> list[str] | None:
+    """The sources to store for a new token: sorted, without repeats. An ingest token must
+    name at least one (a leaked token then rewrites only its own sources' records); the
+    other roles may post from any source, so a scope on them would promise what it cannot
+    keep."""
+    given = sorted(set(sources or ()))
+    errors = [FieldError("source", f"{source[:70]!r} is not a source system name (letters, "
+                         "digits, '_', '.', '-'; at most 64 characters)", "argument")
+              for source in given if not SOURCE_PATTERN.fullmatch(source)]
+    if role == "ingest" and not given:
+        errors.append(FieldError("source", "an ingest token needs at least one source system "
+                                 "(--source erp): it may post only that source's messages",
+                                 "argument"))
+    if role != "ingest" and given:
+        errors.append(FieldError("source", f"only ingest tokens have sources; a {role} token "
+                                 "may post from any source", "argument"))
+    if errors:
+        raise InvalidInput(errors[0].message, errors)
+    return given or None
 
 
 def _check(name: str, role: str) -> None:
@@ -41,20 +81,36 @@ def _check(name: str, role: str) -> None:
 
 
 async def create_token(session: AsyncSession, *, name: str, role: str, actor: str,
-                       now: datetime, token: str | None = None) -> tuple[ApiToken, str]:
-    """A new token; the plain text is returned once and never stored."""
+                       now: datetime, token: str | None = None,
+                       sources: Iterable[str] | None = None) -> tuple[ApiToken, str]:
+    """A new token; the plain text is returned once and never stored. A token never changes
+    afterwards (the database refuses it): another role or scope is a new token."""
     _check(name, role)
+    scope = scope_of(role, sources)
     if await active_token_named(session, name) is not None:
         raise Conflict(f"an active token is already named {name!r}; revoke it first")
     plain = token or new_token()
     row = ApiToken(name=name, role=role, token_hash=hash_token(plain), prefix=plain[:10],
-                   created_at=now, created_by=actor)
+                   created_at=now, created_by=actor, sources=scope)
     session.add(row)
     await session.flush()
-    await append_audit(session, [AuditEntry("token.created", "token", name,
-                                            {"role": role, "prefix": row.prefix})],
+    details: dict[str, object] = {"role": role, "prefix": row.prefix}
+    if scope is not None:
+        details["sources"] = scope
+    await append_audit(session, [AuditEntry("token.created", "token", name, details)],
                        actor=actor, now=now)
     return row, plain
+
+
+def unscoped(row: ApiToken) -> bool:
+    """An active ingest token made before scoping existed: it may post for any source, so
+    it is flagged (tokens list, the dashboard) until it is replaced."""
+    return row.role == "ingest" and row.sources is None and row.revoked_at is None
+
+
+def known_token(row: ApiToken) -> KnownToken:
+    return KnownToken(row.name, row.role,
+                      None if row.sources is None else frozenset(row.sources))
 
 
 async def active_token_named(session: AsyncSession, name: str) -> ApiToken | None:
@@ -70,6 +126,7 @@ async def revoke_token(session: AsyncSession, name: str, *, actor: str,
         raise NotFound(f"no active token is named {name!r}")
     row.revoked_at, row.revoked_by = now, actor
     await session.flush()
+    await end_sessions_of_token(session, row.id, now=now)  # the console's, at once
     await append_audit(session, [AuditEntry("token.revoked", "token", name,
                                             {"role": row.role, "prefix": row.prefix})],
                        actor=actor, now=now)
@@ -78,6 +135,24 @@ async def revoke_token(session: AsyncSession, name: str, *, actor: str,
 
 async def list_tokens(session: AsyncSession) -> list[ApiToken]:
     return list((await session.execute(select(ApiToken).order_by(ApiToken.id))).scalars())
+
+
+# active ingest tokens made before scoping existed (the dashboard counts what the list shows)
+UNSCOPED = (ApiToken.role == "ingest", ApiToken.sources.is_(None),
+            ApiToken.revoked_at.is_(None))
+
+
+async def list_token_page(session: AsyncSession, page: PageRequest, *, unscoped_only: bool,
+                          role: str | None = None) -> Page[ApiToken]:
+    return await fetch_page(session, ApiToken.id, page, equal=[(ApiToken.role, role)],
+                            where=UNSCOPED if unscoped_only else ())
+
+
+async def unscoped_summary(session: AsyncSession) -> tuple[int, datetime | None]:
+    """How many active ingest tokens have no source scope, and when the oldest was made."""
+    count, oldest = (await session.execute(
+        select(func.count(), func.min(ApiToken.created_at)).where(*UNSCOPED))).one()
+    return count, oldest
 
 
 async def find_active(session: AsyncSession, token: str) -> ApiToken | None:
@@ -104,15 +179,15 @@ class TokenCache:
                  max_entries: int = 10_000) -> None:
         self.ttl = timedelta(seconds=ttl_s)
         self.clock, self.max_entries = clock, max_entries
-        self._entries: dict[str, tuple[str, str, datetime]] = {}
-        self._lookups: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
+        self._entries: dict[str, tuple[KnownToken, datetime]] = {}
+        self._lookups: dict[str, asyncio.Future[KnownToken | None]] = {}
         self.lookups = 0  # lookups started, for tests and diagnostics
 
     async def resolve(
-        self, token: str, lookup: Callable[[], Awaitable[tuple[str, str] | None]]
-    ) -> tuple[str, str] | None:
-        """(name, role) of an active token, from the cache or from `lookup` (None: unknown
-        or revoked). A lookup already under way for the token is awaited, not repeated."""
+        self, token: str, lookup: Callable[[], Awaitable[KnownToken | None]]
+    ) -> KnownToken | None:
+        """Who an active token is, from the cache or from `lookup` (None: unknown or
+        revoked). A lookup already under way for the token is awaited, not repeated."""
         known = self.get(token)
         if known is not None:
             return known
@@ -130,14 +205,14 @@ class TokenCache:
         return await asyncio.shield(pending)
 
     async def _look_up(self, token: str,
-                       lookup: Callable[[], Awaitable[tuple[str, str] | None]]
-                       ) -> tuple[str, str] | None:
+                       lookup: Callable[[], Awaitable[KnownToken | None]]
+                       ) -> KnownToken | None:
         found = await lookup()
         if found is not None:
-            self.put(token, *found)
+            self.put(token, found)
         return found
 
-    def _forget(self, key: str, done: asyncio.Future[tuple[str, str] | None]) -> None:
+    def _forget(self, key: str, done: asyncio.Future[KnownToken | None]) -> None:
         """The lookup ended (or was cancelled before it began): the next miss looks again.
         Its error, if every waiter had gone, is marked as seen (they all got or lost it)."""
         if self._lookups.get(key) is done:
@@ -145,21 +220,21 @@ class TokenCache:
         if not done.cancelled():
             done.exception()
 
-    def get(self, token: str) -> tuple[str, str] | None:
-        """(name, role) of a token seen within the lifetime, else None."""
+    def get(self, token: str) -> KnownToken | None:
+        """Who a token seen within the lifetime is, else None."""
         if not self.ttl:
             return None
         entry = self._entries.get(hash_token(token))
-        if entry is None or entry[2] <= self.clock():
+        if entry is None or entry[1] <= self.clock():
             return None
-        return entry[0], entry[1]
+        return entry[0]
 
-    def put(self, token: str, name: str, role: str) -> None:
+    def put(self, token: str, known: KnownToken) -> None:
         if not self.ttl:
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._entries[hash_token(token)] = (name, role, self.clock() + self.ttl)
+        self._entries[hash_token(token)] = (known, self.clock() + self.ttl)
 
 
 BOOTSTRAP_NAME = "bootstrap-admin"

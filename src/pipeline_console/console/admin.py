@@ -139,7 +139,7 @@ async def run_now(request: Request, name: str, deliverer: DelivererDep, settings
     except DomainError as error:
         return error_page(request, error)
     outcome = record.error if record.error else record.result
-    return done("/jobs", f"Job {name} (run {record.id}) {record.status}: {outcome}")
+    return done(request, "/jobs", f"Job {name} (run {record.id}) {record.status}: {outcome}")
 
 
 @router.get("/audit", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])

@@ -109,7 +109,7 @@ async def resolve(request: Request, anomaly_id: int, database: DatabaseDep, now:
                                   actor=actor.label, now=now)
     except DomainError as error:
         return error_page(request, error)
-    return done(f"/anomalies/{anomaly_id}",
+    return done(request, f"/anomalies/{anomaly_id}",
                 f"Anomaly {anomaly_id} resolved: {resolution} (recorded in the audit log).")
 
 
@@ -172,7 +172,7 @@ async def replay_dead_letters(request: Request, database: DatabaseDep, now: NowD
     verdict = ("validated: every item is eligible; execute it to send" if
                request_row.status == "validated" else
                "refused as a whole: see each item's reason; nothing was sent")
-    return done(f"/replays/{request_row.id}", f"Replay {request_row.id} {verdict}.")
+    return done(request, f"/replays/{request_row.id}", f"Replay {request_row.id} {verdict}.")
 
 
 def _filter_of(form: Any) -> FilterIn:
@@ -226,7 +226,8 @@ async def execute(request: Request, replay_id: int, deliverer: DelivererDep,
         finished = await execute_replay(deliverer, _id(replay_id, "replay"), actor=actor.label)
     except DomainError as error:
         return error_page(request, error)
-    return done(f"/replays/{replay_id}", f"Replay {replay_id} executed: {finished.status}.")
+    return done(request, f"/replays/{replay_id}",
+                f"Replay {replay_id} executed: {finished.status}.")
 
 
 # --- ambiguous outcomes ---
@@ -253,7 +254,7 @@ async def query_status(request: Request, ambiguous_id: int, deliverer: Deliverer
     except DomainError as error:
         return error_page(request, error)
     answer = ("no answer" if action.query_status is None else f"HTTP {action.query_status}")
-    return done("/ambiguous", f"Ambiguous outcome {ambiguous_id}: the status query gave "
+    return done(request, "/ambiguous", f"Ambiguous outcome {ambiguous_id}: the status query gave "
                 f"{answer}; it is {action.status}.")
 
 
@@ -275,7 +276,7 @@ async def resolve_outcome(request: Request, ambiguous_id: int, deliverer: Delive
                 f"(delivery {resend.delivery_id}, attempt {resend.attempt_id})"
                 if resend is not None and resend.attempt_id is not None else
                 "; it waits to be sent again (the worker sends it when its circuit allows)")
-    return done("/ambiguous", f"Ambiguous outcome {ambiguous_id} resolved as "
+    return done(request, "/ambiguous", f"Ambiguous outcome {ambiguous_id} resolved as "
                 f"{resolution}{then}.")
 
 
@@ -334,5 +335,5 @@ async def circuit_action(request: Request, system: str, action: Literal["reset",
             state = circuit.state
     except DomainError as error:
         return error_page(request, error)
-    return done("/circuits", f"The circuit of {system} is now {state.replace('_', '-')} "
+    return done(request, "/circuits", f"The circuit of {system} is now {state.replace('_', '-')} "
                 f"(reason recorded: {reason}).")

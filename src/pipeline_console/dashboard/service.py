@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.auth.tokens import unscoped_summary
 from pipeline_console.db import hour_bucket
 from pipeline_console.delivery.workers import card_since, lost_worker_summary
 from pipeline_console.models import (
@@ -139,6 +140,14 @@ async def attention(session: AsyncSession, *, now: datetime, stale_partial_after
                        "stopped)", count, oldest, now, "warning",
                        list_path("workers", status="lost",
                                  **{"from": _time(card_since(now))})))
+    count, oldest = await unscoped_summary(session)
+    if count:  # shown until the last one is replaced (an upgrade leaves them behind)
+        many = count != 1
+        items.append(_item("unscoped_ingest_tokens",
+                           f"{count} ingest token{'s' if many else ''} "
+                           f"{'have' if many else 'has'} no source scope: replace "
+                           f"{'them' if many else 'it'}", count, oldest, now, "warning",
+                           list_path("tokens", unscoped="true")))
     return items
 
 

@@ -34,8 +34,10 @@ from pipeline_console.ingestion.intake import (
     excerpt,
     excerpt_of,
     parse_message,
+    refuse_foreign_source,
 )
 from pipeline_console.ingestion.planner import IncomingMessage
+from pipeline_console.ingestion.policy import reason_for_ingest_token
 from pipeline_console.ingestion.schemas import BatchOut, IngestResult
 from pipeline_console.ingestion.service import Accepted, Rejected, ingest_messages
 from pipeline_console.metrics import count_ingestion
@@ -53,7 +55,7 @@ def _body_schema(name: str) -> dict[str, Any]:
 
 
 def _intake_responses() -> dict[int | str, dict[str, Any]]:
-    responses = problem_responses(413, 415, 422)
+    responses = problem_responses(403, 413, 415, 422)
     responses[415]["headers"] = {"Accept": {
         "description": "the one media type these routes take", "schema": {"type": "string"}}}
     return responses
@@ -113,7 +115,11 @@ def _too_large(body: bytes, limit: int, excerpt_bytes: int, what: str) -> Reject
     )
 
 
-_STATUS_OF = {"invalid": 422, "too_large": 413, "unsupported_media_type": 415}
+_STATUS_OF = {"invalid": 422, "too_large": 413, "unsupported_media_type": 415,
+              "forbidden": 403}
+# a batch item's error, as the problem its message alone would have got
+_ITEM_PROBLEM = {"invalid": ("/problems/invalid-input", "Invalid input"),
+                 "forbidden": ("/problems/forbidden", "Forbidden")}
 
 
 def _rejection_problem(result: Rejected) -> JSONResponse:
@@ -135,7 +141,9 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def _result_dict(result: Accepted) -> dict[str, Any]:
+def _result_dict(result: Accepted, sources: frozenset[str] | None) -> dict[str, Any]:
+    """`sources`: the caller's scope; a scoped ingest token is not told which other source
+    holds a key (the attempt log keeps the whole reason)."""
     return {
         "decision": result.decision,
         "idempotency_key": result.idempotency_key,
@@ -143,7 +151,8 @@ def _result_dict(result: Accepted) -> dict[str, Any]:
         "attempt_id": result.attempt_id,
         "staging_status": result.staging_status,
         "anomaly_id": result.anomaly_id,
-        "reason": result.reason,
+        "reason": result.reason if sources is None else reason_for_ingest_token(result.reason,
+                                                                                sources),
     }
 
 
@@ -155,8 +164,10 @@ def _result_dict(result: Accepted) -> dict[str, Any]:
     "skip_stale) and records the decision before anything else is written. The body must be "
     "sent as `Content-Type: application/json` (415 otherwise). A malformed message gets 422 "
     "(so does a body that repeats an object key anywhere, naming its path, and an "
-    "`occurred_at` that is not an RFC 3339 string with a zone), an oversized one 413; each is "
-    "still recorded in the attempt log as rejected.",
+    "`occurred_at` that is not an RFC 3339 string with a zone), an oversized one 413; a "
+    "message whose `source_system` is not one of its ingest token's sources 403 (naming the "
+    "field). Each is still recorded in the attempt log as rejected. An ingest token's "
+    "reasons never name another source system.",
     responses=_intake_responses(),
     openapi_extra=_body_schema("MessageIn"),
 )
@@ -180,10 +191,11 @@ async def post_message(request: Request) -> Any:
         except BodyError as error:
             item = RejectedMessage(error.detail, error.errors, excerpt(body, excerpt_bytes))
         else:
-            item = parse_message(
-                candidate, excerpt(body, excerpt_bytes), max_depth=settings.max_payload_depth,
+            raw_body = excerpt(body, excerpt_bytes)
+            item = refuse_foreign_source(parse_message(
+                candidate, raw_body, max_depth=settings.max_payload_depth,
                 max_string_length=settings.max_payload_string_length
-            )
+            ), actor.name, actor.sources, raw_body)
     if isinstance(item, IncomingMessage):  # the request's log lines carry the message's key
         structlog.contextvars.bind_contextvars(idempotency_key=item.key,
                                                correlation_id=item.correlation_id)
@@ -199,7 +211,7 @@ async def post_message(request: Request) -> Any:
     structlog.contextvars.bind_contextvars(decision=getattr(result, "decision", "rejected"))
     if isinstance(result, Rejected):
         return _rejection_problem(result)
-    return _json(_result_dict(result))
+    return _json(_result_dict(result, actor.sources))
 
 
 @router.post(
@@ -208,7 +220,9 @@ async def post_message(request: Request) -> Any:
     summary="Ingest many messages in one transaction",
     description="One result per message, in order: the single-message result plus `index`, or "
     "`{index, error}` for an invalid message. One bad message never fails the others. More "
-    "messages than the batch limit, or a larger body, gets 413; a body not sent as "
+    "messages than the batch limit, or a larger body, gets 413; a message whose `source_system` "
+    "is not one of its ingest token's sources gets `{index, error}` with status 403 (the "
+    "others go through); a body not sent as "
     "`Content-Type: application/json` 415; a body that is not JSON, or repeats an object key "
     "anywhere (the error names the path, such as `messages/3/payload/x`), 422.",
     responses=_intake_responses(),
@@ -265,8 +279,10 @@ async def post_batch(
 
     items = []
     for candidate in candidates:
-        item = parse_message(candidate, "", max_depth=settings.max_payload_depth,
-                             max_string_length=settings.max_payload_string_length)
+        item = refuse_foreign_source(
+            parse_message(candidate, "", max_depth=settings.max_payload_depth,
+                          max_string_length=settings.max_payload_string_length),
+            actor.name, actor.sources, "")
         if isinstance(item, RejectedMessage):
             item = replace(item, raw_body=excerpt_of(candidate, excerpt_bytes))
         items.append(item)
@@ -277,12 +293,13 @@ async def post_batch(
     for index, result in enumerate(results):
         if isinstance(result, Rejected):
             rejection = result.rejection
+            kind, title = _ITEM_PROBLEM[rejection.kind]
             out.append({"index": index, "error": {
-                "type": "/problems/invalid-input", "title": "Invalid input", "status": 422,
+                "type": kind, "title": title, "status": _STATUS_OF[rejection.kind],
                 "detail": rejection.detail,
                 "errors": [error.as_dict() for error in rejection.errors],
                 "attempt_id": result.attempt_id,
             }})
         else:
-            out.append({"index": index, **_result_dict(result)})
+            out.append({"index": index, **_result_dict(result, actor.sources)})
     return _json({"results": out})

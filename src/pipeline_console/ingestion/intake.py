@@ -15,14 +15,17 @@ from pipeline_console.ingestion.policy import (
     ASTRAL,
     SAFE_INTEGER,
     UnhashablePayload,
+    foreign_source,
+    foreign_source_detail,
     idempotency_key,
     payload_hash,
 )
 from pipeline_console.ingestion.schemas import MessageIn
 
 # Why a message could not be decided: invalid (as JSON or as a message), larger than a limit,
-# or sent as something other than JSON. The edge maps each to its status (422, 413, 415).
-RejectionKind = Literal["invalid", "too_large", "unsupported_media_type"]
+# sent as something other than JSON, or from a source its token may not post for. The edge
+# maps each to its status (422, 413, 415, 403).
+RejectionKind = Literal["invalid", "too_large", "unsupported_media_type", "forbidden"]
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,29 @@ def parse_message(
         message.source_system, entity_type, entity_id,
         idempotency_key(entity_type, entity_id), message.version, message.payload, digest,
         message.correlation_id, message.message_id, message.occurred_at,
+    )
+
+
+def refuse_foreign_source(
+    item: IncomingMessage | RejectedMessage, token_name: str,
+    sources: frozenset[str] | None, raw_body: str,
+) -> IncomingMessage | RejectedMessage:
+    """A message whose source_system is not among its ingest token's sources becomes a
+    rejection (recorded in the attempt log, naming the token), never a decision: a leaked
+    shop token must not supersede the ERP's records."""
+    if isinstance(item, RejectedMessage) or not foreign_source(sources, item.source_system):
+        return item
+    assert sources is not None
+    known = {"source_system": item.source_system, "entity_type": item.entity_type,
+             "entity_id": item.entity_id, "idempotency_key": item.key,
+             "version": item.version, "correlation_id": item.correlation_id,
+             "message_id": item.message_id}
+    return RejectedMessage(
+        detail=foreign_source_detail(token_name, sources, item.source_system),
+        errors=[FieldError(field="source_system", type="source_not_allowed",
+                           message="not one of the sources this token may post for")],
+        raw_body=raw_body, kind="forbidden",
+        known={name: value for name, value in known.items() if value is not None},
     )
 
 

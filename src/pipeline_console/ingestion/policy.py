@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Collection
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -67,6 +69,37 @@ def decide(
         f"{incoming} has a different payload than {held} at the same version; "
         "an anomaly is open for a person to decide",
     )
+
+
+def foreign_source(sources: Collection[str] | None, source_system: str) -> bool:
+    """Whether a token scoped to `sources` (None: any source) may not post this message."""
+    return sources is not None and source_system not in sources
+
+
+def foreign_source_detail(token_name: str, sources: Collection[str], source_system: str) -> str:
+    """Why a scoped ingest token's message is refused: it names the token, its own sources
+    and the source the message claims (which its sender wrote), nothing else."""
+    return (f"the token {token_name!r} may post only messages of the source system"
+            f"{'s' if len(sources) > 1 else ''} {', '.join(sorted(sources))}, not of "
+            f"{source_system!r}")
+
+
+# decide() names the holder of a key's current version as "current version N (SOURCE)"
+_HELD_BY = re.compile(r"current version (\d+) \(([^()]*)\)")
+OTHER_SOURCE = "another source"
+
+
+def reason_for_ingest_token(reason: str, sources: Collection[str]) -> str:
+    """A decision's reason as a scoped ingest token may read it: which other source system
+    holds a key's current version is not its business (a leaked shop token must not learn
+    that the ERP writes customer C-1003), so that name becomes "another source"."""
+
+    def redact(match: re.Match[str]) -> str:
+        holder = match.group(2)
+        shown = holder if holder in sources else OTHER_SOURCE
+        return f"current version {match.group(1)} ({shown})"
+
+    return _HELD_BY.sub(redact, reason)
 
 
 class UnhashablePayload(ValueError):

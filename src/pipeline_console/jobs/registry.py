@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.audit.service import AuditEntry, append_anchor, append_audit, chain_head
 from pipeline_console.config import Settings
 from pipeline_console.delivery.ambiguous import query_open_ambiguous
 from pipeline_console.delivery.service import Deliverer, deliver_due
@@ -60,7 +62,30 @@ async def _daily_report(deliverer: Deliverer, _settings: Settings,
     return summary
 
 
+async def _audit_anchor(deliverer: Deliverer, settings: Settings,
+                        _actor: str) -> dict[str, Any]:
+    """The audit log's head, written where the database cannot rewrite it: the process log
+    (a structured line a log collector keeps) and, if set, AUDIT_ANCHOR_FILE. `audit
+    verify --anchor ID:HASH` with a head kept this way detects a cut-off tail and a
+    rewritten, rehashed log."""
+    async with deliverer.database.read() as session:
+        head = await chain_head(session)
+    now = deliverer.clock()
+    result: dict[str, Any] = {"head": None, "file": settings.audit_anchor_file,
+                              "line": None}
+    if head is None:
+        return result  # nothing to anchor yet
+    result["head"] = {"id": head.id, "hash": head.hash}
+    anchor_log.info("audit anchor", anchor=str(head), audit_head_id=head.id,
+                    audit_head_hash=head.hash)
+    if settings.audit_anchor_file:
+        result["line"] = await asyncio.to_thread(append_anchor, settings.audit_anchor_file,
+                                                 head, now)
+    return result
+
+
 log = logging.getLogger("pipeline_console.jobs")
+anchor_log = structlog.get_logger("pipeline_console.audit")
 
 JOBS: dict[str, Job] = {
     job.name: job
@@ -75,6 +100,9 @@ JOBS: dict[str, Job] = {
         Job("stale_partial_sweep", "mark partial records waiting longer than "
             "STALE_PARTIAL_AFTER_S as stale, once each, with an audit event naming what they "
             "miss", _stale_partial_sweep),
+        Job("audit_anchor", "write the audit log's head (ID:HASH) to the log and to "
+            "AUDIT_ANCHOR_FILE, to check the log against later (audit verify --anchor)",
+            _audit_anchor),
         Job("daily_report", "the totals of every report for the UTC day before, with the "
             "path of each full report; kept in the job run history", _daily_report),
     )

@@ -71,6 +71,7 @@ def worker_schedule(settings: Settings) -> list[Scheduled]:
         "promote_staging": settings.promote_staging_interval_s,
         "query_ambiguous": settings.query_ambiguous_interval_s,
         "stale_partial_sweep": settings.stale_partial_sweep_interval_s,
+        "audit_anchor": settings.audit_anchor_interval_s,
     }
     schedule = [Scheduled(job, interval_s=interval)
                 for job, interval in intervals.items() if interval > 0]

@@ -27,7 +27,8 @@ class ApiToken(Base):
     revoked_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # the source systems an ingest token may post for; None: any (operator and admin
     # tokens, and ingest tokens made before scoping existed, which are flagged until replaced)
-    sources: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # (SQL NULL, not JSON null: none_as_null)
+    sources: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
     __table_args__ = (
         CheckConstraint("role IN ('ingest', 'viewer', 'operator', 'admin')", name="role"),
