@@ -2,8 +2,9 @@
 ratio to a floor measured on the same machine in the same run (or, for the latency
 benchmarks, a percentile against its target), the median of several runs.
 
-BENCH_ONLY=1,2 runs a subset of the modules (by the numbers they report); the other knobs
-are in bench/common.py's BenchConfig."""
+BENCH_ONLY=1,2 runs a subset of the modules (by the numbers they report, or by name:
+BENCH_ONLY=validation runs bench/validation.py alone); the other knobs are in
+bench/common.py's BenchConfig."""
 
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks.md"
 NOTES = Path(__file__).resolve().parent / "notes"
 # module, the benchmark numbers it reports (in the order they run)
-MODULES = [("bench.ingestion", {"1"}), ("bench.http", {"2", "3", "8"}),
-           ("bench.large", {"4", "5", "8"}), ("bench.delivery", {"6", "7"})]
+MODULES = [("bench.ingestion", {"1"}), ("bench.validation", {"1"}),
+           ("bench.http", {"2", "3", "8"}), ("bench.large", {"4", "5", "8"}),
+           ("bench.delivery", {"6", "7"})]
 
 
 def _selected() -> list[str]:
     only = {part.strip() for part in os.environ.get("BENCH_ONLY", "").split(",") if part.strip()}
-    return [name for name, numbers in MODULES if not only or numbers & only]
+    return [name for name, numbers in MODULES
+            if not only or numbers & only or name.removeprefix("bench.") in only]
 
 
 def main() -> None:

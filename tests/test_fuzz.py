@@ -1,6 +1,11 @@
 """Schemathesis generates requests from /openapi.json and sends them, authenticated as an
 admin, to a real server on a database with the demo loaded (SQLite and PostgreSQL): no answer
-may be a 5xx, and every answer must match the schema (status, content type, body)."""
+may be a 5xx, and every answer must match the schema (status, content type, body).
+
+The document declares its bearer scheme (api/openapi.py), so the auth check runs too: each
+operation that declares the scheme is also sent without a token and with a wrong one, and
+must refuse both (401/403). The stateful phase then chains operations along the links
+Schemathesis infers (create a system, read it, patch it; create a replay, execute it)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import checks
+from schemathesis.config import SchemathesisConfig
 
 from pipeline_console.config import Settings
 from pipeline_console.db import Database, create_engine
@@ -26,8 +32,19 @@ from tests.ingestion.test_concurrency import start_server
 # beyond 2**53 fits the schema and is rightly refused, since RFC 8785 cannot hash it.)
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance,
           checks.content_type_conformance, checks.response_schema_conformance,
-          checks.response_headers_conformance]
+          checks.response_headers_conformance, checks.ignored_auth]
 EXAMPLES = int(os.environ.get("PIPELINE_CONSOLE_FUZZ_EXAMPLES", "8"))
+# The stateful phase: scenarios, and the calls in each.
+SCENARIOS = int(os.environ.get("PIPELINE_CONSOLE_FUZZ_SCENARIOS", "25"))
+STEPS = int(os.environ.get("PIPELINE_CONSOLE_FUZZ_STEPS", "8"))
+
+
+def _schema(base: str, token: str) -> schemathesis.BaseSchema:
+    # The token as the bearerAuth scheme's credentials (not a bare header), so the auth check
+    # knows which credentials to take away.
+    config = SchemathesisConfig.from_dict(
+        {"auth": {"openapi": {"bearerAuth": {"bearer": token}}}})
+    return schemathesis.openapi.from_url(f"{base}/openapi.json", config=config)
 
 
 async def _prepare(url: str) -> str:
@@ -64,8 +81,7 @@ def fuzz_server(request, tmp_path_factory):
 
 def test_the_api_answers_every_generated_request_as_its_schema_says(fuzz_server):
     base, token = fuzz_server
-    headers = {"Authorization": f"Bearer {token}"}
-    api = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    api = _schema(base, token)
     failures, operations = [], 0
     for result in api.get_all_operations():
         operation = result.ok()
@@ -76,7 +92,7 @@ def test_the_api_answers_every_generated_request_as_its_schema_says(fuzz_server)
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit,
                                                                    Phase.generate])
         def check(case):
-            case.call_and_validate(base_url=base, headers=headers, checks=CHECKS)
+            case.call_and_validate(base_url=base, checks=CHECKS)
 
         try:
             check()
@@ -84,3 +100,23 @@ def test_the_api_answers_every_generated_request_as_its_schema_says(fuzz_server)
             failures.append(f"{operation.label}: {str(failure)[:1500]}")
     assert operations > 40
     assert failures == [], "\n\n".join(failures)
+
+
+def test_chains_of_calls_along_the_links_answer_as_the_schema_says(fuzz_server):
+    base, token = fuzz_server
+    api = _schema(base, token)
+
+    class Workflow(api.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case):
+            # The token comes from the bearerAuth credentials of the schema's configuration:
+            # about a fifth of the calls go without it (Schemathesis' variations): 401s.
+            return {"base_url": base}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs or None,
+                                   recorder=getattr(self, "recorder", None))
+
+    assert api.statistic.transitions.total > 0, "no links to follow: nothing stateful ran"
+    Workflow.run(settings=settings(max_examples=SCENARIOS, stateful_step_count=STEPS,
+                                   deadline=None, derandomize=True, database=None,
+                                   suppress_health_check=list(HealthCheck)))

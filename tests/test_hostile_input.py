@@ -107,6 +107,15 @@ class TestSchemas:
         assert response.json()["staging_status"] == "partial"
 
 
+@pytest.mark.parametrize("path", ["/api/v1/systems", "/api/v1/replays"])
+async def test_a_body_that_is_not_utf8_is_a_422_not_a_400(client, path):
+    """Found by Schemathesis' stateful phase (issue 19): FastAPI answered 400."""
+    response = await client.post(path, content=b"\xff\x37\xfe", headers=JSON)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"][0]["field"] == "body"
+
+
 class TestUrls:
     @pytest.mark.parametrize(("url", "field"), [
         ("/api/v1/records?entity_type=%00", "entity_type"),

@@ -169,6 +169,12 @@ def install_problem_handlers(app: FastAPI, html: HtmlErrors | None = None) -> No
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException) -> Response:
+        if error.status_code == 400 and isinstance(error.__cause__, UnicodeDecodeError):
+            # FastAPI's "error parsing the body" for bytes that are not UTF-8: JSON must be
+            # (RFC 8259), so this is invalid input like any other malformed JSON, not a 400.
+            return answer(request, 422, "invalid input: body", [FieldError(
+                field="body", location="body", message="the body is not UTF-8 encoded JSON",
+                type="json_invalid")])
         detail = error.detail if isinstance(error.detail, str) else _TITLES.get(error.status_code,
                                                                                  "Error")
         response = answer(request, error.status_code, detail)
