@@ -8,6 +8,8 @@ list of paths, so a route added later is described by the same rules:
 - 422 where the route takes parameters or a body; none where it takes neither;
 - 503 with Retry-After where the route reaches the database (a token lookup does), or where
   the route declares it (/readyz);
+- 400 where the Host header is checked (every path but /healthz and /readyz:
+  api/web_security.py's ALLOWED_HOSTS);
 - 404, 409, 413, 415 only where the route declares them (`responses=`);
 - no 500: a 500 is a bug, not an answer of the contract;
 - every error answer is application/problem+json with the shared ProblemDetails schema.
@@ -30,6 +32,7 @@ from pipeline_console.api.problems import (
     PROBLEM_MEDIA_TYPE,
     RETRY_AFTER_HEADER,
 )
+from pipeline_console.api.web_security import ANY_HOST_PATHS
 from pipeline_console.auth.dependencies import MetricsAccess, Public, Requires
 from pipeline_console.config import Settings
 
@@ -50,6 +53,8 @@ _ERROR_DESCRIPTIONS = {
          "Bearer)",
     403: "The token is valid but its role (or, for an ingest token, its sources) may not do "
          "this",
+    400: "The Host header names a host this server does not answer to "
+         "(PIPELINE_CONSOLE_ALLOWED_HOSTS)",
     422: "Invalid input: the `errors` list names each bad field",
 }
 # FastAPI's own 422 body, which this server never answers (api/problems.py maps validation
@@ -116,15 +121,18 @@ def describe_security_and_errors(document: dict[str, Any], routes: list[Any],
         for method in context.methods:
             operation = document["paths"].get(context.path_format, {}).get(method.lower())
             if operation is not None:
-                _describe_operation(operation, needs_token(context.dependant, settings))
+                _describe_operation(operation, needs_token(context.dependant, settings),
+                                    host_checked=context.path_format not in ANY_HOST_PATHS)
     for name in _FASTAPI_VALIDATION_SCHEMAS:  # the outer one first: it refers to the other
         if f'"#/components/schemas/{name}"'.encode() not in orjson.dumps(document):
             schemas.pop(name, None)
 
 
-def _describe_operation(operation: dict[str, Any], token: bool) -> None:
+def _describe_operation(operation: dict[str, Any], token: bool, *, host_checked: bool) -> None:
     responses = operation.setdefault("responses", {})
     responses.pop("500", None)
+    if host_checked:
+        responses.setdefault("400", {})
     if token:
         operation["security"] = [{BEARER_AUTH: []}]
         responses.setdefault("401", {})["headers"] = {"WWW-Authenticate": _WWW_AUTHENTICATE}
