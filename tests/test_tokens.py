@@ -50,6 +50,10 @@ class TestCreatingTokens:
                                          "--name", "alice", "--source", "erp")
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and "ingest" in result.stderr
+        assert "may post from any source" in result.stderr
+        viewer = await asyncio.to_thread(cli, database_url, "create", "--role", "viewer",
+                                         "--name", "auditor", "--source", "erp")
+        assert viewer.returncode == 2 and "may not post messages at all" in viewer.stderr
 
     async def test_a_source_must_be_a_source_name(self, database_url):
         result = await asyncio.to_thread(cli, database_url, "create", "--role", "ingest",

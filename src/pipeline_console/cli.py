@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 import uvicorn
@@ -151,6 +152,9 @@ def run_job_command(name: str) -> None:
     from pipeline_console.delivery.worker import worker_identity
     from pipeline_console.errors import NotFound
     from pipeline_console.jobs.registry import run_job
+    from pipeline_console.logs import configure_logging
+
+    configure_logging(Settings().log_format)  # a job's log lines (audit_anchor's) as serve's
 
     async def work(database: Database) -> dict[str, Any]:
         settings = Settings()
@@ -273,7 +277,8 @@ def tokens_list() -> None:
         elif row.sources:
             scope = "sources " + ",".join(row.sources)
         else:
-            scope = "no source scope" if row.role == "ingest" else "any source"
+            scope = {"ingest": "no source (may post nothing)", "viewer": "posts nothing"}.get(
+                row.role, "any source")
         typer.echo(f"{row.name:32} {row.role:9} {row.prefix}…  {scope}  created "
                    f"{row.created_at:%Y-%m-%d %H:%M}Z by {row.created_by}  {state}")
 
@@ -308,6 +313,10 @@ def tokens_login_link(
     from pipeline_console.errors import DomainError
 
     settings = Settings()
+    if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
+        typer.echo(f"--base-url must be an http:// or https:// address, not {base_url!r}",
+                   err=True)
+        raise typer.Exit(2)
 
     async def work(database: Database) -> str:
         async with database.transaction() as session:

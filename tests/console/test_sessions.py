@@ -261,6 +261,24 @@ class TestLoginCodes:
         unknown = await asyncio.to_thread(run_cli, database_url, "tokens", "login-link",
                                           "nobody")
         assert unknown.returncode == 2 and "no active token" in unknown.stderr
+        script = await asyncio.to_thread(run_cli, database_url, "tokens", "login-link",
+                                         "night-operator", "--base-url", "javascript:alert(1)")
+        assert script.returncode == 2 and "--base-url must be an http" in script.stderr
+
+    async def test_an_ingest_token_cannot_sign_in_nor_get_a_link(self, client, database,
+                                                                  database_url, clock):
+        """Every console page would refuse it (it only posts messages): the sign-in says so
+        instead of starting a session that leads nowhere."""
+        shop = await make_token(database, "ingest", name="shop-ingest", sources=["shop"],
+                                now=clock.now)
+        async with browser_for(client.app) as browser:
+            refused = await browser.post("/login", data={"token": shop})
+            assert refused.status_code == 403
+            assert "cannot sign in to the console" in refused.text
+            assert COOKIE not in browser.cookies
+        link = await asyncio.to_thread(run_cli, database_url, "tokens", "login-link",
+                                       "shop-ingest")
+        assert link.returncode == 2 and "ingest token" in link.stderr
 
 
 class TestNotices:

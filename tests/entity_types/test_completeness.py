@@ -30,7 +30,10 @@ class TestWhatTheEngineCannotCompile:
         ({"properties": {"a": {"pattern": "(?<!x)y"}}}, "schema/properties/a/pattern"),
         ({"patternProperties": {"^(?!tmp)": {}}}, "schema/patternProperties/^(?!tmp)"),
         ({"propertyNames": {"pattern": r"(a)\1"}}, "schema/propertyNames/pattern"),
-    ], ids=["backreference", "lookahead", "lookbehind", "pattern-property", "property-names"])
+        ({"patternProperties": {"a/b~(?=c)": {}}}, "schema/patternProperties/a~1b~0(?=c)"),
+        ({"properties": {"a": {"pattern": "(a{1000}){1000}"}}}, "schema/properties/a/pattern"),
+    ], ids=["backreference", "lookahead", "lookbehind", "pattern-property", "property-names",
+            "escaped-pointer", "too-large"])
     def test_a_pattern_that_needs_backtracking_is_refused_where_it_is(self, schema, field):
         where, why = refusal(schema)
         assert where == field

@@ -50,9 +50,9 @@ class KnownToken:
 
 def scope_of(role: str, sources: Iterable[str] | None) -> list[str] | None:
     """The sources to store for a new token: sorted, without repeats. An ingest token must
-    name at least one (a leaked token then rewrites only its own sources' records); the
-    other roles may post from any source, so a scope on them would promise what it cannot
-    keep."""
+    name at least one (a leaked token then poses only as its own sources); operators and
+    admins may post from any source and viewers not at all, so a scope on them would
+    promise what it cannot keep."""
     given = sorted(set(sources or ()))
     errors = [FieldError("source", f"{source[:70]!r} is not a source system name (letters, "
                          "digits, '_', '.', '-'; at most 64 characters)", "argument")
@@ -62,8 +62,10 @@ def scope_of(role: str, sources: Iterable[str] | None) -> list[str] | None:
                                  "(--source erp): it may post only that source's messages",
                                  "argument"))
     if role != "ingest" and given:
+        what = ("may post from any source" if role in ("operator", "admin")
+                else "may not post messages at all")
         errors.append(FieldError("source", f"only ingest tokens have sources; a {role} token "
-                                 "may post from any source", "argument"))
+                                 f"{what}", "argument"))
     if errors:
         raise InvalidInput(errors[0].message, errors)
     return given or None

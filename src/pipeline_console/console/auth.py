@@ -90,6 +90,10 @@ CONSOLE_OPERATOR = Depends(ConsoleAction("operator"))
 CONSOLE_OPERATOR_PAGE = Depends(Requires("operator", cookie=True))
 
 
+NO_CONSOLE_FOR_INGEST = ("An ingest token only posts messages; it cannot sign in to the console. "
+                         "Sign in with a viewer, operator or admin token.")
+
+
 def _safe_next(target: str | None) -> str:
     """Only a path on this site: never //host or a scheme (no open redirect)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
@@ -116,9 +120,13 @@ async def login(request: Request, token: Annotated[str, Form(max_length=256)] = 
             found = await redeem_login_code(session, code.strip(), now=now)
         else:
             found = await find_active(session, token.strip())
-        plain = None if found is None else await start_session(
+        console_role = found is not None and found.role != "ingest"
+        plain = None if not console_role else await start_session(
             session, found, now=now, max_age_s=settings.console_session_max_age_s,
             replacing=request.cookies.get(cookie))
+    if found is not None and not console_role:
+        return page(request, "login.html", status_code=403, title="Sign in",
+                    next=_safe_next(next), problem=NO_CONSOLE_FOR_INGEST)
     if plain is None:
         problem = ("That login link is unknown, used or expired; ask for a new one."
                    if code.strip() else "That token is unknown or revoked.")

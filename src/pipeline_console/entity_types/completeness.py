@@ -81,16 +81,22 @@ def check_schema(schema: dict[str, Any]) -> None:
         _compile(schema)
     except jsonschema_rs.ValidationError as error:
         raise _refuse(_compile_message(error),
-                      "/".join(str(part) for part in error.instance_path)) from error
+                      "/".join(_escaped(part) for part in error.instance_path)) from error
 
 
 def _compile_message(error: jsonschema_rs.ValidationError) -> str:
     kind = error.kind
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Format) and kind.format == "regex":
         return (f"the pattern {_quoted(error.instance)} cannot be compiled by the linear-time "
-                "regex engine (backreferences and lookaround such as (?=…), (?!…), (?<=…) "
-                "are not supported)")
+                "regex engine: backreferences and lookaround such as (?=…), (?!…), (?<=…) "
+                "are not supported, nor patterns whose compiled form is too large, such as "
+                "(a{1000}){1000})")
     return error.message[:MAX_MESSAGE_CHARS]
+
+
+def _escaped(part: object) -> str:
+    """One reference token of a JSON Pointer (RFC 6901): '~' as '~0', '/' as '~1'."""
+    return str(part).replace("~", "~0").replace("/", "~1")
 
 
 def _references(node: Any, where: str) -> list[tuple[str, str]]:
@@ -100,7 +106,7 @@ def _references(node: Any, where: str) -> list[tuple[str, str]]:
             if key in ("$ref", "$dynamicRef") and isinstance(value, str):
                 found.append((f"{where}/{key}".lstrip("/"), value))
             else:
-                found += _references(value, f"{where}/{key}")
+                found += _references(value, f"{where}/{_escaped(key)}")
     elif isinstance(node, list):
         for index, value in enumerate(node):
             found += _references(value, f"{where}/{index}")
