@@ -248,6 +248,8 @@ class TestErrors:
     # formula (issue 19, point 7)
     (" =1+1", "' =1+1"), (";=cmd", "';=cmd"), ("\t=x", "'\t=x"), ("\r\n@SUM(A1)", "'\r\n@SUM(A1)"),
     (" ; -1", "' ; -1"), ({";=cmd": 1}, "';=cmd=1"),
+    # every ';' may end a cell: what follows one is a cell's start too
+    ("x;=cmd|' /C calc'!A0", "'x;=cmd|' /C calc'!A0"), ("a; b", "a; b"),
     # a negative number written as text is neutralised (it is a name here; the apostrophe
     # keeps it text); a number is a number
     ("-2", "'-2"), (-2, -2), (-0.5, -0.5),

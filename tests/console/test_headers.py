@@ -126,7 +126,8 @@ class TestSwaggerUi:
 
 class TestAllowedHosts:
     async def test_another_host_gets_400_naming_it(self, client):
-        for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io"):
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io",
+                     "[::1]evil.example", "[::1]:80x"):
             response = await client.get("/api/v1/records", headers={"host": host})
             assert response.status_code == 400, host
             assert response.headers["content-type"] == "application/problem+json"
@@ -143,6 +144,13 @@ class TestAllowedHosts:
         for host in ("test:8000", "127.0.0.1:8000", "localhost", "[::1]:8000", "TEST"):
             response = await client.get("/api/v1/records", headers={"host": host})
             assert response.status_code == 200, host
+
+    async def test_an_allowed_entry_is_read_as_a_host_header_is(self):
+        from pipeline_console.api.web_security import WebSecurity
+
+        hosts = WebSecurity(None, ["Pipeline.Example.com.:443", "[::1]"])
+        assert hosts.host_allowed("pipeline.example.com") and hosts.host_allowed("[::1]:8000")
+        assert not hosts.host_allowed("example.com")
 
     async def test_the_default_is_this_machine_only(self):
         from pipeline_console.config import Settings

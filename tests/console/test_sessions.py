@@ -155,6 +155,18 @@ class TestASessionEnds:
             clock.advance(minutes=61)
             assert not await signed_in(browser)
 
+    async def test_a_short_idle_timeout_never_signs_out_a_session_in_use(
+            self, settings, database, clock, operator):
+        app = create_app(settings.model_copy(update={"console_session_idle_s": 60}),
+                         database=database, clock=clock)
+        async with app.router.lifespan_context(app), browser_for(app) as browser:
+            await sign_in(browser, token=operator)
+            for _ in range(6):  # used every 31 s for three minutes
+                clock.advance(seconds=31)
+                assert await signed_in(browser)
+            clock.advance(seconds=61)
+            assert not await signed_in(browser)
+
     async def test_last_seen_is_written_at_most_once_a_minute(self, app, operator, database,
                                                               clock):
         async with browser_for(app) as browser:
@@ -188,9 +200,14 @@ class TestOverHttps:
         app = create_app(settings.model_copy(update={"console_https": True}),
                          database=database, clock=clock)
         async with app.router.lifespan_context(app), browser_for(app) as browser:
+            # the browser is on https (only the proxy speaks http to us): its Origin says so
+            browser.headers["origin"] = "https://test"
             response = await sign_in(browser, token=operator)
             assert response.headers["set-cookie"].startswith("__Host-console_session=")
             assert "Secure" in response.headers["set-cookie"]
+            browser.headers["origin"] = "http://test"  # what no browser on https sends
+            refused = await browser.post("/login", data={"token": operator})
+            assert refused.status_code == 403
 
 
 class TestLoginCodes:

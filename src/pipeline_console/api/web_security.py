@@ -35,7 +35,10 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):
         end = header.find("]")
-        return header[1:end] if end > 0 else header
+        rest = header[end + 1:] if end > 0 else ""
+        if end < 0 or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return header  # '[::1]evil.example' is no address: it matches nothing
+        return header[1:end]
     if header.count(":") == 1:
         header = header.partition(":")[0]
     return header.rstrip(".")
@@ -44,7 +47,9 @@ def host_name(header: str) -> str:
 class WebSecurity:
     def __init__(self, app: Any, allowed_hosts: Iterable[str]) -> None:
         self.app = app
-        self.allowed = frozenset(host.lower().strip("[]") for host in allowed_hosts)
+        # the same reading as a request's Host: 'name.example.:443' allows 'name.example'
+        self.allowed = frozenset(host if host == "*" else host_name(host)
+                                 for host in allowed_hosts)
 
     def host_allowed(self, header: str) -> bool:
         return "*" in self.allowed or host_name(header) in self.allowed

@@ -107,16 +107,23 @@ async def find_session(session: AsyncSession, plain: str, *, now: datetime,
     if row is None:
         return None
     return SignedIn(id=row.id, name=row.name, role=row.role,
-                    touch_due=now - row.last_seen_at >= TOUCH_EVERY)
+                    touch_due=now - row.last_seen_at >= touch_every(idle_s))
 
 
-async def touch_session(session: AsyncSession, session_id: int, *, now: datetime) -> None:
-    """Record that the session was used (at most once per TOUCH_EVERY, by the condition:
-    two requests at the same moment write once)."""
+def touch_every(idle_s: float) -> timedelta:
+    """How stale last_seen_at may get: a minute, or half the idle timeout if that is shorter
+    (a session in use must never look idle for want of a write)."""
+    return min(TOUCH_EVERY, timedelta(seconds=idle_s / 2))
+
+
+async def touch_session(session: AsyncSession, session_id: int, *, now: datetime,
+                        idle_s: float) -> None:
+    """Record that the session was used (at most once per touch_every(idle_s), by the
+    condition: two requests at the same moment write once)."""
     await session.execute(
         update(ConsoleSession)
         .where(ConsoleSession.id == session_id, ConsoleSession.ended_at.is_(None),
-               ConsoleSession.last_seen_at <= now - TOUCH_EVERY)
+               ConsoleSession.last_seen_at <= now - touch_every(idle_s))
         .values(last_seen_at=now))
 
 
@@ -192,6 +199,7 @@ async def session_actor(request: Request, cookie_name: str) -> Actor:
         raise Unauthorized("the console session has ended or is unknown; sign in again")
     if found.touch_due:
         async with database.transaction() as session:
-            await touch_session(session, found.id, now=now)
+            await touch_session(session, found.id, now=now,
+                                idle_s=settings.console_session_idle_s)
     request.state.console_session = plain
     return Actor(name=found.name, role=found.role)

@@ -53,7 +53,8 @@ def check_origin(request: Request) -> None:
     refused."""
     origin = request.headers.get("origin")
     source = origin if origin is not None else request.headers.get("referer")
-    here = _origin_of(f"{request.url.scheme}://{request.headers.get('host', '')}")
+    scheme = "https" if request.app.state.settings.console_https else request.url.scheme
+    here = _origin_of(f"{scheme}://{request.headers.get('host', '')}")
     if not source or source == "null" or _origin_of(source) != here:
         raise Forbidden("this form was not posted from this site; it is refused")
 

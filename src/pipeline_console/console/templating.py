@@ -122,7 +122,8 @@ def done(request: Request, url: str, notice: str) -> RedirectResponse:
     # character.
     signed = _signer(request).dumps([_notice_binding(request), notice[:1000]])
     response.set_cookie(NOTICE_COOKIE, signed, httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+                        secure=request.url.scheme == "https"
+                        or request.app.state.settings.console_https)
     return response
 
 

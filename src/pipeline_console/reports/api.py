@@ -106,7 +106,9 @@ def csv_cell(value: Any) -> Any:
         value = "; ".join(f"{key}={count}" for key, count in value.items())
     if isinstance(value, str) and (
         value[:1] in _FORMULA_STARTS
-        or value.lstrip(_SKIPPED_BEFORE_A_FORMULA)[:1] in _FORMULA_STARTS
+        # every ';' may end a cell where it is the list separator: 'x;=cmd' is two cells
+        or any(part.lstrip(_SKIPPED_BEFORE_A_FORMULA)[:1] in _FORMULA_STARTS
+               for part in value.split(";"))
     ):
         # A source system's name is untrusted: never let a spreadsheet run it as a formula.
         # Text that looks like a negative number ("-2") is neutralised too: it is a name here,
