@@ -38,9 +38,6 @@ class Requires:
         elif self.cookie and not bearer_token(request):
             # a console page: the cookie is a session id, never a token (auth/sessions.py)
             actor = await session_actor(request, session_cookie_name(request))
-            if not allows(actor.role, self.role):
-                raise Forbidden(f"the role {actor.role} may not do this; it needs "
-                                f"{self.role}")
         else:
             token = bearer_token(request)
             if not token:
@@ -56,9 +53,8 @@ class Requires:
             if known is None:
                 raise Unauthorized("the token is unknown or revoked")
             actor = Actor(name=known.name, role=known.role, sources=known.sources)
-            if not allows(actor.role, self.role):
-                raise Forbidden(f"the role {actor.role} may not do this; it needs "
-                                f"{self.role}")
+        if not allows(actor.role, self.role):
+            raise Forbidden(f"the role {actor.role} may not do this; it needs {self.role}")
         request.state.actor = actor
         return actor
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.api.dependencies import Actor
 from pipeline_console.audit.service import AuditEntry, append_audit
+from pipeline_console.auth.roles import allows
 from pipeline_console.errors import Conflict, NotFound, Unauthorized
 from pipeline_console.models import ApiToken
 from pipeline_console.models.auth import ConsoleSession, LoginCode
@@ -144,7 +145,7 @@ async def issue_login_code(session: AsyncSession, name: str, *, actor: str, now:
                                                         ApiToken.revoked_at.is_(None)))
     if token is None:
         raise NotFound(f"no active token is named {name!r}")
-    if token.role == "ingest":  # it could only reach pages that refuse it
+    if not allows(token.role, "viewer"):  # it could only reach pages that refuse it
         raise Conflict(f"{name!r} is an ingest token: it posts messages and cannot sign in to "
                        "the console")
     plain = await create_login_code(session, token, now=now, ttl_s=ttl_s)

@@ -4,7 +4,6 @@ with 256 bits of randomness a fast hash is enough, and lets every request look i
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -15,8 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
-from pipeline_console.auth.roles import ROLES
-from pipeline_console.auth.sessions import end_sessions_of_token
+from pipeline_console.auth.roles import ROLES, allows
+from pipeline_console.auth.sessions import end_sessions_of_token, secret_hash
 from pipeline_console.errors import Conflict, FieldError, InvalidInput, NotFound
 from pipeline_console.models import ApiToken
 from pipeline_console.pagination import Page, PageRequest, fetch_page
@@ -29,8 +28,8 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", errors="replace")).hexdigest()
+# one hash for every secret kept here: tokens, console sessions, login codes
+hash_token = secret_hash
 
 
 # what a message's source_system may be (ingestion/schemas.Name)
@@ -62,7 +61,7 @@ def scope_of(role: str, sources: Iterable[str] | None) -> list[str] | None:
                                  "(--source erp): it may post only that source's messages",
                                  "argument"))
     if role != "ingest" and given:
-        what = ("may post from any source" if role in ("operator", "admin")
+        what = ("may post from any source" if allows(role, "ingest")
                 else "may not post messages at all")
         errors.append(FieldError("source", f"only ingest tokens have sources; a {role} token "
                                  f"{what}", "argument"))

@@ -23,6 +23,7 @@ from pipeline_console.auth.dependencies import (
     bearer_token,
     session_cookie_name,
 )
+from pipeline_console.auth.roles import allows
 from pipeline_console.auth.sessions import (
     end_session,
     peek_login_code,
@@ -121,7 +122,7 @@ async def login(request: Request, token: Annotated[str, Form(max_length=256)] = 
             found = await redeem_login_code(session, code.strip(), now=now)
         else:
             found = await find_active(session, token.strip())
-        console_role = found is not None and found.role != "ingest"
+        console_role = found is not None and allows(found.role, "viewer")  # every page's
         plain = None if not console_role else await start_session(
             session, found, now=now, max_age_s=settings.console_session_max_age_s,
             replacing=request.cookies.get(cookie))
