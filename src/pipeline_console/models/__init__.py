@@ -10,6 +10,7 @@ from pipeline_console.models.delivery import (
     Delivery,
     DeliveryAttempt,
     DownstreamSystem,
+    SystemSecret,
     Worker,
 )
 from pipeline_console.models.jobs import JobRun, JobSchedule
@@ -48,5 +49,6 @@ __all__ = [
     "ReplayItem",
     "ReplayRequest",
     "StagingRecord",
+    "SystemSecret",
     "Worker",
 ]

@@ -54,8 +54,39 @@ class DownstreamSystem(Base):
     simulation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Connecting to real systems (migration 0011). auth, signing and tls hold no secret:
+    # those are in system_secrets, encrypted.
+    method: Mapped[str] = mapped_column(String(8), server_default="POST", default="POST")
+    auth: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    signing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    tls: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    body_template: Mapped[str | None] = mapped_column(Text, nullable=True)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A 429/503 with Retry-After: nothing is claimed for this system before then.
+    throttled_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # max_per_second's token bucket, shared by every worker: the sends allowed as of when.
+    rate_allowance: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rate_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (CheckConstraint("transport IN ('http', 'simulated')", name="transport"),)
+
+
+class SystemSecret(Base):
+    """A downstream system's secrets, encrypted with PIPELINE_CONSOLE_SECRET_KEY (secrets.py).
+    Slots: auth (a token, password, header value or client secret), signing (the current
+    signing secret), signing_previous (until expires_at: a rotation's overlap),
+    tls_client_key."""
+
+    __tablename__ = "system_secrets"
+
+    system: Mapped[str] = mapped_column(ForeignKey("downstream_systems.name"), primary_key=True)
+    slot: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Circuit(Base):
