@@ -54,7 +54,9 @@ from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.api import router as delivery_router
 from pipeline_console.delivery.service import Deliverer
+from pipeline_console.delivery.startup import check_connections
 from pipeline_console.delivery.transports import Transports
+from pipeline_console.delivery.vault import Vault
 from pipeline_console.delivery.worker import worker_identity
 from pipeline_console.delivery.workers_api import router as workers_router
 from pipeline_console.entity_types.api import router as entity_types_router
@@ -92,13 +94,15 @@ def create_app(
         owned = database is None
         app.state.database = database or Database(create_engine(settings))
         await _prepare_auth(app.state.database, settings, clock)
+        await check_connections(app.state.database, app.state.vault)
         app.state.group_commit = GroupCommitter(
             app.state.database, max_messages=settings.group_commit_max_messages)
         async with Transports.open() as transports:
             app.state.deliverer = Deliverer(app.state.database, transports, clock,
                                             worker_id=f"api:{worker_identity()}",
                                             lease_margin_s=settings.lease_margin_s,
-                                  lease_safety_s=settings.lease_safety_s)
+                                            lease_safety_s=settings.lease_safety_s,
+                                            vault=app.state.vault)
             try:
                 yield
             finally:
@@ -113,6 +117,7 @@ def create_app(
     app.state.console_secret = (settings.console_secret_key.get_secret_value().encode()
                                 if settings.console_secret_key else secrets.token_bytes(32))
     app.state.clock = clock
+    app.state.vault = Vault.from_settings(settings)
     app.state.token_cache = TokenCache(settings.token_cache_s, clock)
     if database is not None:
         app.state.database = database

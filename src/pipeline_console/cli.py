@@ -44,11 +44,89 @@ def _with_database(work: Callable[[Database], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+secrets_app = typer.Typer(help="The key that encrypts downstream systems' secrets",
+                          no_args_is_help=True)
+app.add_typer(secrets_app, name="secrets")
+
+
+def _refuse(reason: str) -> None:
+    typer.echo(f"error: {reason}", err=True)
+    raise typer.Exit(1)
+
+
 @app.command()
 def migrate() -> None:
-    """Apply pending database migrations."""
-    _with_database(lambda database: upgrade_to_head(database.engine))
+    """Apply pending database migrations; then move credentials found in systems' URLs
+    (user:password@, from before auth existed) into their auth, encrypted."""
+    from pipeline_console.clock import system_clock
+    from pipeline_console.delivery.startup import StartupRefused, move_url_credentials
+    from pipeline_console.delivery.vault import Vault
+
+    async def work(database: Database) -> list[str]:
+        await upgrade_to_head(database.engine)
+        return await move_url_credentials(database, Vault.from_settings(Settings()),
+                                          now=system_clock())
+
+    try:
+        moved = _with_database(work)
+    except StartupRefused as refused:
+        typer.echo("database schema is at the newest migration")
+        _refuse(str(refused))
     typer.echo("database schema is at the newest migration")
+    if moved:
+        typer.echo(f"moved the credentials in the URLs of {', '.join(moved)} into their "
+                   "auth (basic)")
+
+
+def _check_connections(settings: Settings) -> None:
+    """Refuse to start (one line, exit 1) when the key cannot read the stored secrets or a
+    URL still holds credentials."""
+    from pipeline_console.delivery.startup import StartupRefused, check_connections
+    from pipeline_console.delivery.vault import Vault
+
+    try:
+        _with_database(lambda database: check_connections(database,
+                                                          Vault.from_settings(settings)))
+    except StartupRefused as refused:
+        _refuse(str(refused))
+
+
+@secrets_app.command("new-key")
+def secrets_new_key() -> None:
+    """Print a new key for PIPELINE_CONSOLE_SECRET_KEY (the last line)."""
+    from pipeline_console.delivery.vault import new_key
+
+    typer.echo("a new key for PIPELINE_CONSOLE_SECRET_KEY (keep it outside the database; "
+               "every serve and worker process needs the same one):")
+    typer.echo(new_key())
+
+
+@secrets_app.command("rotate-key")
+def secrets_rotate_key() -> None:
+    """Re-encrypt every stored secret from PIPELINE_CONSOLE_SECRET_KEY to
+    PIPELINE_CONSOLE_NEW_SECRET_KEY, in one transaction. Then give every process the new
+    key as PIPELINE_CONSOLE_SECRET_KEY."""
+    from pipeline_console.delivery.vault import KeyProblem, Vault, rotate_key
+
+    settings = Settings()
+    if settings.new_secret_key is None:
+        _refuse("PIPELINE_CONSOLE_NEW_SECRET_KEY is not set (make one with "
+                "`pipeline-console secrets new-key`)")
+    old = Vault.from_settings(settings)
+    new = Vault(settings.new_secret_key.get_secret_value())
+    if old.key is None:
+        _refuse("PIPELINE_CONSOLE_SECRET_KEY (the key the secrets are stored with) is not set")
+
+    async def work(database: Database) -> int:
+        return await database.run_transaction(lambda session: rotate_key(session, old, new))
+
+    try:
+        count = _with_database(work)
+    except KeyProblem as problem:
+        _refuse(str(problem).replace("PIPELINE_CONSOLE_SECRET_KEY",
+                                     "PIPELINE_CONSOLE_SECRET_KEY or _NEW_SECRET_KEY"))
+    typer.echo(f"re-encrypted {count} secrets with the new key; now set "
+               "PIPELINE_CONSOLE_SECRET_KEY to it in every process and restart them")
 
 
 @app.command()
@@ -64,6 +142,7 @@ def serve(
     settings = Settings()
     configure_logging(settings.log_format)
     migrate()
+    _check_connections(settings)
     application = create_app(settings)
     settle_long_lived_objects()
     uvicorn.run(application, host=host, port=port, log_config=None,
@@ -140,6 +219,7 @@ def worker() -> None:
 
     settings = Settings()
     configure_logging(settings.log_format)
+    _check_connections(settings)
     settle_long_lived_objects()
     asyncio.run(run_worker(settings))
 
@@ -149,6 +229,7 @@ def run_job_command(name: str) -> None:
     """Run one pass of the job NAME and print its result as JSON."""
     from pipeline_console.delivery.service import Deliverer
     from pipeline_console.delivery.transports import Transports
+    from pipeline_console.delivery.vault import Vault
     from pipeline_console.delivery.worker import worker_identity
     from pipeline_console.errors import NotFound
     from pipeline_console.jobs.registry import run_job
@@ -162,7 +243,8 @@ def run_job_command(name: str) -> None:
             deliverer = Deliverer(database, transports, system_clock,
                                   worker_id=f"cli:{worker_identity()}",
                                   lease_margin_s=settings.lease_margin_s,
-                                  lease_safety_s=settings.lease_safety_s)
+                                  lease_safety_s=settings.lease_safety_s,
+                                  vault=Vault.from_settings(settings))
             record = await run_job(deliverer, settings, name, actor=CLI_ACTOR, trigger="cli")
             return record.__dict__
 

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         description="how long a process remembers a token it has checked (0: look it up on "
         "every request); a revoked token keeps working for at most this long")
 
+    secret_key: SecretStr | None = Field(
+        default=None, description="encrypts downstream systems' secrets at rest (make one "
+        "with: pipeline-console secrets new-key); a process refuses to start if the database "
+        "holds secrets this key cannot read")
+    new_secret_key: SecretStr | None = Field(
+        default=None, description="secrets rotate-key re-encrypts every secret from "
+        "SECRET_KEY to this key")
+
     refuse_private_system_urls: bool = Field(
         default=False, description="refuse downstream systems whose URL resolves to a private, "
         "loopback or reserved address (off for local use)")

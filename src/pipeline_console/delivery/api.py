@@ -30,6 +30,7 @@ from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_
 from pipeline_console.delivery.circuits import operator_action
 from pipeline_console.delivery.policy import CircuitEvent
 from pipeline_console.delivery.service import Deliverer, deliver_now
+from pipeline_console.delivery.vault import Vault
 from pipeline_console.errors import NotFound
 from pipeline_console.ingestion.schemas import Name, UtcDatetime
 from pipeline_console.models import (
@@ -65,39 +66,51 @@ def _page(model: type, result: Any) -> dict[str, Any]:
             "next_cursor": result.next_cursor}
 
 
+def get_vault(request: Request) -> Vault:
+    return request.app.state.vault
+
+
+VaultDep = Annotated[Vault, Depends(get_vault)]
+
+
 @router.post("/systems", dependencies=[ADMIN], response_model=schemas.SystemRead, status_code=201,
              responses=problem_responses(409, 422), summary="Register a downstream system")
 async def create_system(database: DatabaseDep, body: schemas.SystemCreate, now: NowDep,
-                        actor: ActorDep, settings: SettingsDep) -> Any:
+                        actor: ActorDep, settings: SettingsDep, vault: VaultDep) -> Any:
     if settings.refuse_private_system_urls:
         await refuse_private_urls(body.model_dump(mode="json"))
     async with database.transaction() as session:
-        system = await systems.create_system(session, body, actor=actor.label, now=now)
-        return schemas.SystemRead.model_validate(system)
+        system = await systems.create_system(session, body, actor=actor.label, now=now,
+                                             vault=vault)
+        return await systems.read_view(session, system)
 
 
 @router.get("/systems", dependencies=[VIEWER], response_model=schemas.SystemPage)
 async def list_systems(database: DatabaseDep, page: KeyPage) -> Any:
     async with database.read() as session:
-        return _page(schemas.SystemRead, await systems.list_systems(session, page))
+        result = await systems.list_systems(session, page)
+        return {"items": await systems.read_views(session, list(result.items)),
+                "next_cursor": result.next_cursor}
 
 
 @router.get("/systems/{name}", dependencies=[VIEWER], response_model=schemas.SystemRead,
             responses=problem_responses(404))
 async def get_system(database: DatabaseDep, name: SystemName) -> Any:
     async with database.read() as session:
-        return schemas.SystemRead.model_validate(await systems.get_system(session, name))
+        return await systems.read_view(session, await systems.get_system(session, name))
 
 
 @router.patch("/systems/{name}", dependencies=[ADMIN], response_model=schemas.SystemRead,
               responses=problem_responses(404, 422), summary="Change some of a system's settings")
 async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.SystemPatch,
-                       now: NowDep, actor: ActorDep, settings: SettingsDep) -> Any:
+                       now: NowDep, actor: ActorDep, settings: SettingsDep,
+                       vault: VaultDep) -> Any:
     if settings.refuse_private_system_urls:
         await refuse_private_urls(body.model_dump(mode="json", exclude_unset=True))
     async with database.transaction() as session:
-        system = await systems.update_system(session, name, body, actor=actor.label, now=now)
-        return schemas.SystemRead.model_validate(system)
+        system = await systems.update_system(session, name, body, actor=actor.label, now=now,
+                                             vault=vault)
+        return await systems.read_view(session, system)
 
 
 @router.get("/deliveries", dependencies=[VIEWER], response_model=schemas.DeliveryPage,

@@ -25,6 +25,7 @@ from pipeline_console.delivery.transports import (
 )
 
 if TYPE_CHECKING:
+    from pipeline_console.delivery.vault import Vault
     from pipeline_console.delivery.workers import Liveness
 
 
@@ -89,6 +90,7 @@ class Deliverer:
     monotonic: Callable[[], float] = MONOTONIC
     liveness: Liveness | None = None
     stalls: StallWatch | None = None
+    vault: Vault | None = None  # reads the systems' secrets (None: this process has no key)
 
 
 class Outcome(StrEnum):
@@ -119,9 +121,16 @@ class Lease:
     epoch: int | None = None
 
 
-def system_config(system: Any) -> SystemConfig:
+def system_config(system: Any, secrets: dict[str, str] | None = None) -> SystemConfig:
+    """`secrets`: the system's, in the clear (vault.load_secrets); none for a summary."""
     return SystemConfig(system.name, system.transport, system.url, system.status_url,
-                        system.timeout_s, system.simulation)
+                        system.timeout_s, system.simulation, system.method or "POST",
+                        system.headers or {}, system.auth, system.signing, system.tls,
+                        system.body_template, secrets or {})
+
+
+def needs_secrets(system: Any) -> bool:
+    return bool(system.auth or system.signing or (system.tls or {}).get("client_cert"))
 
 
 @dataclass(frozen=True)

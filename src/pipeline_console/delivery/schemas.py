@@ -3,6 +3,7 @@ and circuits (API.md, "Downstream systems and delivery")."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -12,21 +13,34 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StringConstraints,
     model_validator,
 )
 
 from pipeline_console.ingestion.schemas import Name
 
+# What a URL template may hold: a record's values, percent-encoded when a delivery is sent.
+URL_PLACEHOLDERS = ("{entity_type}", "{entity_id}", "{key}", "{version}")
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http:// or https:// URL")
+    if "@" in parts.netloc:
+        # every viewer reads a system's URL: a password has no place in it
+        raise ValueError("must not hold credentials (user:password@); use auth instead")
     if "{" in parts.netloc or "}" in parts.netloc:
-        # {key} and {version} go in the path or query: a host made of a record's values would
-        # be a host no one checked
-        raise ValueError("{key} and {version} may appear only in the path or the query")
+        # placeholders go in the path or query: a host made of a record's values would be a
+        # host no one checked
+        raise ValueError("{entity_type}, {entity_id}, {key} and {version} may appear only "
+                         "in the path or the query")
+    unknown = [found for found in _PLACEHOLDER.findall(value) if found not in URL_PLACEHOLDERS]
+    if unknown or value.count("{") != value.count("}"):
+        raise ValueError(f"may hold only the placeholders {', '.join(URL_PLACEHOLDERS)}"
+                         + (f" (not {unknown[0]})" if unknown else ""))
     try:
         parts.port  # noqa: B018 (raises for a port outside 0…65535)
     except ValueError as error:
@@ -82,6 +96,112 @@ class Simulation(BaseModel):
         return self
 
 
+# --- connecting to real systems: auth, signing, TLS (secrets are write-only) ---
+
+# A secret as given: any printable text (a header value must also be sendable: checked on
+# the header auth). Read back only as {"secret_set": true, "fingerprint": "…"}.
+Secret = Annotated[SecretStr, Field(min_length=1, max_length=8192)]
+HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=256,
+                                              pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HeaderValue = Annotated[str, StringConstraints(max_length=8192, pattern=r"^[\t\x20-\x7e]*$")]
+# Headers the pipeline sets itself, or that would carry a credential in the clear (a
+# system's headers are shown to every viewer: a credential goes in auth).
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "content-type",
+    "idempotency-key", "webhook-id", "webhook-timestamp", "webhook-signature",
+    "authorization", "proxy-authorization", "cookie"})
+
+
+class AuthNone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["none"]
+
+
+class AuthBearer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["bearer"]
+    token: Secret | None = Field(default=None, description="write-only; leave out on a PATCH "
+                                 "to keep the stored one")
+
+
+class AuthBasic(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["basic"]
+    username: Annotated[str, StringConstraints(min_length=1, max_length=256,
+                                               pattern=r"^[^:\x00-\x1f\x7f]+$")]
+    password: Secret | None = Field(default=None, description="write-only")
+
+
+class AuthHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["header"]
+    name: HeaderName
+    value: Secret | None = Field(default=None, description="write-only")
+
+    @model_validator(mode="after")
+    def sendable(self) -> AuthHeader:
+        if self.name.lower() in RESERVED_HEADERS - {"authorization", "proxy-authorization",
+                                                    "cookie"}:
+            raise ValueError(f"{self.name} is a header the pipeline sets itself")
+        value = None if self.value is None else self.value.get_secret_value()
+        if value is not None and not re.fullmatch(r"[\t\x20-\x7e]+", value):
+            raise ValueError("value must be printable ASCII (a header value)")
+        return self
+
+
+class AuthOAuth2(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["oauth2_client_credentials"]
+    token_url: Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00-\x20{}]+$"),
+                         AfterValidator(lambda value: _http_url(value))]
+    client_id: Annotated[str, StringConstraints(min_length=1, max_length=512,
+                                                pattern=r"^[\x20-\x7e]+$")]
+    client_secret: Secret | None = Field(default=None, description="write-only")
+    scope: Annotated[str, StringConstraints(max_length=2000,
+                                            pattern=r"^[\x20-\x7e]*$")] | None = None
+
+
+Auth = Annotated[AuthNone | AuthBearer | AuthBasic | AuthHeader | AuthOAuth2,
+                 Field(discriminator="type")]
+# Which field of each auth type is its secret.
+AUTH_SECRET_FIELD = {"bearer": "token", "basic": "password", "header": "value",
+                     "oauth2_client_credentials": "client_secret"}
+
+SIGNING_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/]{22,}={0,2}$")
+
+
+class Signing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scheme: Literal["standard-webhooks"]
+    secret: Secret | None = Field(
+        default=None, description="whsec_ and the base64 of 16 to 64 random bytes; write-only. "
+        "Leave out to keep the stored one; POST /systems/{name}/signing/rotate makes one")
+
+    @model_validator(mode="after")
+    def well_formed(self) -> Signing:
+        if self.secret is not None:
+            value = self.secret.get_secret_value()
+            if not SIGNING_SECRET.match(value):
+                raise ValueError("secret must be whsec_ followed by base64 (as `signing/rotate` "
+                                 "makes it)")
+            raw = len(value[6:].rstrip("=")) * 3 // 4
+            if not 16 <= raw <= 64:
+                raise ValueError("secret must hold 16 to 64 bytes")
+        return self
+
+
+Pem = Annotated[str, StringConstraints(min_length=1, max_length=200_000)]
+
+
+class Tls(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ca_bundle: Pem | None = Field(
+        default=None, description="PEM certificates to trust instead of the system's store")
+    client_cert: Pem | None = Field(default=None, description="PEM; with client_key")
+    client_key: Annotated[SecretStr, Field(min_length=1, max_length=200_000)] | None = Field(
+        default=None, description="PEM private key, unencrypted; write-only")
+
+
 class SystemFields(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -102,6 +222,28 @@ class SystemFields(BaseModel):
     classification_overrides: list[ClassificationOverride] | None = Field(
         default=None, max_length=50)
     simulation: Simulation | None = None
+    method: Literal["POST", "PUT", "PATCH"] | None = Field(
+        default=None, description="how a delivery is sent (default POST)")
+    auth: Auth | None = Field(default=None, description="how each request authenticates")
+    headers: dict[HeaderName, HeaderValue] | None = Field(
+        default=None, max_length=50, description="extra static headers (not secret: shown "
+        "to every viewer)")
+    signing: Signing | None = Field(default=None, description="Standard Webhooks signatures")
+    tls: Tls | None = None
+    body_template: Annotated[str, StringConstraints(min_length=1, max_length=20_000)] | None = \
+        Field(default=None, description="a jq program: the default body in, the body sent out")
+    max_in_flight: int | None = Field(default=None, ge=1, le=10_000,
+                                      description="sends at once, across every worker")
+    max_per_second: float | None = Field(default=None, gt=0, le=100_000,
+                                         description="sends per second, across every worker")
+
+    @model_validator(mode="after")
+    def headers_are_not_reserved(self) -> SystemFields:
+        for name in self.headers or {}:
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"headers: {name} cannot be set here (the pipeline sets it, "
+                                 "or it is a credential: use auth)")
+        return self
 
 
 class SystemCreate(SystemFields):
@@ -117,7 +259,8 @@ class SystemCreate(SystemFields):
                                                                    max_length=50)
 
 
-NULLABLE = frozenset({"url", "status_url", "simulation"})
+NULLABLE = frozenset({"url", "status_url", "simulation", "auth", "headers", "signing", "tls",
+                      "body_template", "max_in_flight", "max_per_second"})
 
 
 class SystemPatch(SystemFields):
@@ -144,6 +287,19 @@ class SystemRead(BaseModel):
     failure_threshold: int
     classification_overrides: list[dict[str, Any]]
     simulation: dict[str, Any] | None
+    method: str
+    auth: dict[str, Any] = Field(description="the secret field reads "
+                                 '{"secret_set": true, "fingerprint": "…"}')
+    headers: dict[str, str]
+    signing: dict[str, Any] | None = Field(
+        description='{"scheme", "secret": {"secret_set", "fingerprint"}, "previous": '
+        '{"secret_set", "fingerprint", "expires_at"} | null}')
+    tls: dict[str, Any] | None
+    body_template: str | None
+    max_in_flight: int | None
+    max_per_second: float | None
+    throttled_until: datetime | None = Field(
+        description="a 429 or 503 with Retry-After: nothing is sent to it before then")
     created_at: datetime
     updated_at: datetime
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from sqlalchemy import Row, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -34,6 +35,7 @@ from pipeline_console.delivery.base import (
     Outcome,
     Prepared,
     Sent,
+    needs_secrets,
     system_config,
 )
 from pipeline_console.delivery.claims import (
@@ -62,6 +64,7 @@ from pipeline_console.delivery.recording import (
     supersede,
 )
 from pipeline_console.delivery.transports import build_request
+from pipeline_console.delivery.vault import load_secrets
 from pipeline_console.errors import Conflict
 from pipeline_console.models import Delivery, DownstreamSystem
 
@@ -208,7 +211,8 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
     )).all())
     systems = {system.name: system for system in (await session.execute(
         select(_systems).where(_systems.c.name.in_({row.system for row in ours})))).all()}
-    configs = {name: system_config(system) for name, system in systems.items()}
+    held = await _secrets_of(session, deliverer, systems, wall)
+    configs = {name: system_config(system, held.get(name)) for name, system in systems.items()}
     superseded = await orm_deliveries(session, [row.id for row in ours if row.id in newer])
     for row in ours:
         if row.id in newer:
@@ -224,6 +228,16 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
     if superseded:
         await session.flush()
     return out
+
+
+async def _secrets_of(session: AsyncSession, deliverer: Deliverer, systems: dict[str, Any],
+                      now: Any) -> dict[str, dict[str, str]]:
+    """The secrets of the systems that have any, in the clear (an empty dict for a process
+    without a key: its sends fail on the missing secret, and start-up refuses that case)."""
+    names = [name for name, system in systems.items() if needs_secrets(system)]
+    if not names or deliverer.vault is None or deliverer.vault.key is None:
+        return {}
+    return await load_secrets(session, deliverer.vault, names, now=now)
 
 
 async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> DeliveryResult:

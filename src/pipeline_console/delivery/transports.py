@@ -9,8 +9,8 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -26,12 +26,24 @@ RESPONSE_EXCERPT_BYTES = 2048
 
 @dataclass(frozen=True)
 class SystemConfig:
+    """A system's settings as one send needs them. `auth`, `signing` and `tls` are the
+    stored (secret-free) settings; `secrets` holds their secrets in the clear, slot →
+    value (vault.py's slots: auth, signing, signing_previous, tls_client_key), and is never
+    printed."""
+
     name: str
     transport: str
     url: str | None
     status_url: str | None
     timeout_s: float
     simulation: dict[str, Any] | None
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    auth: Mapping[str, Any] | None = None
+    signing: Mapping[str, Any] | None = None
+    tls: Mapping[str, Any] | None = None
+    body_template: str | None = None
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ from pipeline_console.delivery.base import StallWatch
 from pipeline_console.delivery.claims import recover_lost_claims
 from pipeline_console.delivery.pipeline import Pipeline
 from pipeline_console.delivery.service import Deliverer
+from pipeline_console.delivery.startup import check_connections
 from pipeline_console.delivery.transports import Transports
+from pipeline_console.delivery.vault import Vault
 from pipeline_console.delivery.workers import Identity, Liveness, heartbeat, mark_stopped
 from pipeline_console.jobs.registry import run_job
 from pipeline_console.jobs.schedule import (
@@ -110,13 +112,19 @@ async def _deliver_until_stopped(settings: Settings, stop: asyncio.Event) -> Non
     (scheduled jobs, recovering lost claims). The pipeline ends once `stop` is set and what
     was under way is recorded; then the worker says it stopped."""
     database = Database(create_engine(settings))
+    vault = Vault.from_settings(settings)
+    try:
+        await check_connections(database, vault)
+    except BaseException:
+        await database.dispose()
+        raise
     identity = Identity.new()
     liveness = Liveness(settings.worker_lost_after_s, settings.lease_safety_s)
     async with Transports.open(max_connections=settings.worker_concurrency * 2) as transports:
         deliverer = Deliverer(database, transports, system_clock, worker_id=identity.id,
                               lease_margin_s=settings.lease_margin_s,
                               lease_safety_s=settings.lease_safety_s, liveness=liveness,
-                              stalls=StallWatch())
+                              stalls=StallWatch(), vault=vault)
         pipeline = Pipeline(deliverer, settings.worker_concurrency, settings.worker_batch_size,
                             stop, poll_interval_s=settings.worker_poll_interval_s)
         registered, drained = asyncio.Event(), asyncio.Event()
