@@ -45,6 +45,11 @@ class TestClassification:
         (SendResult(status=599), Classification.TRANSIENT, "transient:5xx"),
         (SendResult(status=302), Classification.PERMANENT, "other:302"),
         (SendResult(failure=Failure.MAYBE_SENT), Classification.AMBIGUOUS, "maybe_sent"),
+        (SendResult(failure=Failure.CERTIFICATE), Classification.PERMANENT, "tls_certificate"),
+        (SendResult(failure=Failure.TOKEN_UNAVAILABLE), Classification.TRANSIENT,
+         "token_endpoint_unavailable"),
+        (SendResult(failure=Failure.TOKEN_REFUSED), Classification.PERMANENT,
+         "token_endpoint_refused"),
     ])
     def test_the_default_rules(self, result, expected, rule):
         assert classify(result, []) == (expected, rule)

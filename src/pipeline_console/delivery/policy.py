@@ -24,6 +24,15 @@ class Failure(StrEnum):
 
     NOT_SENT = "not_sent"  # connection refused, connect timeout: the request never left
     MAYBE_SENT = "maybe_sent"  # read timeout, broken connection: it may have arrived
+    # The TLS handshake failed on a certificate: theirs is not trusted, or they refused ours
+    # (TLS 1.3 says so only on the first read, after the request was written, but the
+    # server's application never saw it). Never applied, and no retry can mend it.
+    CERTIFICATE = "certificate"
+    # The OAuth2 token endpoint could not give a token: unreachable, or it answered 5xx or
+    # 429 (TOKEN_UNAVAILABLE, retried), or it refused our client (TOKEN_REFUSED: a 4xx such
+    # as invalid_client, which no retry mends). The delivery itself never left.
+    TOKEN_UNAVAILABLE = "token_unavailable"
+    TOKEN_REFUSED = "token_refused"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,12 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
     """
     if result.failure is Failure.NOT_SENT:
         return Classification.TRANSIENT, "not_sent"
+    if result.failure is Failure.CERTIFICATE:
+        return Classification.PERMANENT, "tls_certificate"
+    if result.failure is Failure.TOKEN_UNAVAILABLE:
+        return Classification.TRANSIENT, "token_endpoint_unavailable"
+    if result.failure is Failure.TOKEN_REFUSED:
+        return Classification.PERMANENT, "token_endpoint_refused"
     if result.failure is Failure.MAYBE_SENT or result.status is None:
         return Classification.AMBIGUOUS, "maybe_sent"
     for override in overrides:

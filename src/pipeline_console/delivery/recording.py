@@ -337,7 +337,10 @@ async def apply_step(
     if step is Step.RETRY:
         return Outcome.RETRY
     if step is Step.DEAD_LETTER:
-        if attempt.classification == Classification.PERMANENT:
+        if attempt.classification == Classification.PERMANENT and result.status is None:
+            # refused before any answer (a certificate, the token endpoint)
+            reason = f"permanent: {attempt.rule}: {(result.error or '')[:300]}"
+        elif attempt.classification == Classification.PERMANENT:
             reason = (f"permanent: HTTP {result.status} ({attempt.rule}): "
                       f"{(result.body or '')[:300]}")
         else:

@@ -74,3 +74,35 @@ def ssl_context(ca_bundle: str | None, client_cert: str | None,
             with contextlib.suppress(OSError):
                 os.unlink(path)
     return context
+
+
+# Why a handshake failed, as OpenSSL names it: a certificate was not trusted, or the server
+# refused ours (or its absence). An old server refusing a missing client certificate says
+# only "handshake failure".
+_REFUSED = ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+            "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+            "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+            "TLSV1_ALERT_UNKNOWN_CA", "TLSV1_ALERT_ACCESS_DENIED",
+            "SSLV3_ALERT_HANDSHAKE_FAILURE")
+
+
+def certificate_problem(error: BaseException) -> str | None:
+    """What went wrong with a certificate, for the attempt's error, when `error` (or what
+    caused it) is a TLS certificate failure; None for anything else. Certificate failures
+    are permanent: the next try meets the same certificates."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        # (aiohttp's certificate error is an SSLCertVerificationError too, without its
+        # fields: the original is in certificate_error)
+        reason = getattr(error, "reason", None)
+        if isinstance(error, ssl.SSLCertVerificationError) and reason:
+            return ("TLS: the server's certificate could not be verified "
+                    f"({getattr(error, 'verify_message', None) or reason}); does "
+                    "tls.ca_bundle hold the CA that signed it?")
+        if isinstance(error, ssl.SSLError) and reason in _REFUSED:
+            return (f"TLS: the server refused the handshake ({reason.lower()}): it wants a "
+                    "client certificate it trusts (tls.client_cert)")
+        error = (getattr(error, "certificate_error", None) or error.__cause__
+                 or error.__context__ or getattr(error, "os_error", None))
+    return None

@@ -5,9 +5,11 @@ the result means (policy.classify does)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ import aiohttp
 import orjson
 import yarl
 
+from pipeline_console.delivery.oauth import AccessTokens, TokenEndpointError
 from pipeline_console.delivery.policy import Failure, SendResult
+from pipeline_console.delivery.tls import certificate_problem, ssl_context
 
 RESPONSE_EXCERPT_BYTES = 2048
 
@@ -110,6 +114,7 @@ class Transports:
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
+        self.tokens = AccessTokens()  # OAuth2 access tokens, shared by this process's sends
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -135,38 +140,103 @@ class Transports:
         return bool(system.status_url)
 
     async def query_status(self, system: SystemConfig, key: str, version: int) -> int | None:
-        """The status query's HTTP status, or None when it gave no answer."""
+        """The status query's HTTP status, or None when it gave no answer. It authenticates
+        as the deliveries do (a 401 with an OAuth2 token: fetched again, asked again once)."""
         if system.transport == "simulated":
             return simulate_status_query(system)
         assert system.status_url is not None
+        url = _as_sent(status_query_url(system.status_url, key, version))
         try:
-            async with asyncio.timeout(total_deadline_s(system.timeout_s)), self.session.get(
-                    _as_sent(status_query_url(system.status_url, key, version)),
-                    allow_redirects=False,
-                    timeout=_phases(system.timeout_s)) as response:
-                return response.status
+            async with asyncio.timeout(total_deadline_s(system.timeout_s)):
+                headers, token = await self._authenticate(system, {})
+                status = await self._status_of(system, url, headers)
+                if status == 401 and token is not None:
+                    headers, token = await self._authenticate(system, {}, refused=token)
+                    status = await self._status_of(system, url, headers)
+                return status
         except Exception:  # no answer of any kind: the outcome stays ambiguous
             return None
+
+    async def _status_of(self, system: SystemConfig, url: yarl.URL,
+                         headers: Mapping[str, str]) -> int:
+        async with self.session.get(url, headers=headers, allow_redirects=False,
+                                    ssl=_ssl_for(system, str(url)),
+                                    timeout=_phases(system.timeout_s)) as response:
+            return response.status
+
+    async def _authenticate(self, system: SystemConfig, headers: Mapping[str, str], *,
+                            refused: str | None = None) -> tuple[Mapping[str, str], str | None]:
+        """`headers` with the system's credentials, and the OAuth2 token among them (None for
+        the other auth types). `refused`: the token the system has just answered 401 to."""
+        auth = system.auth
+        if not auth or auth.get("type") in (None, "none"):
+            return headers, None
+        kind = auth["type"]
+        if kind == "oauth2_client_credentials":
+            token = await self.tokens.token(self.session, system, replacing=refused)
+            return {**headers, "Authorization": f"Bearer {token}"}, token
+        secret = system.secrets.get("auth")
+        if secret is None:
+            raise TokenEndpointError(f"the {kind} secret could not be read (is "
+                                     "PIPELINE_CONSOLE_SECRET_KEY set?)", Failure.NOT_SENT)
+        if kind == "bearer":
+            return {**headers, "Authorization": f"Bearer {secret}"}, None
+        if kind == "basic":
+            pair = f"{auth['username']}:{secret}".encode()
+            return {**headers, "Authorization": "Basic " + base64.b64encode(pair).decode()}, None
+        if kind == "header":
+            return {**headers, auth["name"]: secret}, None
+        raise TokenEndpointError(f"unknown auth type {kind!r}", Failure.TOKEN_REFUSED)
 
     async def _post(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
         assert system.url is not None
         started = time.perf_counter()
+        sending = False  # whether the request has started on its way (a timeout then is not
+        # "never sent")
         try:
             # The timeout bounds each phase (connecting, which includes waiting for a free
             # connection, and each read); the deadline bounds the whole exchange, so a
-            # slowly dripping answer cannot outlive the delivery's lease.
-            async with asyncio.timeout(total_deadline_s(system.timeout_s)), self.session.post(
-                    _as_sent(system.url), data=request.body, headers=request.headers,
-                    allow_redirects=False, timeout=_phases(system.timeout_s)) as response:
-                content = await response.read()
-                status, retry_after = response.status, response.headers.get("retry-after")
+            # slowly dripping answer cannot outlive the delivery's lease. It holds for the
+            # token fetches and the one resend after a 401 too.
+            async with asyncio.timeout(total_deadline_s(system.timeout_s)):
+                headers, token = (await self._authenticate(system, request.headers)
+                                  if system.auth else (request.headers, None))
+                sending = True
+                status, content, retry_after = await self._exchange(system, request, headers)
+                if status == 401 and token is not None:
+                    # the token may have been revoked before its time: a new one, once
+                    sending = False
+                    headers, token = await self._authenticate(system, request.headers,
+                                                              refused=token)
+                    sending = True
+                    status, content, retry_after = await self._exchange(system, request,
+                                                                        headers)
+        except TokenEndpointError as error:
+            return SendResult(failure=error.failure, error=str(error), body=str(error),
+                              retry_after_s=_retry_after(error.retry_after),
+                              latency_ms=_since(started))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                 aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as error:
             # refused, unreachable, no such host, TLS handshake failed, no free connection
             # in time, a URL that cannot be requested: nothing reached the system
+            problem = certificate_problem(error)
+            if problem is not None:
+                return SendResult(failure=Failure.CERTIFICATE, error=problem,
+                                  latency_ms=_since(started))
             return SendResult(failure=Failure.NOT_SENT, error=_describe(error),
                               latency_ms=_since(started))
         except (aiohttp.ClientError, TimeoutError) as error:
+            problem = certificate_problem(error)
+            if problem is not None:
+                # TLS 1.3: the server checks our certificate after we have written the
+                # request, and refuses it on our first read; its application never saw it
+                return SendResult(failure=Failure.CERTIFICATE, error=problem,
+                                  latency_ms=_since(started))
+            if not sending:  # the deadline passed while waiting for a token
+                return SendResult(failure=Failure.TOKEN_UNAVAILABLE,
+                                  error="token endpoint gave no answer in time",
+                                  body="token endpoint gave no answer in time",
+                                  latency_ms=_since(started))
             # a read timeout, a dropped connection, a malformed answer…: the request may
             # have arrived. Anything we cannot tell apart is treated the same way.
             return SendResult(failure=Failure.MAYBE_SENT, error=_describe(error),
@@ -177,6 +247,27 @@ class Transports:
         body = content[:RESPONSE_EXCERPT_BYTES].decode("utf-8", errors="replace")
         return SendResult(status=status, body=body.replace("\x00", "\ufffd"),
                           retry_after_s=_retry_after(retry_after), latency_ms=_since(started))
+
+    async def _exchange(self, system: SystemConfig, request: DeliveryRequest,
+                        headers: Mapping[str, str]) -> tuple[int, bytes, str | None]:
+        assert system.url is not None
+        async with self.session.post(
+                _as_sent(system.url), data=request.body, headers=headers,
+                allow_redirects=False, ssl=_ssl_for(system, system.url),
+                timeout=_phases(system.timeout_s)) as response:
+            content = await response.read()
+            return response.status, content, response.headers.get("retry-after")
+
+
+def _ssl_for(system: SystemConfig, url: str) -> ssl.SSLContext | bool:
+    """The system's own TLS context for an https URL with tls settings (its CA bundle, its
+    client certificate); else aiohttp's default, which verifies against the machine's
+    store. Verification is never off."""
+    tls = system.tls
+    if not tls or not url.startswith("https"):
+        return True
+    return ssl_context(tls.get("ca_bundle"), tls.get("client_cert"),
+                       system.secrets.get("tls_client_key") if tls.get("client_cert") else None)
 
 
 # What a URL may hold as it is: the reserved characters, and '%' (an escape already made).
