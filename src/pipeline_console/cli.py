@@ -134,14 +134,20 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
 ) -> None:
-    """Apply pending migrations, then serve the API (and console) over HTTP."""
+    """Apply pending schema migrations, then serve the API (and console) over HTTP. Refuses
+    to start while a system's URL holds credentials (`migrate` moves them) or the secret key
+    cannot read the stored secrets."""
     from pipeline_console.app import create_app
     from pipeline_console.logs import configure_logging
     from pipeline_console.process import settle_long_lived_objects
 
     settings = Settings()
     configure_logging(settings.log_format)
-    migrate()
+    # The schema only: moving credentials out of URLs changes how systems authenticate, so
+    # it is `pipeline-console migrate`'s, run on purpose (and the check below refuses to
+    # start until it has been).
+    _with_database(lambda database: upgrade_to_head(database.engine))
+    typer.echo("database schema is at the newest migration")
     _check_connections(settings)
     application = create_app(settings)
     settle_long_lived_objects()

@@ -33,6 +33,7 @@ from pipeline_console.jobs.registry import JOBS, run_job
 from pipeline_console.models import AuditEvent, Circuit, Delivery, JobRun
 from pipeline_console.pagination import encode_cursor, fetch_page
 from pipeline_console.records.service import list_staging
+from pipeline_console.redaction import shown
 from pipeline_console.reports.api import report_range
 from pipeline_console.reports.service import REPORTS, delivery_report
 
@@ -158,6 +159,7 @@ async def audit(request: Request, database: DatabaseDep, page_request: IdPage,
     older = (encode_cursor(events[page_request.limit - 1].id)
              if len(events) > page_request.limit else None)
     return page(request, "audit.html", title="Audit log", nav="/audit",
-                events=events[:page_request.limit], older=older, action=action or "",
+                events=[shown(event, "details") for event in events[:page_request.limit]],
+                older=older, action=action or "",
                 actor=actor or "", subject=subject or "")
 

@@ -15,10 +15,12 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
 from pipeline_console.ingestion.schemas import Name
+from pipeline_console.redaction import redact
 
 # What a URL template may hold: a record's values, percent-encoded when a delivery is sent.
 URL_PLACEHOLDERS = ("{entity_type}", "{entity_id}", "{key}", "{version}")
@@ -343,6 +345,12 @@ class AttemptRead(BaseModel):
     classification: ClassificationWord
     rule: str
     error: str | None
+
+    @field_validator("request")
+    @classmethod
+    def without_credentials(cls, request: dict[str, Any]) -> dict[str, Any]:
+        # an attempt from before systems had an auth may hold its URL's user:password@
+        return redact(request)
 
 
 class DeadLetterRead(BaseModel):
