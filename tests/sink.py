@@ -26,6 +26,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: dict
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 class ScriptedServer:
@@ -52,7 +53,8 @@ class ScriptedServer:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
-                    server.received.append(Received(self.path, dict(self.headers), body))
+                    server.received.append(Received(self.path, dict(self.headers), body,
+                                                    time.monotonic()))
                     answer = server.script.pop(0) if len(server.script) > 1 else server.script[0]
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
