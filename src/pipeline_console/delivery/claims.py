@@ -38,7 +38,7 @@ from pipeline_console.delivery.base import (
 from pipeline_console.delivery.circuits import free_trial, lock_circuit
 from pipeline_console.delivery.policy import Classification, SendResult, Step
 from pipeline_console.delivery.recording import apply_step
-from pipeline_console.delivery.transports import build_request, total_deadline_s
+from pipeline_console.delivery.transports import request_summary, total_deadline_s
 from pipeline_console.errors import Conflict, NotFound
 from pipeline_console.metrics import count_delivery_attempt
 from pipeline_console.models import (
@@ -428,8 +428,8 @@ async def recover_lost_claims(deliverer: Deliverer, *, lost_after_s: float | Non
                 attempt_number=delivery.attempts + 1,
                 trigger=delivery.claim_trigger or "scheduled", actor=worker,
                 started_at=delivery.updated_at,
-                request=build_request(delivery, delivery.attempts + 1).summary(
-                    system_config(systems[delivery.system])),
+                request=request_summary(delivery, delivery.attempts + 1,
+                                        system_config(systems[delivery.system])),
                 classification=Classification.WORKER_LOST.value,
                 rule="lease_expired" if lease_over else "worker_lost",
                 error=f"worker {worker} held this claim, but {why} before it recorded an "

@@ -24,6 +24,9 @@ class Failure(StrEnum):
 
     NOT_SENT = "not_sent"  # connection refused, connect timeout: the request never left
     MAYBE_SENT = "maybe_sent"  # read timeout, broken connection: it may have arrived
+    # the request could not be made of this record (its body_template failed): nothing was
+    # sent, and trying again would fail the same way
+    UNSENDABLE = "unsendable"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # 520-599 included) are the server's trouble and are retried.
 PERMANENT_5XX = frozenset({501, 505})
 MAX_RETRY_AFTER_S = 86_400.0
+UNSENDABLE_RULE = "unsendable"
 
 
 def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Classification, str]:
@@ -49,6 +53,8 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
     `overrides` are the system's own rules, checked first:
     [{"status": 409, "classification": "success"}, …].
     """
+    if result.failure is Failure.UNSENDABLE:
+        return Classification.PERMANENT, UNSENDABLE_RULE
     if result.failure is Failure.NOT_SENT:
         return Classification.TRANSIENT, "not_sent"
     if result.failure is Failure.MAYBE_SENT or result.status is None:
@@ -121,7 +127,9 @@ class TransitionRefused(ValueError):
     pass
 
 
-def breaker_event(classification: Classification) -> CircuitEvent:
+def breaker_event(classification: Classification, rule: str | None = None) -> CircuitEvent:
+    if rule == UNSENDABLE_RULE:
+        return CircuitEvent.NONE  # nothing was sent: the system was not asked anything
     if classification in (Classification.TRANSIENT, Classification.AMBIGUOUS):
         return CircuitEvent.FAILURE
     if classification is Classification.WORKER_LOST:

@@ -109,7 +109,7 @@ def _leaves_circuit_alone(circuit: Any, sent: Sequence[Sent]) -> bool:
     meanwhile, recording before that change is an order the serial history allows.)"""
     return (circuit.state == "closed" and circuit.consecutive_failures == 0
             and circuit.trial_delivery_id is None
-            and all(breaker_event(item.classification) is CircuitEvent.HEALTHY
+            and all(breaker_event(item.classification, item.rule) is CircuitEvent.HEALTHY
                     for item in sent))
 
 
@@ -150,7 +150,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
         "id": attempt_id, "delivery_id": item.delivery_id, "system": item.prepared.config.name,
         "attempt_number": item.prepared.request.attempt_number, "trigger": trigger,
         "actor": actor, "started_at": item.started_at, "latency_ms": item.result.latency_ms,
-        "request": item.prepared.request.summary(item.prepared.config),
+        "request": item.summary(),
         "response_status": item.result.status, "response_body": item.result.body or None,
         "classification": item.classification.value, "rule": item.rule,
         "error": item.result.error,
@@ -222,7 +222,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
             audit.append(await _settle_late(session, late, delivery, item.classification, now))
         elif circuit is not None:
             audit += await apply_event(
-                session, circuit, breaker_event(item.classification),
+                session, circuit, breaker_event(item.classification, item.rule),
                 threshold=item.prepared.threshold, now=now,
                 reason=f"delivery {item.delivery_id}: {attempt.classification} ({item.rule})",
                 actor=actor)
@@ -337,7 +337,9 @@ async def apply_step(
     if step is Step.RETRY:
         return Outcome.RETRY
     if step is Step.DEAD_LETTER:
-        if attempt.classification == Classification.PERMANENT:
+        if attempt.classification == Classification.PERMANENT and result.status is None:
+            reason = f"permanent ({attempt.rule}): {(result.error or '')[:500]}"
+        elif attempt.classification == Classification.PERMANENT:
             reason = (f"permanent: HTTP {result.status} ({attempt.rule}): "
                       f"{(result.body or '')[:300]}")
         else:

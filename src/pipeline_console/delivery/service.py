@@ -54,6 +54,7 @@ from pipeline_console.delivery.policy import (
     CircuitEvent,
     Classification,
     Failure,
+    SendResult,
     breaker_event,
     classify,
 )
@@ -63,6 +64,7 @@ from pipeline_console.delivery.recording import (
     record_sent,
     supersede,
 )
+from pipeline_console.delivery.signing import sign
 from pipeline_console.delivery.transports import build_request
 from pipeline_console.delivery.vault import load_secrets
 from pipeline_console.errors import Conflict
@@ -170,12 +172,17 @@ async def send(deliverer: Deliverer, item: Prepared) -> Sent:
     classification of its answer. A send that may have arrived but timed out (maybe_sent)
     while this process stalled is worker_lost: the timer ran while we did not read."""
     started, started_at = deliverer.monotonic(), deliverer.clock()
-    result = await deliverer.transports.send(item.config, item.request)
+    request = sign(item.config, item.request, int(deliverer.unix_time()))
+    if request.unsendable:
+        result = SendResult(failure=Failure.UNSENDABLE, error=request.unsendable)
+    else:
+        result = await deliverer.transports.send(item.config, request)
     classification, rule = classify(result, item.overrides)
     if (result.failure is Failure.MAYBE_SENT and deliverer.stalls is not None
             and deliverer.stalls.overlapped(started, deliverer.monotonic())):
         classification, rule = Classification.WORKER_LOST, "worker_stalled"
-    return Sent(item, started_at, result, classification, rule)
+    return Sent(item, started_at, result, classification, rule,
+                None if request is item.request else request)
 
 
 async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Sequence[int],
@@ -221,7 +228,7 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
             continue
         system = systems[row.system]
         out[row.id] = Prepared(
-            configs[row.system], build_request(row, row.attempts + 1),
+            configs[row.system], build_request(row, row.attempts + 1, configs[row.system]),
             system.classification_overrides, system.max_attempts, system.failure_threshold,
             (system.backoff_base_s, system.backoff_max_s),
             lease_of(deliverer, row, started, wall))
