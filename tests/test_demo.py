@@ -182,3 +182,19 @@ async def test_the_demo_connects_a_system_of_each_kind_with_its_secrets_write_on
     for value in DEMO_SECRETS.values():
         assert value not in shown
     assert "an admin connects erp-api (bearer, PUT, jq body)" in "\n".join(demo)
+    for system in connected:  # every one can be previewed on the demo's records
+        key = "customer:C-1001" if "customer" in system["entity_types"] else "order:O-5001"
+        answer = await client.post(f"/api/v1/systems/{system['name']}/preview",
+                                   json={"key": key})
+        assert answer.status_code == 200, (system["name"], answer.text)
+    erp = (await client.post("/api/v1/systems/erp-api/preview",
+                             json={"key": "customer:C-1001"})).json()
+    # a simulated system's request goes nowhere: its URL reads simulated:NAME (the template
+    # is on the system's page)
+    assert (erp["method"], erp["url"]) == ("PUT", "simulated:erp-api")
+    assert erp["body"] == {"customerNumber": "C-1001", "displayName": "Acme GmbH",
+                           "countryCode": "DE", "revision": 1}
+    assert erp["headers"]["Authorization"] == "Bearer ***"
+    signed = (await client.post("/api/v1/systems/partner-webhook/preview",
+                                json={"key": "customer:C-1001"})).json()
+    assert signed["headers"]["webhook-signature"] == "v1,***"
