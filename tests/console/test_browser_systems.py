@@ -29,7 +29,9 @@ async def test_an_admin_registers_a_system_with_a_bearer_token_and_edits_it_keep
     await form.locator("select[name=method]").select_option("PUT")
     await form.locator("input[name=url]").fill("https://erp.example/api/customers/{entity_id}")
     await form.locator("input[name=entity_types]").fill("customer")
+    await expect(form.locator("input[name=auth_token]")).to_be_hidden()  # auth none
     await form.locator("select[name=auth_type]").select_option("bearer")
+    await expect(form.locator("input[name=auth_username]")).to_be_hidden()
     await form.locator("input[name=auth_token]").fill(TOKEN)
     await form.locator("textarea[name=headers]").fill("X-Tenant: t1")
     await form.get_by_role("button", name="Register").click()
