@@ -26,6 +26,7 @@ class Received:
     path: str  # as sent: percent-escapes kept
     headers: dict[str, str]
     body: dict
+    at: float = 0.0  # time.monotonic() when the request arrived
     method: str = "POST"
     raw: bytes = b""  # the body's bytes (what a signature covers)
 
@@ -57,7 +58,7 @@ class ScriptedServer:
                 body = json.loads(raw or b"{}")
                 with server._lock:
                     server.received.append(Received(self.path, dict(self.headers), body,
-                                                    self.command, raw))
+                                                    time.monotonic(), self.command, raw))
                     answer = server.script.pop(0) if len(server.script) > 1 else server.script[0]
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)

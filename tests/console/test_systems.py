@@ -241,3 +241,33 @@ async def test_only_admins_change_systems(client, database):
     page = (await client.get("/systems/erp-api", headers=operator)).text
     assert "/systems/erp-api/edit" not in page
     assert (await client.get("/api/v1/systems/erp-api")).json()["max_in_flight"] == 4
+
+
+async def test_the_preview_shows_what_would_be_sent_with_secrets_as_stars(client, database):
+    from tests.delivery.test_delivery import ingest
+    from tests.support import message
+
+    assert (await register(client)).status_code == 303
+    await ingest(client, message(1, entity_id="C 100/ü"))
+    page = await client.get("/systems/erp-api/preview", params={"key": "customer:C 100/ü"})
+    assert page.status_code == 200
+    api = (await client.post("/api/v1/systems/erp-api/preview",
+                             json={"key": "customer:C 100/ü"})).json()
+    shown = html.unescape(page.text)
+    assert api["method"] == "PUT" and api["url"].endswith("/customers/C%20100%2F%C3%BC")
+    assert f"{api['method']} {api['url']}" in shown
+    assert api["headers"]["Authorization"] == "Bearer ***"
+    for name, value in api["headers"].items():
+        if name != "webhook-timestamp":
+            assert f"<code>{name}</code></th><td><code>{value}</code>" in shown
+    assert api["body"] == {"id": "C 100/ü", "name": "Acme"}
+    assert '"id": "C 100/ü"' in shown and '"name": "Acme"' in shown
+    assert TOKEN not in page.text and SIGNING not in page.text and SIGNING[6:] not in page.text
+
+    missing = await client.get("/systems/erp-api/preview", params={"key": "customer:NOPE"})
+    assert missing.status_code == 200 and "no record in production" in missing.text
+    viewer = {"Authorization": f"Bearer {await make_token(database, 'viewer')}"}
+    assert (await client.get("/systems/erp-api/preview", headers=viewer,
+                             params={"key": "customer:C 100/ü"})).status_code == 403
+    assert 'id="preview-form"' not in (await client.get("/systems/erp-api",
+                                                        headers=viewer)).text

@@ -11,9 +11,9 @@ holds a secret's value, not even the form shown again after a refusal."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -28,11 +28,16 @@ from pipeline_console.api.dependencies import (
 from pipeline_console.api.problems import status_of
 from pipeline_console.auth.dependencies import Requires
 from pipeline_console.auth.roles import allows
-from pipeline_console.console.auth import CONSOLE_VIEWER, ConsoleAction
+from pipeline_console.console.auth import (
+    CONSOLE_OPERATOR_PAGE,
+    CONSOLE_VIEWER,
+    ConsoleAction,
+)
 from pipeline_console.console.forms import form_of
 from pipeline_console.console.templating import done, error_page, page
 from pipeline_console.delivery import systems as service
 from pipeline_console.delivery.addresses import refuse_private_urls
+from pipeline_console.delivery.preview import preview_request
 from pipeline_console.delivery.schemas import (
     AUTH_SECRET_FIELD,
     URL_PLACEHOLDERS,
@@ -293,6 +298,29 @@ async def update_system(request: Request, name: str, database: DatabaseDep, now:
 
 @router.get("/systems/{name}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
 async def system(request: Request, name: str, database: DatabaseDep, now: NowDep) -> Response:
+    return await _system_page(request, name, database, now)
+
+
+@router.get("/systems/{name}/preview", response_class=HTMLResponse,
+            dependencies=[CONSOLE_OPERATOR_PAGE])
+async def preview(request: Request, name: str, database: DatabaseDep, now: NowDep,
+                  key: Annotated[str, Query(max_length=321)] = "") -> Response:
+    """The system's page with what it would be sent now for the record `key` (operators, as
+    the API's preview): the same preview_request, secrets as ***."""
+    shown, problem = None, None
+    try:
+        async with database.read() as session:
+            shown = await preview_request(session, request.app.state.vault, name, key, now)
+    except DomainError as error:
+        problem = error.detail + "".join(f"; {e.field}: {e.message}"
+                                         for e in getattr(error, "errors", []))
+    return await _system_page(request, name, database, now, preview=shown, preview_key=key,
+                              preview_problem=problem)
+
+
+async def _system_page(request: Request, name: str, database: Any, now: datetime, *,
+                       preview: dict[str, Any] | None = None, preview_key: str = "",
+                       preview_problem: str | None = None) -> Response:
     try:
         async with database.read() as session:
             view = await service.read_view(session, await service.get_system(session, name))
@@ -301,13 +329,17 @@ async def system(request: Request, name: str, database: DatabaseDep, now: NowDep
             recent = list((await session.execute(
                 select(Delivery).where(Delivery.system == name)
                 .order_by(Delivery.id.desc()).limit(20))).scalars())
+            example = await session.scalar(
+                select(Delivery.idempotency_key).where(Delivery.system == name)
+                .order_by(Delivery.id.desc()).limit(1))
     except DomainError as error:
         return error_page(request, error)
     row = next((row for row in health.rows if row["system"] == name), None)
     return page(request, "system.html", title=name, nav="/systems", system=view,
                 circuit=circuit, health=row, recent=recent, may_admin=_admin(request),
                 throttled_for=_throttled_for(view.get("throttled_until"), now),
-                preview=None, preview_key="", preview_problem=None)
+                preview=preview, preview_key=preview_key, preview_problem=preview_problem,
+                example_key=example or "customer:C-1001")
 
 
 def _throttled_for(until: datetime | None, now: datetime) -> float | None:

@@ -57,6 +57,7 @@ from pipeline_console.delivery.policy import (
     SendResult,
     breaker_event,
     classify,
+    throttle_s,
 )
 from pipeline_console.delivery.recording import (
     lock_rows,
@@ -104,18 +105,20 @@ async def deliver_many(
     `claim`, instead of ids, claims them inside the preparing transaction. `concurrency`:
     at most that many sends at once. A claim is released unsent (back to pending) when its
     turn comes after `stop` is set, after its system failed as often as its circuit's
-    threshold in this call, or when the fence refuses it. An outcome that cannot be
+    threshold in this call or throttled us (429/503 with Retry-After), or when the fence
+    refuses it. An outcome that cannot be
     recorded is returned as its exception: the delivery stays claimed until it is recovered
     as worker_lost."""
     delivery_ids, prepared = await prepare_batch(deliverer, delivery_ids, claim=claim)
     items = [item for item in prepared.values() if isinstance(item, Prepared)]
     slots = asyncio.Semaphore(concurrency or len(items) or 1)
     failures: dict[str, int] = {}  # consecutive failures per system in this call
+    throttled: set[str] = set()  # systems that asked us to wait (429/503, Retry-After)
 
     async def send_in_turn(item: Prepared) -> Sent | None:
         async with slots:
             name = item.config.name
-            if (stop is not None and stop.is_set()) or (
+            if (stop is not None and stop.is_set()) or name in throttled or (
                     concurrency is not None and failures.get(name, 0) >= item.threshold):
                 return None
             if not may_send(deliverer, item):
@@ -123,8 +126,13 @@ async def deliver_many(
                             item.delivery_id)
                 return None
             sent = await send(deliverer, item)
-            failing = breaker_event(sent.classification) is CircuitEvent.FAILURE
-            failures[name] = failures.get(name, 0) + 1 if failing else 0
+            event = breaker_event(sent.classification, sent.rule)
+            if event is CircuitEvent.FAILURE:
+                failures[name] = failures.get(name, 0) + 1
+            elif event is CircuitEvent.HEALTHY:
+                failures[name] = 0
+            if throttle_s(sent.result, sent.rule) is not None:
+                throttled.add(name)
             return sent
 
     answers = await asyncio.gather(*(send_in_turn(item) for item in items),
