@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import random
 import time
@@ -137,6 +136,14 @@ def build_request(delivery: Any, attempt_number: int, system: SystemConfig | Non
     return map_body(request) if map_now else request
 
 
+def changed(request: DeliveryRequest, **changes: Any) -> DeliveryRequest:
+    """A copy of the request with `changes`: what dataclasses.replace does, in a tenth of
+    its time (it runs twice per send on the hot path: mapping, signing)."""
+    copy = object.__new__(DeliveryRequest)
+    copy.__dict__.update(request.__dict__, **changes)
+    return copy
+
+
 def map_body(request: DeliveryRequest) -> DeliveryRequest:
     """The request with its body_template applied to its body. A template that fails on
     the record makes the request unsendable rather than raising: the delivery is then
@@ -147,9 +154,8 @@ def map_body(request: DeliveryRequest) -> DeliveryRequest:
         body = orjson.dumps(apply_template_to_text(request.body_template,
                                                    request.body.decode()))
     except MappingError as error:
-        return dataclasses.replace(request, body=b"", body_template=None,
-                                   unsendable=str(error))
-    return dataclasses.replace(request, body=body, body_template=None)
+        return changed(request, body=b"", body_template=None, unsendable=str(error))
+    return changed(request, body=body, body_template=None)
 
 
 def request_summary(delivery: Any, attempt_number: int, system: SystemConfig) -> dict[str, Any]:
