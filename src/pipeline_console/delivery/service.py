@@ -66,7 +66,7 @@ from pipeline_console.delivery.recording import (
     supersede,
 )
 from pipeline_console.delivery.signing import sign
-from pipeline_console.delivery.transports import build_request
+from pipeline_console.delivery.transports import build_request, map_body
 from pipeline_console.delivery.vault import load_secrets
 from pipeline_console.errors import Conflict
 from pipeline_console.models import Delivery, DownstreamSystem
@@ -180,7 +180,7 @@ async def send(deliverer: Deliverer, item: Prepared) -> Sent:
     classification of its answer. A send that may have arrived but timed out (maybe_sent)
     while this process stalled is worker_lost: the timer ran while we did not read."""
     started, started_at = deliverer.monotonic(), deliverer.clock()
-    request = sign(item.config, item.request, int(deliverer.unix_time()))
+    request = sign(item.config, map_body(item.request), int(deliverer.unix_time()))
     if request.unsendable:
         result = SendResult(failure=Failure.UNSENDABLE, error=request.unsendable)
     else:
@@ -236,7 +236,8 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
             continue
         system = systems[row.system]
         out[row.id] = Prepared(
-            configs[row.system], build_request(row, row.attempts + 1, configs[row.system]),
+            configs[row.system], build_request(row, row.attempts + 1, configs[row.system],
+                                               map_now=False),
             system.classification_overrides, system.max_attempts, system.failure_threshold,
             (system.backoff_base_s, system.backoff_max_s),
             lease_of(deliverer, row, started, wall))

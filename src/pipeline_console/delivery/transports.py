@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import random
 import time
@@ -19,7 +20,7 @@ import aiohttp
 import orjson
 import yarl
 
-from pipeline_console.delivery.mapping import MappingError, apply_template
+from pipeline_console.delivery.mapping import MappingError, apply_template_to_text
 from pipeline_console.delivery.policy import Failure, SendResult
 
 RESPONSE_EXCERPT_BYTES = 2048
@@ -53,7 +54,8 @@ class DeliveryRequest:
 
     `url` is the system's URL with the record's values put in (None: the system's URL as
     it is); `unsendable`, when set, says why this request cannot be sent at all (its
-    body_template failed on the record): a permanent failure, and nothing leaves. `shown`
+    body_template failed on the record): a permanent failure, and nothing leaves.
+    `body_template`, when set, is still to be applied to `body` (map_body, at send time). `shown`
     holds what the attempt's summary shows in place of the headers whose values are
     secrets (signing.sign adds them right before the send)."""
 
@@ -67,6 +69,7 @@ class DeliveryRequest:
     url: str | None = None
     unsendable: str | None = None
     shown: Mapping[str, str] = field(default_factory=dict)
+    body_template: str | None = None
 
     def summary(self, system: SystemConfig) -> dict[str, Any]:
         """What an attempt keeps of the request: no secret (auth and signature values are
@@ -110,16 +113,14 @@ def default_body(delivery: Any) -> dict[str, Any]:
     }
 
 
-def build_request(delivery: Any, attempt_number: int,
-                  system: SystemConfig | None = None) -> DeliveryRequest:
+def build_request(delivery: Any, attempt_number: int, system: SystemConfig | None = None,
+                  *, map_now: bool = True) -> DeliveryRequest:
     """The request for one try of `delivery` to `system` (without one: POST of the default
     body to the system's URL as it is). The static headers come first, so the pipeline's
-    own win; a body_template is applied here, and its failure makes the request unsendable
-    rather than raising: the delivery is then dead-lettered with jq's message."""
-    body_value: Any = default_body(delivery)
-    unsendable = None
+    own win. `map_now=False` leaves the body_template for map_body to apply at send time
+    (outside the claim's transaction, as the send path does)."""
     headers: dict[str, str] = {}
-    method, url = "POST", None
+    method, url, template = "POST", None, None
     if system is not None:
         method = system.method or "POST"
         if system.url is not None and "{" in system.url:
@@ -127,16 +128,28 @@ def build_request(delivery: Any, attempt_number: int,
                              delivery.idempotency_key, delivery.version)
         if system.headers:
             headers.update(system.headers)
-        if system.body_template:
-            try:
-                body_value = apply_template(system.body_template, body_value)
-            except MappingError as error:
-                unsendable, body_value = str(error), None
+        template = system.body_template
     headers["Content-Type"] = "application/json"
     headers["Idempotency-Key"] = idempotency_header(delivery.idempotency_key, delivery.version)
-    body = b"" if unsendable else orjson.dumps(body_value)
-    return DeliveryRequest(delivery.id, attempt_number, delivery.idempotency_key,
-                           delivery.version, body, headers, method, url, unsendable)
+    request = DeliveryRequest(delivery.id, attempt_number, delivery.idempotency_key,
+                              delivery.version, orjson.dumps(default_body(delivery)), headers,
+                              method, url, body_template=template or None)
+    return map_body(request) if map_now else request
+
+
+def map_body(request: DeliveryRequest) -> DeliveryRequest:
+    """The request with its body_template applied to its body. A template that fails on
+    the record makes the request unsendable rather than raising: the delivery is then
+    dead-lettered with jq's message."""
+    if request.body_template is None:
+        return request
+    try:
+        body = orjson.dumps(apply_template_to_text(request.body_template,
+                                                   request.body.decode()))
+    except MappingError as error:
+        return dataclasses.replace(request, body=b"", body_template=None,
+                                   unsendable=str(error))
+    return dataclasses.replace(request, body=body, body_template=None)
 
 
 def request_summary(delivery: Any, attempt_number: int, system: SystemConfig) -> dict[str, Any]:
