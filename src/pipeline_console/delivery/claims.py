@@ -12,7 +12,12 @@ worker's heartbeat stopped — and makes it ambiguous with the classification wo
 it may have been sent, so it is never simply sent again, and it says nothing about the
 downstream system, so it never moves a circuit.
 
-Lock order: circuits (by name), then deliveries (by id). Ambiguous outcomes are locked
+Lock order: circuits (by name), then deliveries (by id), then downstream systems (by name:
+the limited ones, in the claim; a throttled one, when its answer is recorded). A claim's
+deliveries are taken with SKIP LOCKED, so it never waits for them; it waits for the limited
+systems' rows, which is what makes the limits hold across workers (limits.py). A claim
+that supersedes a delivery locks its circuit last (a deadlock with a recording is then a
+retried transaction). Ambiguous outcomes are locked
 before their deliveries here, as an operator's resolution does; recording a late answer
 locks them after (a deadlock between the two is a retried transaction, not a wrong state)."""
 

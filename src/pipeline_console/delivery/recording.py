@@ -5,7 +5,11 @@ later, dead letter, ambiguous), the circuits' transitions and the audit.
 An answer for a claim its worker no longer holds (another process recovered it as
 worker_lost meanwhile) is a late answer: its attempt row is written, a success settles the
 open ambiguous outcome as delivered, and nothing else follows from it — a late answer is
-never a reason to send, and never moves a circuit."""
+never a reason to send, and never moves a circuit.
+
+A 429 or 503 with Retry-After throttles its whole system (throttled_until, the later of the
+old and new moment, at most policy.MAX_THROTTLE_S ahead): it is back-pressure, so it moves
+no circuit, and a throttled try does not count toward max_attempts (policy.next_step)."""
 
 from __future__ import annotations
 
