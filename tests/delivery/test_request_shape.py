@@ -231,6 +231,11 @@ class TestPreview:
             if name.lower() not in masked:
                 assert sent[name.lower()] == value, name
         assert verified_by(SECRET, received)
+        [delivery] = await deliveries(client)
+        [attempt] = await attempts(client, delivery["id"])
+        assert attempt["request"]["headers"]["Authorization"] == "Bearer ***"
+        assert attempt["request"]["url"] == preview["url"]
+        assert "tok-preview-123" not in json.dumps(attempt)
 
     async def test_an_unknown_key_is_404_and_a_failing_template_422(self, client, sink) -> None:
         await add_system(client, sink, body_template='error("no mapping for " + .entity_id)')
