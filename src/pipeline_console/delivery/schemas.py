@@ -405,6 +405,31 @@ class CircuitAction(BaseModel):
     reason: Reason
 
 
+class SigningRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_s: int = Field(default=86_400, ge=0, le=30 * 86_400, description=(
+        "how long the previous secret keeps signing beside the new one (0: not at all)"))
+
+
+class SigningSecretRead(BaseModel):
+    secret: str = Field(description="the new whsec_ secret, shown this once")
+
+
+class PreviewCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=321)] = Field(
+        description="a record's idempotency key, e.g. customer:C-100")
+
+
+class PreviewRead(BaseModel):
+    method: str
+    url: str | None
+    headers: dict[str, str] = Field(description="secret values as ***")
+    body: Any
+
+
 class AmbiguousResolve(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
