@@ -104,8 +104,9 @@ def secrets_new_key() -> None:
 @secrets_app.command("rotate-key")
 def secrets_rotate_key() -> None:
     """Re-encrypt every stored secret from PIPELINE_CONSOLE_SECRET_KEY to
-    PIPELINE_CONSOLE_NEW_SECRET_KEY, in one transaction. Then give every process the new
-    key as PIPELINE_CONSOLE_SECRET_KEY."""
+    PIPELINE_CONSOLE_NEW_SECRET_KEY, in one transaction. Stop every serve and worker first
+    (a process still on the old key cannot read what is stored after it), then start them
+    with the new key as PIPELINE_CONSOLE_SECRET_KEY: they refuse to start with the old one."""
     from pipeline_console.delivery.vault import KeyProblem, Vault, rotate_key
 
     settings = Settings()

@@ -296,7 +296,9 @@ class SystemRead(BaseModel):
     signing: dict[str, Any] | None = Field(
         description='{"scheme", "secret": {"secret_set", "fingerprint"}, "previous": '
         '{"secret_set", "fingerprint", "expires_at"} | null}')
-    tls: dict[str, Any] | None
+    tls: dict[str, Any] | None = Field(
+        description='{"ca_bundle", "client_cert", "client_key": {"secret_set", '
+        '"fingerprint"} | null}')
     body_template: str | None
     max_in_flight: int | None
     max_per_second: float | None
