@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DB := demo.db
 DEMO_URL := sqlite+aiosqlite:///./$(DEMO_DB)
+# The demo's own secret key (encrypts its systems' secrets), made on the first run and kept
+# out of git. Production sets PIPELINE_CONSOLE_SECRET_KEY itself (docs/connecting.md).
+DEMO_KEY := .demo-secret-key
+DEMO_ENV = PIPELINE_CONSOLE_DATABASE_URL=$(DEMO_URL) PIPELINE_CONSOLE_SECRET_KEY="$$(cat $(DEMO_KEY))"
 
 .PHONY: demo test lint bench clean
 
@@ -13,11 +17,14 @@ $(BIN)/pipeline-console: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(BIN)/pipeline-console
+$(DEMO_KEY): | $(BIN)/pipeline-console
+	umask 077 && $(BIN)/pipeline-console secrets new-key | tail -n 1 > $@.tmp && mv $@.tmp $@
+
+demo: $(BIN)/pipeline-console $(DEMO_KEY)
 	rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
-	PIPELINE_CONSOLE_DATABASE_URL=$(DEMO_URL) $(BIN)/pipeline-console migrate
-	PIPELINE_CONSOLE_DATABASE_URL=$(DEMO_URL) $(BIN)/pipeline-console demo
-	PIPELINE_CONSOLE_DATABASE_URL=$(DEMO_URL) $(BIN)/pipeline-console serve --host 127.0.0.1 --port 8000
+	$(DEMO_ENV) $(BIN)/pipeline-console migrate
+	$(DEMO_ENV) $(BIN)/pipeline-console demo
+	$(DEMO_ENV) $(BIN)/pipeline-console serve --host 127.0.0.1 --port 8000
 
 test: $(BIN)/pipeline-console
 	$(BIN)/ruff check src tests bench
@@ -31,4 +38,4 @@ lint: $(BIN)/pipeline-console
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm .pytest_cache
+	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_KEY) .pytest_cache

@@ -23,13 +23,17 @@ class Answer:
 
 @dataclass(frozen=True)
 class Received:
-    path: str
+    path: str  # as sent: percent-escapes kept
     headers: dict[str, str]
     body: dict
+    at: float = 0.0  # time.monotonic() when the request arrived
+    method: str = "POST"
+    raw: bytes = b""  # the body's bytes (what a signature covers)
 
 
 class ScriptedServer:
-    """POST /<anything>: answers are taken from `script` in order (the last one repeats).
+    """POST, PUT or PATCH /<anything>: answers are taken from `script` in order (the last one
+    repeats).
     GET /status/<key>/<version>: `status_answers[(key, version)]`, default 404."""
 
     def __init__(self) -> None:
@@ -50,9 +54,11 @@ class ScriptedServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                raw = self.rfile.read(length)
+                body = json.loads(raw or b"{}")
                 with server._lock:
-                    server.received.append(Received(self.path, dict(self.headers), body))
+                    server.received.append(Received(self.path, dict(self.headers), body,
+                                                    time.monotonic(), self.command, raw))
                     answer = server.script.pop(0) if len(server.script) > 1 else server.script[0]
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
@@ -64,6 +70,8 @@ class ScriptedServer:
                     with server._lock:
                         server.in_flight -= 1
                 self._answer(answer.status, answer.body, answer.headers)
+
+            do_PUT = do_PATCH = do_POST
 
             def do_GET(self) -> None:
                 parts = self.path.split("/")

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline_console.demo import load_demo
+from pipeline_console.demo import CONNECTED, DEMO_SECRETS, load_demo
 from pipeline_console.errors import Conflict
 from tests.console.test_sessions import browser_for, sign_in
 from tests.test_operations import run_cli
@@ -63,7 +63,9 @@ async def test_every_branch_queue_and_state_is_there(client, demo):
             attempts[attempt["classification"]] += 1
     assert set(attempts) == {"success", "transient", "permanent", "ambiguous"}
     circuits = {c["system"]: c["state"] for c in await items(client, "/api/v1/circuits")}
-    assert circuits == {"warehouse": "closed", "crm-sync": "open", "ledger": "half_open"}
+    connected = {system["name"]: "closed" for system in CONNECTED}
+    assert circuits == {"warehouse": "closed", "crm-sync": "open", "ledger": "half_open",
+                        **connected}
     anomalies = {a["status"] for a in await items(client, "/api/v1/anomalies")}
     assert anomalies == {"open", "resolved"}
     replays = {r["status"] for r in await items(client, "/api/v1/replays")}
@@ -152,3 +154,47 @@ async def test_the_demo_command_prints_the_source_tokens(database_url):
         assert any(line.split()[:1] == [f"{source}-ingest"] and "pc_" in line
                    for line in lines), source
     assert "Authorization: Bearer pc_" in lines[-1] and '"source_system": "shop"' in lines[-1]
+
+
+async def test_the_demo_connects_a_system_of_each_kind_with_its_secrets_write_only(client,
+                                                                                  demo):
+    systems = {s["name"]: s for s in await items(client, "/api/v1/systems?limit=100")}
+    connected = [systems[system["name"]] for system in CONNECTED]
+    assert {s["transport"] for s in connected} == {"simulated"}
+    assert {s["auth"]["type"] for s in connected} == {
+        "none", "bearer", "basic", "header", "oauth2_client_credentials"}
+    for system in connected:
+        secret = {"bearer": "token", "basic": "password", "header": "value",
+                  "oauth2_client_credentials": "client_secret"}.get(system["auth"]["type"])
+        if secret:
+            assert system["auth"][secret]["secret_set"] is True
+            assert len(system["auth"][secret]["fingerprint"]) == 12
+    [signed] = [s for s in connected if s["signing"]]
+    assert signed["signing"]["secret"]["secret_set"] is True
+    [mapped] = [s for s in connected if s["body_template"]]
+    assert mapped["method"] == "PUT" and "{entity_id}" in mapped["url"]
+    [limited] = [s for s in connected if s["max_in_flight"]]
+    assert limited["max_in_flight"] == 2 and limited["max_per_second"] == 5
+    shown = "".join([(await client.get("/api/v1/systems?limit=100")).text,
+                     (await client.get("/api/v1/audit?limit=500")).text]
+                    + [(await client.get(f"/systems/{s['name']}")).text for s in connected])
+    assert "fingerprint" in shown
+    for value in DEMO_SECRETS.values():
+        assert value not in shown
+    assert "an admin connects erp-api (bearer, PUT, jq body)" in "\n".join(demo)
+    for system in connected:  # every one can be previewed on the demo's records
+        key = "customer:C-1001" if "customer" in system["entity_types"] else "order:O-5001"
+        answer = await client.post(f"/api/v1/systems/{system['name']}/preview",
+                                   json={"key": key})
+        assert answer.status_code == 200, (system["name"], answer.text)
+    erp = (await client.post("/api/v1/systems/erp-api/preview",
+                             json={"key": "customer:C-1001"})).json()
+    # a simulated system's request goes nowhere: its URL reads simulated:NAME (the template
+    # is on the system's page)
+    assert (erp["method"], erp["url"]) == ("PUT", "simulated:erp-api")
+    assert erp["body"] == {"customerNumber": "C-1001", "displayName": "Acme GmbH",
+                           "countryCode": "DE", "revision": 1}
+    assert erp["headers"]["Authorization"] == "Bearer ***"
+    signed = (await client.post("/api/v1/systems/partner-webhook/preview",
+                                json={"key": "customer:C-1001"})).json()
+    assert signed["headers"]["webhook-signature"] == "v1,***"

@@ -46,6 +46,7 @@ from pipeline_console.console.admin import router as console_admin
 from pipeline_console.console.auth import router as console_auth
 from pipeline_console.console.overview import router as console_overview
 from pipeline_console.console.queues import router as console_queues
+from pipeline_console.console.systems import router as console_systems
 from pipeline_console.console.templating import HERE as CONSOLE_HERE
 from pipeline_console.console.templating import html_error
 from pipeline_console.console.tokens import router as console_tokens
@@ -137,8 +138,8 @@ def create_app(
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
-    for router in (console_auth, console_overview, console_queues, console_admin,
-                   console_workers, console_tokens):
+    for router in (console_auth, console_overview, console_queues, console_systems,
+                   console_admin, console_workers, console_tokens):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     app.add_route("/docs", _swagger_ui, include_in_schema=False)

@@ -104,8 +104,9 @@ def secrets_new_key() -> None:
 @secrets_app.command("rotate-key")
 def secrets_rotate_key() -> None:
     """Re-encrypt every stored secret from PIPELINE_CONSOLE_SECRET_KEY to
-    PIPELINE_CONSOLE_NEW_SECRET_KEY, in one transaction. Then give every process the new
-    key as PIPELINE_CONSOLE_SECRET_KEY."""
+    PIPELINE_CONSOLE_NEW_SECRET_KEY, in one transaction. Stop every serve and worker first
+    (a process still on the old key cannot read what is stored after it), then start them
+    with the new key as PIPELINE_CONSOLE_SECRET_KEY: they refuse to start with the old one."""
     from pipeline_console.delivery.vault import KeyProblem, Vault, rotate_key
 
     settings = Settings()
@@ -134,14 +135,20 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
 ) -> None:
-    """Apply pending migrations, then serve the API (and console) over HTTP."""
+    """Apply pending schema migrations, then serve the API (and console) over HTTP. Refuses
+    to start while a system's URL holds credentials (`migrate` moves them) or the secret key
+    cannot read the stored secrets."""
     from pipeline_console.app import create_app
     from pipeline_console.logs import configure_logging
     from pipeline_console.process import settle_long_lived_objects
 
     settings = Settings()
     configure_logging(settings.log_format)
-    migrate()
+    # The schema only: moving credentials out of URLs changes how systems authenticate, so
+    # it is `pipeline-console migrate`'s, run on purpose (and the check below refuses to
+    # start until it has been).
+    _with_database(lambda database: upgrade_to_head(database.engine))
+    typer.echo("database schema is at the newest migration")
     _check_connections(settings)
     application = create_app(settings)
     settle_long_lived_objects()

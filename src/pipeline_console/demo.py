@@ -10,6 +10,16 @@ status query never answers, so its ambiguous outcomes wait for a person. An oper
 a conflict, replays dead letters (one request is refused as a whole, one executes), and takes
 `ledger` through a maintenance window, leaving its circuit half-open.
 
+At the end an admin connects six systems the way real ones are connected (CONNECTED):
+one of each auth type (bearer, basic, header, OAuth2 client credentials), one that signs
+its requests (Standard Webhooks), one sent with PUT to a URL template through a jq body
+template, one with limits shared by every worker. They too use the simulated transport,
+which ignores auth, signing and TLS (nothing leaves this machine): they show the settings,
+the fingerprints of their secrets and the preview of what would be sent (connected after
+the last traffic, they have no deliveries yet). Their secrets are the demo's own
+(DEMO_SECRETS), encrypted with PIPELINE_CONSOLE_SECRET_KEY; without a key (make demo makes
+one) they are left out.
+
 Everything goes through the same service functions as the API and the worker."""
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pipeline_console.delivery.schemas import SystemCreate
 from pipeline_console.delivery.service import Deliverer, deliver_due
 from pipeline_console.delivery.systems import create_system
 from pipeline_console.delivery.transports import Transports
+from pipeline_console.delivery.vault import Vault
 from pipeline_console.delivery.workers import Identity, Liveness, heartbeat
 from pipeline_console.entity_types.service import put_entity_type
 from pipeline_console.errors import Conflict
@@ -47,6 +58,7 @@ DEMO_ACTOR = "demo"
 # the demo's source systems, each with its own ingest token that may post only its messages
 DEMO_SOURCES = ("erp", "crm", "shop")
 OPERATOR = "demo-operator"
+ADMIN = "demo-admin"  # who connects the systems of CONNECTED (as the audit log names it)
 DURATION = timedelta(hours=3)
 DELIVERY_TICK = timedelta(minutes=2)
 
@@ -82,6 +94,46 @@ SYSTEMS: list[dict[str, Any]] = [
      "failure_threshold": 50, "max_attempts": 4, "backoff_base_s": 30,
      "simulation": {"seed": 7, "latency_ms": 120, "status_query": "unavailable",
                     "outcomes": {"success": 0.6, "ambiguous": 0.25, "permanent": 0.15}}},
+]
+
+# Stand-ins for the secrets a real system would be given; encrypted at rest like any other.
+DEMO_SECRETS = {
+    "erp-api": "demo-erp-bearer-token-3f9a",
+    "crm-basic": "demo-crm-password-81c2",
+    "shop-header": "demo-shop-api-key-5d07",
+    "billing-oauth": "demo-billing-client-secret-c4e1",
+    "partner-webhook": "whsec_ZGVtby1zaWduaW5nLXNlY3JldC1vZi10aGUtcGFydG5lcg==",
+}
+_SIMULATED = {"seed": 3, "outcomes": {"success": 1.0}, "latency_ms": 15}
+CONNECTED: list[dict[str, Any]] = [
+    {"name": "erp-api", "transport": "simulated", "entity_types": ["customer"],
+     "method": "PUT", "url": "https://erp.example/api/v2/{entity_type}s/{entity_id}",
+     "auth": {"type": "bearer", "token": DEMO_SECRETS["erp-api"]},
+     "headers": {"X-Tenant": "acme-eu"},
+     "body_template": "{customerNumber: .entity_id, displayName: .payload.name, "
+                      "countryCode: .payload.country, revision: .version}",
+     "simulation": _SIMULATED},
+    {"name": "crm-basic", "transport": "simulated", "entity_types": ["customer"],
+     "url": "https://crm.example/hooks/pipeline",
+     "auth": {"type": "basic", "username": "pipeline",
+              "password": DEMO_SECRETS["crm-basic"]}, "simulation": _SIMULATED},
+    {"name": "shop-header", "transport": "simulated", "entity_types": ["order"],
+     "url": "https://shop.example/integrations/orders",
+     "auth": {"type": "header", "name": "X-Api-Key", "value": DEMO_SECRETS["shop-header"]},
+     "simulation": _SIMULATED},
+    {"name": "billing-oauth", "transport": "simulated", "entity_types": ["order"],
+     "method": "PATCH", "url": "https://billing.example/v1/orders/{entity_id}",
+     "auth": {"type": "oauth2_client_credentials",
+              "token_url": "https://auth.billing.example/oauth2/token",
+              "client_id": "integration-pipeline", "scope": "orders:write",
+              "client_secret": DEMO_SECRETS["billing-oauth"]}, "simulation": _SIMULATED},
+    {"name": "partner-webhook", "transport": "simulated", "entity_types": ["customer", "order"],
+     "url": "https://partner.example/webhooks/pipeline",
+     "signing": {"scheme": "standard-webhooks", "secret": DEMO_SECRETS["partner-webhook"]},
+     "simulation": _SIMULATED},
+    {"name": "tax-service", "transport": "simulated", "entity_types": ["order"],
+     "url": "https://tax.example/api/orders", "max_in_flight": 2, "max_per_second": 5,
+     "simulation": _SIMULATED},
 ]
 
 CUSTOMERS = [("C-1001", "Acme GmbH", "DE"), ("C-1002", "Globex Ltd", "GB"),
@@ -204,7 +256,7 @@ async def load_demo(database: Database, *, now: datetime,
     clock = DemoClock(start)
     async with Transports.open() as transports:
         deliverer = Deliverer(database, transports, clock, worker_id="demo-worker",
-                              rng=random.Random(5))
+                              rng=random.Random(5), vault=Vault.from_settings(settings))
         story = Story(database, clock, start, deliverer)
         await _setup(story)
         await _traffic(story)
@@ -344,6 +396,7 @@ async def _operators(story: Story, settings: Settings) -> None:
     for job in ("promote_staging", "stale_partial_sweep"):
         await story.job(job, settings)
     await story.deliver_until(179)
+    await _connect(story, settings)
     await _circuit(story, "ledger", CircuitEvent.RESET,
                    "maintenance over; one trial delivery will tell")
     gone = Identity("worker:edge-2:4242:demo", "edge-2", 4242)
@@ -362,6 +415,39 @@ async def _operators(story: Story, settings: Settings) -> None:
         for item in items if item.count))
     story.say("try: /api/v1/inspect/customer:C-1004 (a conflict), customer:C-1006 (stale), "
               "customer:C-2001 (stuck partial), /api/v1/inspect?correlation_id=evt-5002")
+
+
+async def _connect(story: Story, settings: Settings) -> None:
+    """An admin connects the systems of CONNECTED, after the last traffic: the story's
+    deliveries (and their simulated outcomes, seeded by delivery id) are the same with or
+    without them, and they wait for the next records (the preview shows what they would
+    be sent)."""
+    vault = Vault.from_settings(settings)
+    if vault.key is None:
+        story.say("PIPELINE_CONSOLE_SECRET_KEY is not set: the connected systems (auth, "
+                  "signing, limits) are left out; make demo sets a key")
+        return
+    async with story.database.transaction() as session:
+        for system in CONNECTED:
+            await create_system(session, SystemCreate.model_validate(system), actor=ADMIN,
+                                now=story.clock(), vault=vault)
+    story.say("an admin connects " + ", ".join(
+        f"{system['name']} ({_connection_of(system)})" for system in CONNECTED)
+        + "; all simulated (the simulated transport ignores auth and signing): see what each "
+        "would be sent with the preview at /systems/NAME")
+
+
+def _connection_of(system: dict[str, Any]) -> str:
+    if "signing" in system:
+        return "Standard Webhooks signing"
+    if "max_in_flight" in system:
+        return f"at most {system['max_in_flight']} at once, {system['max_per_second']}/s"
+    words = [system["auth"]["type"]]
+    if system.get("method", "POST") != "POST":
+        words.append(system["method"])
+    if "body_template" in system:
+        words.append("jq body")
+    return ", ".join(words)
 
 
 async def _circuit(story: Story, system: str, event: CircuitEvent, reason: str) -> None:

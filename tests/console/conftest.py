@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, make_token
+from tests.conftest import IN_CI, TEST_SECRET_KEY, make_token
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,12 +38,14 @@ def _free_port() -> int:
 
 @pytest.fixture
 def console_url(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A real server process on the test's database."""
+    """A real server process on the test's database, with the tests' secret key (it refuses
+    to start while the database holds secrets its key cannot read: the demo's systems')."""
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline_console.cli", "serve", "--port", str(port)],
         env={**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url,
+             "PIPELINE_CONSOLE_SECRET_KEY": TEST_SECRET_KEY,
              "PIPELINE_CONSOLE_CONSOLE_REFRESH_S": "2"},
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

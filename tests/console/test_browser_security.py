@@ -78,7 +78,8 @@ async def test_a_page_on_another_port_cannot_frame_the_signed_in_console(
 
 
 NAV_EXTRA = ["/login", "/records/customer:C-1004", "/anomalies/1", "/circuits/crm-sync/reset",
-             "/deliveries/1", "/events?correlation_id=evt-5002", "/records/customer:NOPE"]
+             "/deliveries/1", "/events?correlation_id=evt-5002", "/records/customer:NOPE",
+             "/systems/partner-webhook", "/systems/erp-api/preview?key=customer:C-1001"]
 
 
 async def test_no_console_page_breaks_the_content_security_policy(page, demo):

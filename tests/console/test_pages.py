@@ -16,6 +16,8 @@ PAGES = ["/", "/fragments/attention", "/search?q=evt-5002", "/records/customer:C
          "/anomalies", "/anomalies?status=all", "/anomalies/1", "/dlq", "/dlq?status=all",
          "/replays", "/replays/1", "/replays/2", "/ambiguous", "/circuits",
          "/circuits/ledger/open", "/circuits/crm-sync/reset", "/systems", "/systems/ledger",
+         "/systems/erp-api", "/systems/billing-oauth", "/systems/partner-webhook",
+         "/systems/erp-api/edit", "/systems/new",
          "/deliveries?status=held", "/staging", "/staging?status=all", "/jobs", "/audit",
          "/reports", "/reports?name=delivery", "/reports?name=anomalies",
          "/reports?name=replays"]

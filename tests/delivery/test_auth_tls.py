@@ -366,7 +366,7 @@ async def test_token_endpoint_refusing_the_client_is_permanent(client, auth_serv
                                                             "token_endpoint_refused")
     assert attempt["error"] == "token endpoint answered 401: invalid_client"
     [dead] = (await client.get("/api/v1/dlq")).json()["items"]
-    assert dead["reason"] == ("permanent: token_endpoint_refused: token endpoint answered "
+    assert dead["reason"] == ("permanent (token_endpoint_refused): token endpoint answered "
                               "401: invalid_client")
     assert server.seen == []
     await shows_no_secret(client, "the wrong one")
@@ -464,7 +464,7 @@ async def test_https_with_a_private_ca_and_a_client_certificate(client, https_si
     reasons = {d["system"]: d["reason"] for d in (await client.get("/api/v1/dlq")).json()[
         "items"]}
     assert set(reasons) == {"no-client-cert", "no-ca"}
-    assert all(reason.startswith("permanent: tls_certificate: TLS:")
+    assert all(reason.startswith("permanent (tls_certificate): TLS:")
                for reason in reasons.values())
     await shows_no_secret(client, pki.client_key.splitlines()[1])
 

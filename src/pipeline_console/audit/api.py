@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline_console.api.dependencies import DatabaseDep, IdPage
 from pipeline_console.api.problems import problem_responses
@@ -16,6 +16,7 @@ from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.errors import FieldError, InvalidInput
 from pipeline_console.models import AuditEvent
 from pipeline_console.pagination import fetch_page
+from pipeline_console.redaction import redact
 
 router = APIRouter(tags=["audit"])
 
@@ -30,9 +31,16 @@ class AuditEventRead(BaseModel):
     subject_type: str
     subject_id: str
     idempotency_key: str | None
-    details: dict[str, Any]
+    details: dict[str, Any] = Field(description="any URL's user:password@ (from before "
+                                    "systems had an auth) is shown as ***@; row_hash is "
+                                    "over the details as stored")
     prev_hash: str
     row_hash: str
+
+    @field_validator("details")
+    @classmethod
+    def without_credentials(cls, details: dict[str, Any]) -> dict[str, Any]:
+        return redact(details)
 
 
 class AuditPage(BaseModel):

@@ -1,4 +1,4 @@
-"""Console pages around the queues: systems, deliveries, staging, reports, jobs, the audit
+"""Console pages around the queues: deliveries, staging, reports, jobs, the audit
 log. Reads call the same services (or the same page helper) as the API; "run now" runs a job
 through run_job, like the API, the CLI and the worker."""
 
@@ -16,7 +16,6 @@ from pipeline_console.api.dependencies import (
     ActorDep,
     DatabaseDep,
     IdPage,
-    KeyPage,
     NowDep,
     SettingsDep,
 )
@@ -26,45 +25,19 @@ from pipeline_console.console.forms import listed
 from pipeline_console.console.templating import done, error_page, page
 from pipeline_console.dashboard.service import BACKLOG
 from pipeline_console.delivery.api import DelivererDep
-from pipeline_console.delivery.systems import get_system, list_systems
 from pipeline_console.errors import DomainError
 from pipeline_console.ingestion.schemas import UtcDatetime
 from pipeline_console.jobs.registry import JOBS, run_job
-from pipeline_console.models import AuditEvent, Circuit, Delivery, JobRun
+from pipeline_console.models import AuditEvent, Delivery, JobRun
 from pipeline_console.pagination import encode_cursor, fetch_page
 from pipeline_console.records.service import list_staging
+from pipeline_console.redaction import shown
 from pipeline_console.reports.api import report_range
-from pipeline_console.reports.service import REPORTS, delivery_report
+from pipeline_console.reports.service import REPORTS
 
 router = APIRouter(include_in_schema=False)
 Text = Annotated[str | None, Query(max_length=200)]
 Filter = Annotated[str, Query(max_length=200)]
-
-
-@router.get("/systems", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
-async def systems(request: Request, database: DatabaseDep, page_request: KeyPage) -> Response:
-    async with database.read() as session:
-        found = await list_systems(session, page_request)
-        circuits = {c.system: c for c in (await session.execute(select(Circuit))).scalars()}
-    return page(request, "systems.html", title="Systems", nav="/systems", systems=found.items,
-                next_cursor=found.next_cursor, circuits=circuits)
-
-
-@router.get("/systems/{name}", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
-async def system(request: Request, name: str, database: DatabaseDep, now: NowDep) -> Response:
-    try:
-        async with database.read() as session:
-            found = await get_system(session, name)
-            circuit = await session.get(Circuit, name)
-            health = await delivery_report(session, now - timedelta(hours=24), now)
-            recent = list((await session.execute(
-                select(Delivery).where(Delivery.system == name)
-                .order_by(Delivery.id.desc()).limit(20))).scalars())
-    except DomainError as error:
-        return error_page(request, error)
-    row = next((row for row in health.rows if row["system"] == name), None)
-    return page(request, "system.html", title=name, nav="/systems", system=found,
-                circuit=circuit, health=row, recent=recent)
 
 
 @router.get("/deliveries", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
@@ -158,6 +131,7 @@ async def audit(request: Request, database: DatabaseDep, page_request: IdPage,
     older = (encode_cursor(events[page_request.limit - 1].id)
              if len(events) > page_request.limit else None)
     return page(request, "audit.html", title="Audit log", nav="/audit",
-                events=events[:page_request.limit], older=older, action=action or "",
+                events=[shown(event, "details") for event in events[:page_request.limit]],
+                older=older, action=action or "",
                 actor=actor or "", subject=subject or "")
 

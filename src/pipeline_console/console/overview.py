@@ -20,6 +20,7 @@ from pipeline_console.errors import DomainError, FieldError, InvalidInput, NotFo
 from pipeline_console.inspector.service import find_records, inspect_event, inspect_record
 from pipeline_console.models import Delivery, DeliveryAttempt, ReplayExecution
 from pipeline_console.pagination import MAX_ID
+from pipeline_console.redaction import shown
 
 router = APIRouter(include_in_schema=False)
 
@@ -135,7 +136,8 @@ async def delivery(request: Request, delivery_id: int, database: DatabaseDep) ->
             select(ReplayExecution).where(ReplayExecution.delivery_id == delivery_id)
         )).scalars()}
     return page(request, "delivery.html", title=f"Delivery {delivery_id}", delivery=found,
-                attempts=tries, executions=executions)
+                attempts=[shown(attempt, "request") for attempt in tries],
+                executions=executions)
 
 
 def _quote(key: str) -> str:

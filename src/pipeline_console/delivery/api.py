@@ -29,7 +29,9 @@ from pipeline_console.delivery.addresses import refuse_private_urls
 from pipeline_console.delivery.ambiguous import query_ambiguous_status, resolve_ambiguous
 from pipeline_console.delivery.circuits import operator_action
 from pipeline_console.delivery.policy import CircuitEvent
+from pipeline_console.delivery.preview import preview_request
 from pipeline_console.delivery.service import Deliverer, deliver_now
+from pipeline_console.delivery.signing import rotate_signing_secret
 from pipeline_console.delivery.vault import Vault
 from pipeline_console.errors import NotFound
 from pipeline_console.ingestion.schemas import Name, UtcDatetime
@@ -111,6 +113,29 @@ async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.Sy
         system = await systems.update_system(session, name, body, actor=actor.label, now=now,
                                              vault=vault)
         return await systems.read_view(session, system)
+
+
+@router.post("/systems/{name}/signing/rotate", dependencies=[ADMIN],
+             response_model=schemas.SigningSecretRead,
+             responses=problem_responses(404, 422),
+             summary="A new signing secret (shown once); the old one signs too during the "
+                     "overlap")
+async def rotate_signing(database: DatabaseDep, name: SystemName, body: schemas.SigningRotate,
+                         now: NowDep, actor: ActorDep, vault: VaultDep) -> Any:
+    async with database.transaction() as session:
+        secret = await rotate_signing_secret(session, vault, name, overlap_s=body.overlap_s,
+                                             actor=actor.label, now=now)
+    return {"secret": secret}
+
+
+@router.post("/systems/{name}/preview", dependencies=[OPERATOR],
+             response_model=schemas.PreviewRead, responses=problem_responses(404, 422),
+             summary="The request a record's production version would be sent as now "
+                     "(secrets as ***)")
+async def preview(database: DatabaseDep, name: SystemName, body: schemas.PreviewCreate,
+                  now: NowDep, vault: VaultDep) -> Any:
+    async with database.read() as session:
+        return await preview_request(session, vault, name, body.key, now)
 
 
 @router.get("/deliveries", dependencies=[VIEWER], response_model=schemas.DeliveryPage,

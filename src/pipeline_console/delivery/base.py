@@ -91,6 +91,9 @@ class Deliverer:
     liveness: Liveness | None = None
     stalls: StallWatch | None = None
     vault: Vault | None = None  # reads the systems' secrets (None: this process has no key)
+    # The machine's clock in Unix seconds, for what a receiver compares with its own clock
+    # (the webhook-timestamp of a signed request), whatever `clock` says.
+    unix_time: Callable[[], float] = time.time
 
 
 class Outcome(StrEnum):
@@ -164,8 +167,13 @@ class Sent:
     result: SendResult
     classification: Classification
     rule: str
+    request: DeliveryRequest | None = None  # as sent (signed), when it differs from prepared's
 
     @property
     def delivery_id(self) -> int:
         return self.prepared.request.delivery_id
+
+    def summary(self) -> dict[str, Any]:
+        """The request as the attempt row keeps it."""
+        return (self.request or self.prepared.request).summary(self.prepared.config)
 

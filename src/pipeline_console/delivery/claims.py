@@ -12,13 +12,19 @@ worker's heartbeat stopped — and makes it ambiguous with the classification wo
 it may have been sent, so it is never simply sent again, and it says nothing about the
 downstream system, so it never moves a circuit.
 
-Lock order: circuits (by name), then deliveries (by id). Ambiguous outcomes are locked
+Lock order: circuits (by name), then deliveries (by id), then downstream systems (by name:
+the limited ones, in the claim; a throttled one, when its answer is recorded). A claim's
+deliveries are taken with SKIP LOCKED, so it never waits for them; it waits for the limited
+systems' rows, which is what makes the limits hold across workers (limits.py). A claim
+that supersedes a delivery locks its circuit last (a deadlock with a recording is then a
+retried transaction). Ambiguous outcomes are locked
 before their deliveries here, as an operator's resolution does; recording a late answer
 locks them after (a deadlock between the two is a retried transaction, not a wrong state)."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,9 +42,18 @@ from pipeline_console.delivery.base import (
     system_config,
 )
 from pipeline_console.delivery.circuits import free_trial, lock_circuit
+from pipeline_console.delivery.limits import (
+    LIMIT_COLUMNS,
+    Allowance,
+    ClaimNotes,
+    Limits,
+    allowances,
+    note_held_back,
+    spend,
+)
 from pipeline_console.delivery.policy import Classification, SendResult, Step
 from pipeline_console.delivery.recording import apply_step
-from pipeline_console.delivery.transports import build_request, total_deadline_s
+from pipeline_console.delivery.transports import request_summary, total_deadline_s
 from pipeline_console.errors import Conflict, NotFound
 from pipeline_console.metrics import count_delivery_attempt
 from pipeline_console.models import (
@@ -76,39 +91,53 @@ async def claim_due_in(session: AsyncSession, deliverer: Deliverer, limit: int) 
 async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int, *,
                          concurrency: int | None = None,
                          budgets: Mapping[str, int] | None = None,
-                         waiting: int = 0) -> list[Row]:
+                         waiting: int = 0, notes: ClaimNotes | None = None) -> list[Row]:
     """Claim up to `limit` due deliveries in the caller's transaction; returns the claimed
     rows as they are now (every column: what a send needs, so that it need not read them
     again). Deliveries of a system whose circuit is open are held instead; a half-open
-    circuit lets exactly one trial through.
+    circuit lets exactly one trial through. A throttled system's deliveries are left
+    alone, and a system with limits gets no more than they allow (limits.py).
 
     `concurrency`: the claims are sent that many at a time, behind `waiting` claims the
     worker already holds, so each lease lasts as many whole exchanges as there are waves
     (all at once if None). `budgets`: at most that many claims of the named systems (0:
-    none) — the worker's per-system share of its slots."""
+    none) — the worker's per-system share of its slots. `notes`: filled with what the
+    limits held back, and when to look again (limits.ClaimNotes)."""
     now = deliverer.clock()
-    circuits = await _circuits_for_claim(session)
+    notes = notes if notes is not None else ClaimNotes()
+    circuits, limits = await _circuits_for_claim(session)
+    budgets = dict(budgets or {})
+    for name, limit_of in limits.items():
+        if limit_of.throttled(now):
+            assert limit_of.throttled_until is not None
+            notes.throttled[name] = limit_of.throttled_until
+            notes.retry_in((limit_of.throttled_until - now).total_seconds())
+            budgets[name] = 0
+    limited = sorted(name for name, limit_of in limits.items()
+                     if limit_of.limited and budgets.get(name, 1) > 0)
     # Due rows in next_attempt_at order: the (status, next_attempt_at) index gives the order
     # and the scan stops after the window (ordering by id as well made both databases read
     # and sort the whole queue on every claim). The window is wider than `limit` because
-    # rows waiting behind an older send of the same record are left out below.
-    query = (select(_deliveries.c.id, _deliveries.c.system, _deliveries.c.idempotency_key)
-             .where(_deliveries.c.status == "pending", _deliveries.c.next_attempt_at <= now)
-             .order_by(_deliveries.c.next_attempt_at).limit(2 * limit + 10))
-    full = sorted(name for name, budget in (budgets or {}).items() if budget <= 0)
-    if full:
-        query = query.where(_deliveries.c.system.not_in(full))
-    if not deliverer.database.is_sqlite:
-        query = query.with_for_update(skip_locked=True)
-    candidates = (await session.execute(query)).all()
-    if not candidates:
-        return []
+    # rows waiting behind an older send of the same record are left out below. Limited
+    # systems are looked for apart (below), so that their backlog cannot fill the window.
+    skipped = sorted({name for name, budget in budgets.items() if budget <= 0} | set(limited))
+    candidates = await _due(session, deliverer, now, 2 * limit + 10, skipped=skipped)
+    allowed = await allowances(session, limited, now, at_most={
+        name: min(limit, budgets.get(name, limit)) for name in limited})
+    for name, allowance in allowed.items():
+        budgets[name] = allowance.count
+        if allowance.count > 0:
+            candidates += await _due(session, deliverer, now, 2 * allowance.count + 10,
+                                     system=name)
+    if limited:
+        candidates.sort(key=lambda row: (row.next_attempt_at, row.id))
     if not deliverer.database.is_sqlite:  # the lock first, then the check it protects
         candidates = await _lock_records(session, candidates)
-        if not candidates:
-            return []
+    if not candidates:
+        _note_limits(notes, allowed, {}, limit)
+        return []
     sending = await _records_being_sent(session, {row.idempotency_key for row in candidates})
-    left = dict(budgets or {})
+    left = dict(budgets)
     rows = []
     for row in candidates:
         if len(rows) == limit:
@@ -148,21 +177,56 @@ async def claim_due_rows(session: AsyncSession, deliverer: Deliverer, limit: int
     if held:
         await session.execute(update(_deliveries).where(_deliveries.c.id.in_(held))
                               .values(status="held", updated_at=now))
+    if allowed:
+        per_system = Counter(system for _, system in claimed)
+        for name, allowance in allowed.items():
+            await spend(session, allowance, per_system[name], now)
+        _note_limits(notes, allowed, per_system, limit)
     return [returned[delivery_id] for delivery_id, _ in claimed]
 
 
-async def _circuits_for_claim(session: AsyncSession) -> dict[str, Any]:
+def _note_limits(notes: ClaimNotes, allowed: Mapping[str, Allowance],
+                 claimed: Mapping[str, int], limit: int) -> None:
+    for name, allowance in allowed.items():
+        note_held_back(notes, allowance, claimed.get(name, 0), limit)
+
+
+async def _due(session: AsyncSession, deliverer: Deliverer, now: datetime, window: int, *,
+               skipped: Sequence[str] = (), system: str | None = None) -> list[Any]:
+    """Due pending deliveries in next_attempt_at order, locked (SKIP LOCKED: never waits
+    for another claim) on PostgreSQL: of one system, or of all but the `skipped`."""
+    query = (select(_deliveries.c.id, _deliveries.c.system, _deliveries.c.idempotency_key,
+                    _deliveries.c.next_attempt_at)
+             .where(_deliveries.c.status == "pending", _deliveries.c.next_attempt_at <= now)
+             .order_by(_deliveries.c.next_attempt_at).limit(window))
+    if system is not None:
+        query = query.where(_deliveries.c.system == system)
+    elif skipped:
+        query = query.where(_deliveries.c.system.not_in(skipped))
+    if not deliverer.database.is_sqlite:
+        query = query.with_for_update(skip_locked=True)
+    return list((await session.execute(query)).all())
+
+
+async def _circuits_for_claim(session: AsyncSession) -> tuple[dict[str, Any],
+                                                              dict[str, Limits]]:
     """Every circuit's state, read; the open and half-open ones locked (by name), as ORM
     objects that the claim may change. A closed circuit is only read: claiming under it
     changes nothing in it, and workers claiming at once need not queue on its row (a claim
     that commits just before an operator opens the circuit is sent, like any send already
     under way). Holding deliveries and picking the one trial of a half-open circuit must
-    not race, hence the lock."""
-    circuits: dict[str, Any] = {row.system: row for row in (await session.execute(
-        select(_circuits.c.system, _circuits.c.state))).all()}
+    not race, hence the lock. With them, in the same query, the systems' limits and
+    throttles (only those that have any)."""
+    rows = (await session.execute(
+        select(_circuits.c.system, _circuits.c.state, *LIMIT_COLUMNS)
+        .join(_systems, _systems.c.name == _circuits.c.system))).all()
+    circuits: dict[str, Any] = {row.system: row for row in rows}
+    limits = {row.system: Limits.of(row) for row in rows
+              if row.max_in_flight is not None or row.max_per_second is not None
+              or row.throttled_until is not None}
     for name in sorted(name for name, circuit in circuits.items() if circuit.state != "closed"):
         circuits[name] = await lock_circuit(session, name)
-    return circuits
+    return circuits, limits
 
 
 async def _records_being_sent(session: AsyncSession, keys: set[str]) -> set[tuple[str, str]]:
@@ -239,14 +303,37 @@ async def claim_in(session: AsyncSession, deliverer: Deliverer, delivery_id: int
     if in_flight is not None:
         raise Conflict(f"delivery {in_flight} of the same record to {system} is being "
                        "sent; try again when it has an outcome")
-    timeout = await session.scalar(
-        select(DownstreamSystem.timeout_s).where(DownstreamSystem.name == system))
+    timeout = await _check_limits(session, system, now)
     delivery.status = "in_flight"
     delivery.claimed_by = deliverer.worker_id
     delivery.claim_trigger = trigger
     delivery.lease_expires_at = lease_until(now, timeout, deliverer.lease_margin_s)
     delivery.updated_at = now
     await session.flush()
+
+
+async def _check_limits(session: AsyncSession, system: str, now: datetime) -> float:
+    """An operator's claim keeps the system's limits too (and returns its timeout): a
+    throttled system is sent nothing before its time (it said when; it would only answer
+    429 again), and max_in_flight is a promise to the system (its own connection slots, a
+    licence), which one more send would break: both refuse, saying why. max_per_second
+    takes a token, even one the bucket does not have: a person's one send is not refused
+    because the workers emptied the bucket a moment ago, and the workers' next claims
+    repay the debt (limits.spend), so the rate holds over time."""
+    row = (await session.execute(select(_systems.c.timeout_s, *LIMIT_COLUMNS)
+                                 .where(_systems.c.name == system))).one()
+    limit = Limits.of(row)
+    if limit.throttled(now):
+        assert limit.throttled_until is not None
+        raise Conflict(f"{system} asked us to wait (429 or 503 with Retry-After): nothing is "
+                       f"sent to it before {limit.throttled_until.isoformat()}")
+    if limit.limited:
+        [allowance] = (await allowances(session, [system], now, at_most={system: 1})).values()
+        if allowance.room is not None and allowance.room <= 0:
+            raise Conflict(f"{system} has {row.max_in_flight} sends under way, its "
+                           "max_in_flight; try again when one has an outcome")
+        await spend(session, allowance, 1, now)
+    return row.timeout_s
 
 
 async def lock_delivery(session: AsyncSession, delivery_id: int) -> Delivery:
@@ -428,8 +515,8 @@ async def recover_lost_claims(deliverer: Deliverer, *, lost_after_s: float | Non
                 attempt_number=delivery.attempts + 1,
                 trigger=delivery.claim_trigger or "scheduled", actor=worker,
                 started_at=delivery.updated_at,
-                request=build_request(delivery, delivery.attempts + 1).summary(
-                    system_config(systems[delivery.system])),
+                request=request_summary(delivery, delivery.attempts + 1,
+                                        system_config(systems[delivery.system])),
                 classification=Classification.WORKER_LOST.value,
                 rule="lease_expired" if lease_over else "worker_lost",
                 error=f"worker {worker} held this claim, but {why} before it recorded an "

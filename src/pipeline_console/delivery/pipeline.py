@@ -17,6 +17,12 @@ slow or backlogged system cannot take every slot. A system that becomes active w
 another, alone until then, holds every slot waits for one of those sends to end. With a
 concurrency of 1 there is nothing to share.
 
+Limits (limits.py): the claims never exceed a system's max_in_flight or max_per_second, and
+the claim says when a system it held back may have room again, so the next claim comes
+then (not a whole poll interval later, and not at once either). A system that throttled us
+(429 or 503 with Retry-After, seen in our own answers or in a claim) gets no sends until
+then: the claims of it that wait here are released unsent. Throttling is back-pressure,
+not failure: it does not count toward the failures that stop a system's claims here.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pipeline_console.db import unavailability
 from pipeline_console.delivery.base import Deliverer, DeliveryResult, Prepared, Sent
 from pipeline_console.delivery.claims import claim_due_rows, may_send, release_unsent
-from pipeline_console.delivery.policy import CircuitEvent, breaker_event
+from pipeline_console.delivery.limits import ClaimNotes
+from pipeline_console.delivery.policy import CircuitEvent, breaker_event, throttle_s
 from pipeline_console.delivery.recording import record_sent
 from pipeline_console.delivery.service import prepare_batch, send
 
@@ -43,6 +50,7 @@ MAX_BACKOFF_S = 10.0
 ACTIVE_S = 60.0  # a system claimed this recently still counts as one sharing the slots
 RECORD_TRIES = 30  # an outcome that cannot be recorded this often is left to recovery
 RECORD_WAIT_S = 0.1  # how long a finished send may wait for others to share its record
+MIN_LIMIT_WAIT_S = 0.02  # the soonest a claim follows one that a system's limits cut short
 
 
 def share_of(concurrency: int, systems: int) -> int:
@@ -68,6 +76,8 @@ class Pipeline:
     to_record: list[tuple[Sent, int]] = field(default_factory=list)  # (sent, tries so far)
     to_release: list[Prepared] = field(default_factory=list)
     _claimed_at: dict[str, float] = field(default_factory=dict)  # per system, the last claim
+    _throttled: dict[str, float] = field(default_factory=dict)  # per system, until (loop time)
+    _full: set[str] = field(default_factory=set)  # held back by max_in_flight, last claim
     _last_sent: dict[str, int] = field(default_factory=dict)  # per system, its turn
     _turn: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,6 +143,20 @@ class Pipeline:
         """Whether a system failed as often as its circuit's threshold in this worker."""
         threshold = self.thresholds.get(name)
         return threshold is not None and self.failures.get(name, 0) >= threshold
+
+    def _is_throttled(self, name: str) -> bool:
+        until = self._throttled.get(name)
+        return until is not None and asyncio.get_running_loop().time() < until
+
+    def _throttle(self, name: str, seconds: float) -> None:
+        """No sends to `name` for `seconds`: what waits here for it is released unsent."""
+        until = asyncio.get_running_loop().time() + seconds
+        self._throttled[name] = max(self._throttled.get(name, until), until)
+        waiting = self.queued.get(name)
+        if waiting:
+            self.to_release.extend(waiting)
+            waiting.clear()
+            self._wake.set()
 
     def _alive(self) -> bool:
         """Whether this worker's heartbeat holds (claims made now could be sent)."""
@@ -202,8 +226,8 @@ class Pipeline:
         share = self._share()
         names = set(self.queued) | set(self.in_flight) | set(self.failures)
         budgets = {}
-        for name in names:
-            if self._failing(name):
+        for name in names | set(self._throttled):
+            if self._failing(name) or self._is_throttled(name):
                 budgets[name] = 0  # failing: no more claims until the circuit has its say
             else:
                 budgets[name] = (share + -(-2 * self.batch_size * share // self.concurrency)
@@ -232,8 +256,8 @@ class Pipeline:
                                              self._last_sent.get(n, -1)))
             self._last_sent[name], self._turn = self._turn, self._turn + 1
             item = self.queued[name].popleft()
-            if self.failures.get(name, 0) >= item.threshold or not may_send(self.deliverer,
-                                                                            item):
+            if self.failures.get(name, 0) >= item.threshold or self._is_throttled(name) or (
+                    not may_send(self.deliverer, item)):
                 self.to_release.append(item)  # never sent: back to pending
                 continue
             self.in_flight[name] = self.in_flight.get(name, 0) + 1
@@ -246,12 +270,15 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         limit, budgets = self._room(), self._budgets()
         waiting = self._total(self.queued) + self._total(self.in_flight)
+        notes = ClaimNotes()
 
         async def claim(session: AsyncSession):
             # each lease covers the waves it may wait in this worker's queue
+            nonlocal notes
+            notes = ClaimNotes()  # a transaction tried again starts afresh
             return await claim_due_rows(session, self.deliverer, limit, budgets=budgets,
                                         concurrency=self._share(),
-                                        waiting=waiting)
+                                        waiting=waiting, notes=notes)
 
         try:
             ids, prepared = await prepare_batch(self.deliverer, claim=claim)
@@ -267,6 +294,10 @@ class Pipeline:
         finally:
             self._claiming = False
         self._claim_backoff = 0.0
+        wall = self.deliverer.clock()
+        for name, until in notes.throttled.items():  # perhaps another worker's answer
+            self._throttle(name, (until - wall).total_seconds())
+        self._full = notes.full
         for delivery_id in ids:
             item = prepared[delivery_id]
             if isinstance(item, Prepared):
@@ -275,7 +306,11 @@ class Pipeline:
                 self.queued.setdefault(item.config.name, deque()).append(item)
             elif self.on_result is not None:
                 self.on_result(DeliveryResult(delivery_id, item))
-        if not ids:  # nothing due: look again after the poll interval
+        if notes.retry_in_s is not None and len(ids) < limit:
+            # a system's limits left work behind: look again when it may have room
+            self._next_claim = loop.time() + min(self.poll_interval_s,
+                                                 max(notes.retry_in_s, MIN_LIMIT_WAIT_S))
+        elif not ids:  # nothing due: look again after the poll interval
             self._next_claim = loop.time() + self.poll_interval_s
 
     async def _send(self, item: Prepared) -> None:
@@ -291,8 +326,14 @@ class Pipeline:
             return
         finally:
             self.in_flight[name] -= 1
-        failing = breaker_event(sent.classification) is CircuitEvent.FAILURE
-        self.failures[name] = self.failures.get(name, 0) + 1 if failing else 0
+        event = breaker_event(sent.classification, sent.rule)
+        if event is CircuitEvent.FAILURE:
+            self.failures[name] = self.failures.get(name, 0) + 1
+        elif event is CircuitEvent.HEALTHY:
+            self.failures[name] = 0
+        throttle = throttle_s(sent.result, sent.rule)
+        if throttle is not None:
+            self._throttle(name, throttle)
         if not self.to_record:
             self._first_finished = asyncio.get_running_loop().time()
         self.to_record.append((sent, 0))
@@ -320,7 +361,10 @@ class Pipeline:
                           "recovered as worker_lost", sent.delivery_id, exc_info=result)
             if self.on_result is not None:
                 self.on_result(result)
-        for name in {sent.prepared.config.name for sent, _ in batch}:
+        recorded = {sent.prepared.config.name for sent, _ in batch}
+        if recorded & self._full:  # a slot of a system at its max_in_flight was freed
+            self._next_claim = min(self._next_claim, loop.time())
+        for name in recorded:
             if self._failing(name):
                 # recorded: the circuit has counted them; its state now decides the claims
                 self.failures[name] = 0

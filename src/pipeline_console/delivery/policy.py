@@ -33,6 +33,9 @@ class Failure(StrEnum):
     # as invalid_client, which no retry mends). The delivery itself never left.
     TOKEN_UNAVAILABLE = "token_unavailable"
     TOKEN_REFUSED = "token_refused"
+    # the request could not be made of this record (its body_template failed): nothing was
+    # sent, and trying again would fail the same way
+    UNSENDABLE = "unsendable"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,14 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # 520-599 included) are the server's trouble and are retried.
 PERMANENT_5XX = frozenset({501, 505})
 MAX_RETRY_AFTER_S = 86_400.0
+UNSENDABLE_RULE = "unsendable"
+# A 429 or 503 that says when to come back (Retry-After) throttles the whole system: it is
+# the system's back-pressure, not its failure. The pause of the whole system is capped (a
+# stray "Retry-After: 86400" must not stop every delivery for a day unseen); the delivery
+# that got the answer still waits its own Retry-After (backoff_s, up to a day).
+THROTTLE_STATUSES = frozenset({429, 503})
+MAX_THROTTLE_S = 900.0
+THROTTLED_RULE_PREFIX = "throttled:"
 
 
 def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Classification, str]:
@@ -58,6 +69,8 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
     `overrides` are the system's own rules, checked first:
     [{"status": 409, "classification": "success"}, …].
     """
+    if result.failure is Failure.UNSENDABLE:
+        return Classification.PERMANENT, UNSENDABLE_RULE
     if result.failure is Failure.NOT_SENT:
         return Classification.TRANSIENT, "not_sent"
     if result.failure is Failure.CERTIFICATE:
@@ -73,6 +86,8 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
             return Classification(override["classification"]), f"override:{result.status}"
     if 200 <= result.status < 300:
         return Classification.SUCCESS, "2xx"
+    if result.status in THROTTLE_STATUSES and result.retry_after_s is not None:
+        return Classification.TRANSIENT, f"{THROTTLED_RULE_PREFIX}{result.status}"
     if result.status in TRANSIENT_STATUSES:
         return Classification.TRANSIENT, f"transient:{result.status}"
     if 500 <= result.status < 600 and result.status not in PERMANENT_5XX:
@@ -80,6 +95,38 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
     if 400 <= result.status < 500:
         return Classification.PERMANENT, "4xx"
     return Classification.PERMANENT, f"other:{result.status}"
+
+
+def is_throttle(rule: str | None) -> bool:
+    """Whether an attempt's rule says the system throttled us (a 429 or 503 with
+    Retry-After, not overridden by the system's own rules)."""
+    return rule is not None and rule.startswith(THROTTLED_RULE_PREFIX)
+
+
+def throttle_s(result: SendResult, rule: str | None) -> float | None:
+    """For how long a throttling answer pauses the whole system (None: it does not)."""
+    if not is_throttle(rule) or result.retry_after_s is None:
+        return None
+    return min(max(result.retry_after_s, 0.0), MAX_THROTTLE_S)
+
+
+# max_per_second's token bucket holds at most this many seconds' worth of sends (at least
+# one): enough that a claim a little late loses nothing and one claim carries a batch, and
+# little enough that a system counting per second sees at most a fifth more in one second.
+RATE_BURST_S = 0.2
+
+
+def rate_burst(per_second: float) -> float:
+    return max(1.0, per_second * RATE_BURST_S)
+
+
+def refill(tokens: float | None, elapsed_s: float, per_second: float) -> float:
+    """max_per_second's bucket after `elapsed_s` (a bucket never used starts full; time
+    that seems to run backwards, another machine's clock, adds nothing)."""
+    burst = rate_burst(per_second)
+    if tokens is None:
+        return burst
+    return min(burst, tokens + max(elapsed_s, 0.0) * per_second)
 
 
 def backoff_s(
@@ -102,12 +149,21 @@ class Step(StrEnum):
     AMBIGUOUS = "ambiguous"
 
 
-def next_step(classification: Classification, attempts_made: int, max_attempts: int) -> Step:
+def next_step(classification: Classification, attempts_made: int, max_attempts: int,
+              rule: str | None = None) -> Step:
+    """`attempts_made`: the tries that count toward max_attempts. A throttled try never
+    exhausts a delivery: the system asked us to wait and we did; nothing failed. (Its
+    tries are bounded all the same: a throttled system is paused as a whole, so it gets at
+    most a claim's worth of requests per pause.)"""
     if classification is Classification.SUCCESS:
         return Step.DELIVERED
     if classification in (Classification.AMBIGUOUS, Classification.WORKER_LOST):
         return Step.AMBIGUOUS
-    if classification is Classification.PERMANENT or attempts_made >= max_attempts:
+    if classification is Classification.PERMANENT:
+        return Step.DEAD_LETTER
+    if is_throttle(rule):
+        return Step.RETRY
+    if attempts_made >= max_attempts:
         return Step.DEAD_LETTER
     return Step.RETRY
 
@@ -136,7 +192,11 @@ class TransitionRefused(ValueError):
     pass
 
 
-def breaker_event(classification: Classification) -> CircuitEvent:
+def breaker_event(classification: Classification, rule: str | None = None) -> CircuitEvent:
+    if rule == UNSENDABLE_RULE:
+        return CircuitEvent.NONE  # nothing was sent: the system was not asked anything
+    if is_throttle(rule):
+        return CircuitEvent.NONE  # back-pressure: the system is up and asked us to wait
     if classification in (Classification.TRANSIENT, Classification.AMBIGUOUS):
         return CircuitEvent.FAILURE
     if classification is Classification.WORKER_LOST:

@@ -5,7 +5,11 @@ later, dead letter, ambiguous), the circuits' transitions and the audit.
 An answer for a claim its worker no longer holds (another process recovered it as
 worker_lost meanwhile) is a late answer: its attempt row is written, a success settles the
 open ambiguous outcome as delivered, and nothing else follows from it — a late answer is
-never a reason to send, and never moves a circuit."""
+never a reason to send, and never moves a circuit.
+
+A 429 or 503 with Retry-After throttles its whole system (throttled_until, the later of the
+old and new moment, at most policy.MAX_THROTTLE_S ahead): it is back-pressure, so it moves
+no circuit, and a throttled try does not count toward max_attempts (policy.next_step)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.audit.service import AuditEntry, append_audit
@@ -23,6 +27,7 @@ from pipeline_console.db import allocate_ids, bulk_insert, bulk_update, unavaila
 from pipeline_console.delivery.base import Deliverer, DeliveryResult, Outcome, Sent
 from pipeline_console.delivery.circuits import apply_event, free_trial, lock_circuit
 from pipeline_console.delivery.policy import (
+    THROTTLED_RULE_PREFIX,
     CircuitEvent,
     Classification,
     SendResult,
@@ -30,6 +35,7 @@ from pipeline_console.delivery.policy import (
     backoff_s,
     breaker_event,
     next_step,
+    throttle_s,
 )
 from pipeline_console.errors import NotFound
 from pipeline_console.metrics import count_delivery_attempt
@@ -39,9 +45,11 @@ from pipeline_console.models import (
     DeadLetter,
     Delivery,
     DeliveryAttempt,
+    DownstreamSystem,
 )
 
 _deliveries = Delivery.__table__
+_systems = DownstreamSystem.__table__
 _circuits = Circuit.__table__
 _attempts = DeliveryAttempt.__table__
 log = logging.getLogger("pipeline_console.delivery")
@@ -109,8 +117,8 @@ def _leaves_circuit_alone(circuit: Any, sent: Sequence[Sent]) -> bool:
     meanwhile, recording before that change is an order the serial history allows.)"""
     return (circuit.state == "closed" and circuit.consecutive_failures == 0
             and circuit.trial_delivery_id is None
-            and all(breaker_event(item.classification) is CircuitEvent.HEALTHY
-                    for item in sent))
+            and all(breaker_event(item.classification, item.rule)
+                    in (CircuitEvent.HEALTHY, CircuitEvent.NONE) for item in sent))
 
 
 class _AttemptRef(NamedTuple):
@@ -150,7 +158,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
         "id": attempt_id, "delivery_id": item.delivery_id, "system": item.prepared.config.name,
         "attempt_number": item.prepared.request.attempt_number, "trigger": trigger,
         "actor": actor, "started_at": item.started_at, "latency_ms": item.result.latency_ms,
-        "request": item.prepared.request.summary(item.prepared.config),
+        "request": item.summary(),
         "response_status": item.result.status, "response_body": item.result.body or None,
         "classification": item.classification.value, "rule": item.rule,
         "error": item.result.error,
@@ -163,8 +171,13 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
     def attempts_of(item: Sent) -> int:
         return max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
 
+    throttled_tries = await _throttled_tries(session, [
+        item.delivery_id for item in sent if item.classification is Classification.TRANSIENT
+        and attempts_of(item) >= item.prepared.max_attempts])
+
     def step_of(item: Sent) -> Step:
-        return next_step(item.classification, attempts_of(item), item.prepared.max_attempts)
+        counted = attempts_of(item) - throttled_tries.get(item.delivery_id, 0)
+        return next_step(item.classification, counted, item.prepared.max_attempts, item.rule)
 
     objects = await orm_deliveries(session, [
         item.delivery_id for item in sent if not ours(item.delivery_id)
@@ -222,7 +235,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
             audit.append(await _settle_late(session, late, delivery, item.classification, now))
         elif circuit is not None:
             audit += await apply_event(
-                session, circuit, breaker_event(item.classification),
+                session, circuit, breaker_event(item.classification, item.rule),
                 threshold=item.prepared.threshold, now=now,
                 reason=f"delivery {item.delivery_id}: {attempt.classification} ({item.rule})",
                 actor=actor)
@@ -239,8 +252,42 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
     for rows in plain.values():
         await bulk_update(session, _deliveries, "id", rows)
     await session.flush()
+    await _throttle(session, sent, now)
     await append_audit(session, audit, actor=actor, now=now)
     return recorded
+
+
+async def _throttled_tries(session: AsyncSession, delivery_ids: list[int]) -> dict[int, int]:
+    """How many of these deliveries' tries were throttled (they do not count toward
+    max_attempts: policy.next_step). Asked only of the deliveries whose tries would
+    otherwise be exhausted, so the usual outcome costs nothing."""
+    if not delivery_ids:
+        return {}
+    return dict((await session.execute(
+        select(_attempts.c.delivery_id, func.count())
+        .where(_attempts.c.delivery_id.in_(sorted(set(delivery_ids))),
+               _attempts.c.rule.like(f"{THROTTLED_RULE_PREFIX}%"))
+        .group_by(_attempts.c.delivery_id))).all())
+
+
+async def _throttle(session: AsyncSession, sent: Sequence[Sent], now: datetime) -> None:
+    """A 429 or 503 with Retry-After pauses its whole system until then (throttled_until,
+    which every claim reads): the later of the pause already set and this one, so that an
+    earlier, shorter answer recorded late never shortens it. Last in the transaction's
+    lock order (circuits, deliveries, then systems), and only when a system throttled."""
+    until: dict[str, datetime] = {}
+    for item in sent:
+        seconds = throttle_s(item.result, item.rule)
+        if seconds is not None:
+            name, moment = item.prepared.config.name, now + timedelta(seconds=seconds)
+            until[name] = max(until.get(name, moment), moment)
+    for name, moment in sorted(until.items()):
+        await session.execute(
+            update(_systems).where(_systems.c.name == name, or_(
+                _systems.c.throttled_until.is_(None), _systems.c.throttled_until < moment))
+            .values(throttled_until=moment))
+        log.warning("%s throttled us (429/503 with Retry-After): nothing is sent to it "
+                    "before %s", name, moment.isoformat())
 
 
 async def _late_answer_to(session: AsyncSession, delivery: Delivery, worker_id: str,
@@ -338,8 +385,7 @@ async def apply_step(
         return Outcome.RETRY
     if step is Step.DEAD_LETTER:
         if attempt.classification == Classification.PERMANENT and result.status is None:
-            # refused before any answer (a certificate, the token endpoint)
-            reason = f"permanent: {attempt.rule}: {(result.error or '')[:300]}"
+            reason = f"permanent ({attempt.rule}): {(result.error or '')[:500]}"
         elif attempt.classification == Classification.PERMANENT:
             reason = (f"permanent: HTTP {result.status} ({attempt.rule}): "
                       f"{(result.body or '')[:300]}")

@@ -15,10 +15,12 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
 from pipeline_console.ingestion.schemas import Name
+from pipeline_console.redaction import redact
 
 # What a URL template may hold: a record's values, percent-encoded when a delivery is sent.
 URL_PLACEHOLDERS = ("{entity_type}", "{entity_id}", "{key}", "{version}")
@@ -294,7 +296,9 @@ class SystemRead(BaseModel):
     signing: dict[str, Any] | None = Field(
         description='{"scheme", "secret": {"secret_set", "fingerprint"}, "previous": '
         '{"secret_set", "fingerprint", "expires_at"} | null}')
-    tls: dict[str, Any] | None
+    tls: dict[str, Any] | None = Field(
+        description='{"ca_bundle", "client_cert", "client_key": {"secret_set", '
+        '"fingerprint"} | null}')
     body_template: str | None
     max_in_flight: int | None
     max_per_second: float | None
@@ -343,6 +347,12 @@ class AttemptRead(BaseModel):
     classification: ClassificationWord
     rule: str
     error: str | None
+
+    @field_validator("request")
+    @classmethod
+    def without_credentials(cls, request: dict[str, Any]) -> dict[str, Any]:
+        # an attempt from before systems had an auth may hold its URL's user:password@
+        return redact(request)
 
 
 class DeadLetterRead(BaseModel):
@@ -395,6 +405,31 @@ class CircuitAction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: Reason
+
+
+class SigningRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_s: int = Field(default=86_400, ge=0, le=30 * 86_400, description=(
+        "how long the previous secret keeps signing beside the new one (0: not at all)"))
+
+
+class SigningSecretRead(BaseModel):
+    secret: str = Field(description="the new whsec_ secret, shown this once")
+
+
+class PreviewCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=321)] = Field(
+        description="a record's idempotency key, e.g. customer:C-100")
+
+
+class PreviewRead(BaseModel):
+    method: str
+    url: str | None
+    headers: dict[str, str] = Field(description="secret values as ***")
+    body: Any
 
 
 class AmbiguousResolve(BaseModel):

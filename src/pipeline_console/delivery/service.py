@@ -54,8 +54,10 @@ from pipeline_console.delivery.policy import (
     CircuitEvent,
     Classification,
     Failure,
+    SendResult,
     breaker_event,
     classify,
+    throttle_s,
 )
 from pipeline_console.delivery.recording import (
     lock_rows,
@@ -63,7 +65,8 @@ from pipeline_console.delivery.recording import (
     record_sent,
     supersede,
 )
-from pipeline_console.delivery.transports import build_request
+from pipeline_console.delivery.signing import sign
+from pipeline_console.delivery.transports import build_request, map_body
 from pipeline_console.delivery.vault import load_secrets
 from pipeline_console.errors import Conflict
 from pipeline_console.models import Delivery, DownstreamSystem
@@ -102,18 +105,20 @@ async def deliver_many(
     `claim`, instead of ids, claims them inside the preparing transaction. `concurrency`:
     at most that many sends at once. A claim is released unsent (back to pending) when its
     turn comes after `stop` is set, after its system failed as often as its circuit's
-    threshold in this call, or when the fence refuses it. An outcome that cannot be
+    threshold in this call or throttled us (429/503 with Retry-After), or when the fence
+    refuses it. An outcome that cannot be
     recorded is returned as its exception: the delivery stays claimed until it is recovered
     as worker_lost."""
     delivery_ids, prepared = await prepare_batch(deliverer, delivery_ids, claim=claim)
     items = [item for item in prepared.values() if isinstance(item, Prepared)]
     slots = asyncio.Semaphore(concurrency or len(items) or 1)
     failures: dict[str, int] = {}  # consecutive failures per system in this call
+    throttled: set[str] = set()  # systems that asked us to wait (429/503, Retry-After)
 
     async def send_in_turn(item: Prepared) -> Sent | None:
         async with slots:
             name = item.config.name
-            if (stop is not None and stop.is_set()) or (
+            if (stop is not None and stop.is_set()) or name in throttled or (
                     concurrency is not None and failures.get(name, 0) >= item.threshold):
                 return None
             if not may_send(deliverer, item):
@@ -121,8 +126,13 @@ async def deliver_many(
                             item.delivery_id)
                 return None
             sent = await send(deliverer, item)
-            failing = breaker_event(sent.classification) is CircuitEvent.FAILURE
-            failures[name] = failures.get(name, 0) + 1 if failing else 0
+            event = breaker_event(sent.classification, sent.rule)
+            if event is CircuitEvent.FAILURE:
+                failures[name] = failures.get(name, 0) + 1
+            elif event is CircuitEvent.HEALTHY:
+                failures[name] = 0
+            if throttle_s(sent.result, sent.rule) is not None:
+                throttled.add(name)
             return sent
 
     answers = await asyncio.gather(*(send_in_turn(item) for item in items),
@@ -170,12 +180,17 @@ async def send(deliverer: Deliverer, item: Prepared) -> Sent:
     classification of its answer. A send that may have arrived but timed out (maybe_sent)
     while this process stalled is worker_lost: the timer ran while we did not read."""
     started, started_at = deliverer.monotonic(), deliverer.clock()
-    result = await deliverer.transports.send(item.config, item.request)
+    request = sign(item.config, map_body(item.request), int(deliverer.unix_time()))
+    if request.unsendable:
+        result = SendResult(failure=Failure.UNSENDABLE, error=request.unsendable)
+    else:
+        result = await deliverer.transports.send(item.config, request)
     classification, rule = classify(result, item.overrides)
     if (result.failure is Failure.MAYBE_SENT and deliverer.stalls is not None
             and deliverer.stalls.overlapped(started, deliverer.monotonic())):
         classification, rule = Classification.WORKER_LOST, "worker_stalled"
-    return Sent(item, started_at, result, classification, rule)
+    return Sent(item, started_at, result, classification, rule,
+                None if request is item.request else request)
 
 
 async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Sequence[int],
@@ -221,7 +236,8 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
             continue
         system = systems[row.system]
         out[row.id] = Prepared(
-            configs[row.system], build_request(row, row.attempts + 1),
+            configs[row.system], build_request(row, row.attempts + 1, configs[row.system],
+                                               map_now=False),
             system.classification_overrides, system.max_attempts, system.failure_threshold,
             (system.backoff_base_s, system.backoff_max_s),
             lease_of(deliverer, row, started, wall))

@@ -98,6 +98,8 @@ async def _connection(session: AsyncSession, vault: Vault, name: str, body: Syst
         else:
             key = None if tls.client_key is None else tls.client_key.get_secret_value()
             if key is None and tls.client_cert and "tls_client_key" in rows:
+                # the kept key is checked against the new certificate: it must be read
+                secrets.require_key(vault, "tls.client_key")
                 key = vault.decrypt(rows["tls_client_key"].ciphertext)
                 keep_key = True
             else:

@@ -7,7 +7,8 @@ What a reader sees instead is `{"secret_set": true, "fingerprint": "…"}`: twel
 digits of an HMAC of the value under a key derived from the secret key, so that two
 settings can be told apart (was it replaced?) without the fingerprint being a hash anyone
 could test guessed passwords against. The fingerprint is computed once, when the secret is
-set, and kept through a rotation of the key.
+set, and kept through a rotation of the key (a value set again after a rotation gets the
+new key's fingerprint: compare fingerprints made under one key).
 
 The key itself: `pipeline-console secrets new-key` prints one; `secrets rotate-key`
 re-encrypts every secret from PIPELINE_CONSOLE_SECRET_KEY to PIPELINE_CONSOLE_NEW_SECRET_KEY

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.errors import NotFound
 from pipeline_console.inspector import timeline
-from pipeline_console.inspector.stored_json import as_stored, decoded
+from pipeline_console.inspector.stored_json import as_redacted, as_stored, decoded
 from pipeline_console.models import (
     AmbiguousOutcome,
     Anomaly,
@@ -78,10 +78,17 @@ class _Section:
     stored: tuple[str, ...] = ()
     # columns neither the API's schema nor the console shows
     unread: tuple[str, ...] = ()
+    # JSON columns whose old rows may hold a URL with user:password@ (redaction.py)
+    redacted: tuple[str, ...] = ()
+
+    def _column(self, column: Any) -> Any:
+        if column.name in self.stored:
+            return as_stored(column, redacted=column.name in self.redacted)
+        return as_redacted(column) if column.name in self.redacted else column
 
     def rows(self) -> Select[Any]:
         """The newest `limit` rows (the caller puts them oldest first)."""
-        columns = [as_stored(column) if column.name in self.stored else column
+        columns = [self._column(column)
                    for column in self.table.c if column.name not in self.unread]
         return (select(*columns).where(self.condition).order_by(self.order.desc())
                 .limit(_LIMIT))
@@ -112,7 +119,7 @@ def _sections() -> dict[str, _Section]:
                                Delivery.idempotency_key == _KEY, unread=("payload",)),
         "delivery_attempts": _Section(DeliveryAttempt.__table__, DeliveryAttempt.id,
                                       DeliveryAttempt.delivery_id.in_(deliveries_of_key),
-                                      stored=("request",)),
+                                      stored=("request",), redacted=("request",)),
         "dlq": _Section(DeadLetter.__table__, DeadLetter.id,
                         DeadLetter.idempotency_key == _KEY),
         "ambiguous": _Section(AmbiguousOutcome.__table__, AmbiguousOutcome.id,
@@ -123,7 +130,7 @@ def _sections() -> dict[str, _Section]:
                                       ReplayExecution.item_id.in_(items_of_key)),
         # details stay decoded: the timeline's sentences read them
         "audit": _Section(AuditEvent.__table__, AuditEvent.id,
-                          AuditEvent.idempotency_key == _KEY),
+                          AuditEvent.idempotency_key == _KEY, redacted=("details",)),
         "replays": _Section(ReplayItem.__table__, ReplayItem.id,
                             ReplayItem.idempotency_key == _KEY),
     }

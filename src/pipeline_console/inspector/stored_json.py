@@ -14,6 +14,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from pipeline_console.db import json_value
+from pipeline_console.redaction import redact_text
 
 
 class StoredJSON:
@@ -45,10 +46,37 @@ class _StoredJSONType(TypeDecorator[Any]):
         return StoredJSON(value)
 
 
-def as_stored(column: Any) -> ColumnElement[Any]:
+class _RedactedStoredJSONType(_StoredJSONType):
+    """The text with the credentials of old URLs hidden (redaction.py: safe on JSON text)."""
+
+    cache_ok = True
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return super().process_result_value(None if value is None else redact_text(value),
+                                            dialect)
+
+
+class _RedactedJSONType(TypeDecorator[Any]):
+    """A JSON column decoded, the credentials of old URLs hidden first."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else json_value(redact_text(value))
+
+
+def as_stored(column: Any, *, redacted: bool = False) -> ColumnElement[Any]:
     """The column read as a StoredJSON (or None). A CAST, because asyncpg decodes a json
     column by itself; on SQLite the CAST of a TEXT column to TEXT changes nothing."""
-    return cast(column, _StoredJSONType()).label(column.name)
+    kind = _RedactedStoredJSONType() if redacted else _StoredJSONType()
+    return cast(column, kind).label(column.name)
+
+
+def as_redacted(column: Any) -> ColumnElement[Any]:
+    """The column decoded, with any URL's user:password@ as ***@ (rows from before systems
+    had an auth: their attempts and audit details cannot change, so readers hide it)."""
+    return cast(column, _RedactedJSONType()).label(column.name)
 
 
 def fragment(value: Any) -> orjson.Fragment:
