@@ -253,6 +253,12 @@ def expected_role(method: str, path: str) -> str:
         return "public"
     if path in ("/api/v1/tokens", "/tokens"):  # who holds which token: admins only
         return "admin"
+    # a system's form holds its secrets' fields: admins, as the API's changes to systems
+    if path in ("/systems/new", "/systems/{name}/edit"):
+        return "admin"
+    # a preview shows a record's payload as it would be sent: operators
+    if path in ("/systems/{name}/preview", "/api/v1/systems/{name}/preview"):
+        return "operator"
     if method == "GET":
         return "operator" if re.fullmatch(r"/circuits/\{system\}/\{action\}", path) else "viewer"
     if path.startswith("/api/v1/messages"):

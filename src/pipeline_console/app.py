@@ -55,7 +55,7 @@ from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.api import router as delivery_router
 from pipeline_console.delivery.service import Deliverer
-from pipeline_console.delivery.startup import check_connections
+from pipeline_console.delivery.startup import StartupRefused, check_connections
 from pipeline_console.delivery.transports import Transports
 from pipeline_console.delivery.vault import Vault
 from pipeline_console.delivery.worker import worker_identity
@@ -95,7 +95,13 @@ def create_app(
         owned = database is None
         app.state.database = database or Database(create_engine(settings))
         await _prepare_auth(app.state.database, settings, clock)
-        await check_connections(app.state.database, app.state.vault)
+        try:
+            await check_connections(app.state.database, app.state.vault)
+        except StartupRefused:
+            raise
+        except Exception as error:  # unreachable or unmigrated: /readyz says so; serve
+            # itself checks before it starts (cli.py)
+            log.warning("the downstream systems' secrets could not be checked: %s", error)
         app.state.group_commit = GroupCommitter(
             app.state.database, max_messages=settings.group_commit_max_messages)
         async with Transports.open() as transports:
