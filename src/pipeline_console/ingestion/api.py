@@ -33,6 +33,7 @@ from pipeline_console.ingestion.intake import (
     decode_json,
     excerpt,
     excerpt_of,
+    message_from_body,
     parse_message,
     refuse_foreign_source,
 )
@@ -183,19 +184,12 @@ async def post_message(request: Request) -> Any:
     item: Any
     if not is_json_media_type(content_type):
         item = _unsupported_media_type(body, content_type, excerpt_bytes)
-    elif too_large:
-        item = _too_large(body, settings.max_message_bytes, excerpt_bytes, "message")
     else:
-        try:
-            candidate = decode_json(body)
-        except BodyError as error:
-            item = RejectedMessage(error.detail, error.errors, excerpt(body, excerpt_bytes))
-        else:
-            raw_body = excerpt(body, excerpt_bytes)
-            item = refuse_foreign_source(parse_message(
-                candidate, raw_body, max_depth=settings.max_payload_depth,
-                max_string_length=settings.max_payload_string_length
-            ), actor.name, actor.sources, raw_body)
+        item = refuse_foreign_source(message_from_body(
+            body, max_bytes=settings.max_message_bytes, excerpt_bytes=excerpt_bytes,
+            max_depth=settings.max_payload_depth,
+            max_string_length=settings.max_payload_string_length, too_large=too_large,
+        ), actor.name, actor.sources, excerpt(body, excerpt_bytes))
     if isinstance(item, IncomingMessage):  # the request's log lines carry the message's key
         structlog.contextvars.bind_contextvars(idempotency_key=item.key,
                                                correlation_id=item.correlation_id)

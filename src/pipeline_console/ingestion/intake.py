@@ -309,6 +309,27 @@ def parse_message(
     )
 
 
+def message_from_body(
+    body: bytes, *, max_bytes: int, excerpt_bytes: int, max_depth: int,
+    max_string_length: int, too_large: bool = False,
+) -> IncomingMessage | RejectedMessage:
+    """One message's bytes (a POST /messages body, a broker message, an NDJSON line) as a
+    message to decide or a rejection to record: the one way every entrypoint reads them.
+    `too_large`: the caller read only the first `max_bytes` + 1 bytes of a longer body."""
+    if too_large or len(body) > max_bytes:
+        return RejectedMessage(
+            detail=f"the message is larger than the limit of {max_bytes} bytes",
+            errors=[FieldError(field="body", message=f"larger than {max_bytes} bytes",
+                               type="too_large")],
+            raw_body=excerpt(body, excerpt_bytes), kind="too_large")
+    try:
+        candidate = decode_json(body)
+    except BodyError as error:
+        return RejectedMessage(error.detail, error.errors, excerpt(body, excerpt_bytes))
+    return parse_message(candidate, excerpt(body, excerpt_bytes), max_depth=max_depth,
+                         max_string_length=max_string_length)
+
+
 def refuse_foreign_source(
     item: IncomingMessage | RejectedMessage, token_name: str,
     sources: frozenset[str] | None, raw_body: str,
