@@ -231,6 +231,46 @@ def worker() -> None:
     asyncio.run(run_worker(settings))
 
 
+@app.command()
+def consume(
+    url: Annotated[str, typer.Argument(
+        help="the broker: amqp:// or amqps:// (RabbitMQ), nats:// (NATS JetStream); "
+        "credentials in the URL or in PIPELINE_CONSOLE_BROKER_USERNAME/_PASSWORD")],
+    queue: Annotated[str | None, typer.Option(help="RabbitMQ: the queue")] = None,
+    stream: Annotated[str | None, typer.Option(help="NATS: the stream")] = None,
+    consumer: Annotated[str | None, typer.Option(
+        help="NATS: the durable consumer (created if missing)")] = None,
+) -> None:
+    """Take messages from a broker until SIGTERM/SIGINT, each acknowledged only after its
+    decision has committed (run as many as you like on PostgreSQL)."""
+    from pipeline_console.consumers.base import BrokerError
+    from pipeline_console.consumers.run import run_consumer
+    from pipeline_console.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_format)
+    broker: Any
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("amqp", "amqps"):
+        if not queue or stream or consumer:
+            _refuse("a RabbitMQ URL takes --queue NAME (and neither --stream nor --consumer)")
+        from pipeline_console.consumers.rabbitmq import RabbitMQ
+
+        broker = RabbitMQ(url, queue, settings)
+    elif scheme in ("nats", "tls"):
+        if not stream or not consumer or queue:
+            _refuse("a NATS URL takes --stream NAME and --consumer NAME (and no --queue)")
+        from pipeline_console.consumers.jetstream import JetStream
+
+        broker = JetStream(url, stream, consumer, settings)
+    else:
+        _refuse("the broker URL must start with amqp://, amqps:// or nats://")
+    try:
+        asyncio.run(run_consumer(settings, broker))
+    except BrokerError as error:
+        _refuse(str(error))
+
+
 @jobs_app.command("run")
 def run_job_command(name: str) -> None:
     """Run one pass of the job NAME and print its result as JSON."""

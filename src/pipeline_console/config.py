@@ -155,6 +155,36 @@ class Settings(BaseSettings):
     worker_metrics_host: str = Field(
         default="127.0.0.1", description="address the worker's metrics port listens on")
 
+    # Broker consumers (pipeline-console consume).
+    consumer_prefetch: int = Field(
+        default=200, ge=1, le=10_000,
+        description="messages a consumer holds unacknowledged at most (RabbitMQ's prefetch "
+        "count; NATS' fetch batch and max_ack_pending of a consumer it creates)")
+    consumer_batch_size: int = Field(
+        default=500, ge=1, le=10_000,
+        description="messages a consumer writes in one transaction at most")
+    consumer_heartbeat_s: float = Field(
+        default=5.0, gt=0,
+        description="how often a consumer tells the database it is alive, with its counts "
+        "and its broker's backlog")
+    consumer_lost_after_s: float = Field(
+        default=30.0, gt=0, description="a consumer whose heartbeat is older than this is lost")
+    consumer_backlog_alert_s: float = Field(
+        default=300.0, gt=0,
+        description="the dashboard shows a consumer whose broker's backlog has grown at every "
+        "heartbeat for this long")
+    consumer_ack_wait_s: float = Field(
+        default=60.0, gt=0,
+        description="NATS: ack_wait of a durable consumer the consumer creates (redelivered "
+        "if not acknowledged within this)")
+    broker_username: str | None = Field(
+        default=None, description="the broker user, when the URL has none")
+    broker_password: SecretStr | None = Field(
+        default=None, description="the broker password, when the URL has none (never shown)")
+    consumer_metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="port on which a consumer serves its Prometheus counters (0: it does not)")
+
     @model_validator(mode="after")
     def _margins_that_can_hold(self) -> "Settings":
         if self.lease_safety_s >= self.lease_margin_s:
@@ -163,5 +193,9 @@ class Settings(BaseSettings):
         if self.worker_lost_after_s < 3 * self.worker_heartbeat_s:
             raise ValueError("worker_lost_after_s must be at least three heartbeats "
                              "(worker_heartbeat_s), or a live worker would be taken for lost")
+        if self.consumer_lost_after_s < 3 * self.consumer_heartbeat_s:
+            raise ValueError("consumer_lost_after_s must be at least three heartbeats "
+                             "(consumer_heartbeat_s), or a live consumer would be taken for "
+                             "lost")
         return self
 

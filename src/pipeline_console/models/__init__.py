@@ -13,6 +13,7 @@ from pipeline_console.models.delivery import (
     SystemSecret,
     Worker,
 )
+from pipeline_console.models.intake import IntakeConsumer
 from pipeline_console.models.jobs import JobRun, JobSchedule
 from pipeline_console.models.records import (
     Anomaly,
@@ -40,6 +41,7 @@ __all__ = [
     "DownstreamSystem",
     "EntityType",
     "IngestionAttempt",
+    "IntakeConsumer",
     "JobRun",
     "JobSchedule",
     "LoginCode",

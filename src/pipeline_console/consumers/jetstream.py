@@ -1,0 +1,109 @@
+"""NATS JetStream (nats-py): a durable pull consumer on a stream, used as it exists or
+created if missing (explicit acks, CONSUMER_ACK_WAIT_S, at most CONSUMER_PREFETCH pending).
+Each message is acknowledged after its commit (base.py); while the database is down it is
+kept "in progress"; on stop it is given back (nak) for another consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig
+from yarl import URL
+
+from pipeline_console.config import Settings
+from pipeline_console.consumers.base import BrokerError, Intake, Received
+from pipeline_console.consumers.registry import without_credentials
+
+log = logging.getLogger("pipeline_console.consume")
+FETCH_WAIT_S = 1.0  # how long one fetch waits for messages (and so how soon a stop is seen)
+
+
+class JetStream:
+    kind = "nats"
+
+    def __init__(self, url: str, stream: str, consumer: str, settings: Settings) -> None:
+        self.stream, self.durable = stream, consumer
+        self.queue, self.source = f"{stream}/{consumer}", without_credentials(url)
+        self._url, self._settings = url, settings
+        self._nc: Any = None
+        self._sub: Any = None
+
+    async def connect(self) -> None:
+        options: dict[str, Any] = {}
+        if not URL(self._url).user and self._settings.broker_username is not None:
+            options["user"] = self._settings.broker_username
+            if self._settings.broker_password is not None:
+                options["password"] = self._settings.broker_password.get_secret_value()
+        try:
+            self._nc = await nats.connect(
+                servers=[self._url], connect_timeout=5, allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=1, **options,
+                error_cb=_quiet, disconnected_cb=_quiet_event, reconnected_cb=_quiet_event)
+        except (TimeoutError, OSError, nats.errors.Error) as error:
+            raise BrokerError(f"NATS at {self.source} could not be reached: "
+                              f"{type(error).__name__}") from None
+        js = self._nc.jetstream()
+        try:
+            await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            raise BrokerError(f"NATS at {self.source} has no stream {self.stream!r} "
+                              "(create it with the subjects its publishers use)") from None
+        try:
+            await js.consumer_info(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(self.stream, ConsumerConfig(
+                durable_name=self.durable, ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._settings.consumer_ack_wait_s,
+                max_ack_pending=self._settings.consumer_prefetch * 4))
+        self._sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+
+    async def consume(self, intake: Intake, stop: asyncio.Event) -> None:
+        limit = self._settings.consumer_prefetch
+        while not stop.is_set():
+            await intake.wait_for_room(limit)
+            room = limit - intake.in_flight
+            if stop.is_set() or room <= 0:
+                continue
+            try:
+                messages = await self._sub.fetch(batch=room, timeout=FETCH_WAIT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as error:  # reconnecting: the client tries again
+                await _pause(stop, f"{type(error).__name__}")
+                continue
+            for message in messages:
+                intake.take(Received(message.data, message.ack, message.nak,
+                                     message.in_progress))
+
+    async def backlog(self) -> int | None:
+        info = await self._sub.consumer_info()
+        return int(info.num_pending)
+
+    async def close(self) -> None:
+        if self._nc is None:
+            return
+        with contextlib.suppress(Exception):  # the acknowledgements sent, then gone
+            await self._nc.flush(timeout=2)
+        await self._nc.close()
+
+
+async def _pause(stop: asyncio.Event, why: str) -> None:
+    log.warning("NATS fetch failed (%s)", why)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), FETCH_WAIT_S)
+
+
+async def _quiet(error: Exception) -> None:
+    """nats-py's own error callback prints the whole exception; ours logs one line without
+    the server URL's credentials."""
+    log.warning("NATS: %s", type(error).__name__)
+
+
+async def _quiet_event() -> None:
+    return None
