@@ -51,6 +51,7 @@ from pipeline_console.console.templating import HERE as CONSOLE_HERE
 from pipeline_console.console.templating import html_error
 from pipeline_console.console.tokens import router as console_tokens
 from pipeline_console.console.workers import router as console_workers
+from pipeline_console.consumers.api import router as intake_router
 from pipeline_console.dashboard.api import router as dashboard_router
 from pipeline_console.db import Database, create_engine
 from pipeline_console.delivery.api import router as delivery_router
@@ -140,7 +141,7 @@ def create_app(
     for router in (ingestion_router, records_router, anomalies_router, entity_types_router,
                    audit_router, delivery_router, replay_router, inspector_router,
                    dashboard_router, jobs_router, reports_router, workers_router,
-                   tokens_router):
+                   intake_router, tokens_router):
         api.include_router(router)
     app.include_router(api)
     app.include_router(_operations_router())
