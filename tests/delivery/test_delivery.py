@@ -406,5 +406,30 @@ class TestPrivateAddresses:
         moved = await client.patch("/api/v1/systems/outer", json={"url": "http://192.168.1.5/"})
         assert moved.status_code == 422
 
+    async def test_the_oauth2_token_endpoint_is_checked_too(self, client):
+        # the token endpoint is sent the client secret: a private one is refused like a
+        # private url (literal addresses and localhost: no name leaves this machine)
+        client.app.state.settings = client.app.state.settings.model_copy(
+            update={"refuse_private_system_urls": True})
+        public = "https://93.184.216.34/in"
+        for token_url in ("http://127.0.0.1:9/token", "http://localhost/token",
+                          "http://[::1]/token", "http://169.254.169.254/token"):
+            auth = {"type": "oauth2_client_credentials", "token_url": token_url,
+                    "client_id": "pipeline", "client_secret": "cs-123456"}
+            created = await client.post("/api/v1/systems", json={
+                "name": "inner", "transport": "http", "url": public, "auth": auth})
+            assert created.status_code == 422, (token_url, created.text)
+            assert [e["field"] for e in created.json()["errors"]] == ["auth.token_url"]
+            assert "cs-123456" not in created.text
+        outer = await client.post("/api/v1/systems", json={
+            "name": "outer", "transport": "http", "url": public})
+        assert outer.status_code == 201, outer.text
+        moved = await client.patch("/api/v1/systems/outer", json={"auth": {
+            "type": "oauth2_client_credentials", "token_url": "http://10.1.2.3/token",
+            "client_id": "pipeline", "client_secret": "cs-123456"}})
+        assert moved.status_code == 422, moved.text
+        assert [e["field"] for e in moved.json()["errors"]] == ["auth.token_url"]
+        assert (await client.get("/api/v1/systems/outer")).json()["auth"] == {"type": "none"}
+
     async def test_are_allowed_by_default_for_local_use(self, client, sink):
         await add_system(client, sink)  # the test sink listens on 127.0.0.1

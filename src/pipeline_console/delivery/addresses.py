@@ -24,12 +24,15 @@ async def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 
 async def refuse_private_urls(values: dict[str, Any]) -> None:
-    """Every address the system's URLs resolve to must be public (checked when the system is
-    saved; a name that later resolves elsewhere is a limit of this check, see
-    docs/security.md)."""
+    """Every address the system's URLs resolve to must be public: its url, its status_url
+    and its OAuth2 token endpoint (auth.token_url), which is sent the client secret. Checked
+    when the system is saved; a name that later resolves elsewhere is a limit of this check,
+    see docs/security.md."""
     errors = []
-    for field in ("url", "status_url"):
-        url = values.get(field)
+    auth = values.get("auth")
+    urls = {"url": values.get("url"), "status_url": values.get("status_url"),
+            "auth.token_url": auth.get("token_url") if isinstance(auth, dict) else None}
+    for field, url in urls.items():
         if not url:
             continue
         host = urlsplit(str(url).replace("{key}", "k").replace("{version}", "1")).hostname
