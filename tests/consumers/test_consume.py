@@ -13,6 +13,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from pipeline_console.db import Database
+from pipeline_console.config import Settings
+from pipeline_console.db import Database, create_engine
 from pipeline_console.models import IngestionAttempt, IntakeConsumer, RecordState
+from tests.conftest import _admin, _url_for
 from tests.consumers.brokers import BROKERS, NatsStream, RabbitQueue, start_consumer
 from tests.fault_proxy import FaultProxy
 
@@ -39,11 +42,12 @@ async def broker(request: pytest.FixtureRequest) -> Any:
         await broker.close()
 
 
-def _body(n: int, entity: int, version: int) -> bytes:
+def _body(n: int, entity: int, version: int, note: str = "") -> bytes:
     return json.dumps({"source_system": "erp", "entity_type": "customer",
                        "entity_id": f"C-{entity}", "version": version,
                        "message_id": f"m-{n}",
-                       "payload": {"name": f"Customer {entity}", "v": version}}).encode()
+                       "payload": {"name": f"Customer {entity}", "v": version,
+                                   "note": note}}).encode()
 
 
 def stream(entities: int) -> tuple[list[bytes], dict[str, int]]:
@@ -288,3 +292,48 @@ async def test_sigterm_finishes_what_is_in_hand_and_registers_the_stop(
 
 async def _some(database: Database) -> bool:
     return await _count(database) > 0
+
+
+def _phases(entities: int) -> tuple[list[bytes], ...]:
+    """Three phases, each published once the one before is consumed: within a phase no key
+    has two versions, so the decisions do not depend on which consumer takes which message.
+    The last: a late v1, with other content, of keys that are at v2 (skip_stale)."""
+    first = [_body(entity * 10, entity, 1) for entity in range(entities)]
+    first += [_body(entity * 10, entity, 1) for entity in range(0, entities, 4)]  # repeats
+    first += [b'{"marker": "bad-%d", ' % entity for entity in range(0, entities, 40)]
+    second = [_body(entity * 10 + 1, entity, 2) for entity in range(0, entities, 2)]
+    third = [_body(entity * 10 + 2, entity, 1, "late") for entity in range(0, entities, 6)]
+    return first, second, third
+
+
+async def _decide(broker: Any, database: Database, database_url: str, log: Path,
+                  consumers: int) -> tuple[Counter[tuple[str, str]], dict[str, int]]:
+    processes = [start_consumer(broker, database_url, log, consumer_prefetch=25,
+                                consumer_batch_size=40) for _ in range(consumers)]
+    published = 0
+    for phase in _phases(400):
+        await broker.publish(phase)
+        published += len(phase)
+        await _drained(broker, database, published)
+    for process in processes:
+        await _stop(process, log)
+    attempts = await _attempts(database)
+    return Counter((_label(row), row.decision) for row in attempts), await _versions(database)
+
+
+@pytest.mark.postgresql_only  # several consumers on one queue are for PostgreSQL
+async def test_two_consumers_on_one_queue_decide_as_one_does(
+        broker, database, database_url, tmp_path, postgres_template):
+    one = await _decide(broker, database, database_url, tmp_path / "one.log", consumers=1)
+    name = f"pc_test_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}" STRATEGY FILE_COPY')
+    other = Database(create_engine(Settings(database_url=_url_for(name))))
+    try:
+        two = await _decide(broker, other, _url_for(name), tmp_path / "two.log", consumers=2)
+    finally:
+        await other.dispose()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert two == one
+    decisions = Counter(decision for _, decision in one[0].elements())
+    assert decisions == {"accept_new": 400, "skip_duplicate": 100, "rejected": 10,
+                         "accept_supersede": 200, "skip_stale": 67}
