@@ -409,7 +409,9 @@ async def _operators(story: Story, settings: Settings) -> None:
     async with database.read() as session:
         items = await attention(session, now=story.clock(),
                                 stale_partial_after_s=settings.stale_partial_after_s,
-                                worker_lost_after_s=settings.worker_lost_after_s)
+                                worker_lost_after_s=settings.worker_lost_after_s,
+                                consumer_lost_after_s=settings.consumer_lost_after_s,
+                                consumer_backlog_alert_s=settings.consumer_backlog_alert_s)
     story.say("the dashboard now: " + ", ".join(
         f"{item.name}{f' ({item.system})' if item.system else ''} {item.count}"
         for item in items if item.count))
