@@ -157,9 +157,15 @@ def serve(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    batch_file: Annotated[str | None, typer.Option(
+        help="write last night's batch (NDJSON, ingested twice by the story) here and keep "
+        "it; by default a temporary file")] = None,
+) -> None:
     """Load the demo scenario into an empty database: three hours of an ERP, a CRM and a
     shop, three downstream systems, every decision, queue and circuit state."""
+    from pathlib import Path
+
     from pipeline_console.auth.sessions import issue_login_code
     from pipeline_console.auth.tokens import active_token_named, create_token, revoke_token
     from pipeline_console.demo import load_demo
@@ -168,7 +174,8 @@ def demo() -> None:
     settings = Settings()
 
     async def work(database: Database) -> tuple[list[str], str, str]:
-        lines = await load_demo(database, now=system_clock())
+        lines = await load_demo(database, now=system_clock(),
+                                batch_file=Path(batch_file) if batch_file else None)
         async with database.transaction() as session:  # one click into the console
             if await active_token_named(session, DEMO_ADMIN) is not None:
                 await revoke_token(session, DEMO_ADMIN, actor=CLI_ACTOR, now=system_clock())
@@ -374,7 +381,7 @@ def _ingest_with_progress(stream: Any, name: str, size: int | None, settings: Se
                                    "/api/v1/attempts?decision=rejected lists them all)")
             told = True
         progress.update(task, completed=tally.bytes_read, lines=tally.lines,
-                        rejected=tally.rejected)
+                        rejected=tally.rejected, refresh=True)  # a frame per batch
 
     tally, failure = Tally(), None
     actor = ingest_actor(name)
@@ -389,8 +396,8 @@ def _ingest_with_progress(stream: Any, name: str, size: int | None, settings: Se
         try:
             _with_database(work)
         except Exception as error:  # the tally says how far it got
-            why = unavailability(error)
-            failure = f"the database {why}" if why else f"{type(error).__name__}: {error}"
+            why, cause = unavailability(error), getattr(error, "orig", None) or error
+            failure = f"the database {why}" if why else f"{type(cause).__name__}: {cause}"
             failure = failure[:300]
         if size is not None and failure is None:
             progress.update(task, completed=size)  # trailing blank lines

@@ -21,6 +21,7 @@ from typing import BinaryIO, NamedTuple, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console import failpoints
 from pipeline_console.config import Settings
 from pipeline_console.db import Database
 from pipeline_console.ingestion.intake import RejectedMessage, message_from_body
@@ -154,6 +155,8 @@ async def _ingest_batches(
         now = clock()
         results = await run(lambda session: ingest_messages(session, items, now=now,
                                                             actor=actor))
+        if not dry_run:
+            failpoints.hit("ingest.batch_committed")
         for line, result in zip(batch, results, strict=True):
             if isinstance(result, Rejected):
                 tally.decisions[REJECTED] += 1
