@@ -12,12 +12,13 @@ import dataclasses
 import json
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from pipeline_console.delivery.mapping import refused_word
 from pipeline_console.delivery.signing import signature
 from pipeline_console.delivery.transports import render_url, status_query_url
-from pipeline_console.models import AuditEvent
+from pipeline_console.models import AuditEvent, DownstreamSystem
 from tests.delivery.test_delivery import add_system, attempts, deliveries, ingest, run_pass
 from tests.sink import Answer, Received
 from tests.support import message
@@ -117,6 +118,58 @@ class TestBodyTemplate:
         assert [(c["state"], c["consecutive_failures"]) for c in circuits] == [("closed", 0)]
 
 
+class TestTemplateSubset:
+    """A template maps one record: it may not read the environment (the secret key is
+    there) or files, define functions, loop or use regular expressions."""
+
+    @pytest.mark.parametrize("template", [
+        "$ENV.PIPELINE_CONSOLE_SECRET_KEY", "env | keys", '{k: "\\($ENV)"}',
+        "def f: f; f", "[limit(5; repeat(1))]", "[range(1e9)]", "[.. | recurse]",
+        'last(1 | until(false; .))', '.payload.name | test("(a+)+$")',
+        'gsub("a"; "b")', "input", "[inputs]", 'import "x" as x; .', "halt",
+        ".payload | env", "{a: env}",
+    ])
+    def test_refused(self, template) -> None:
+        assert refused_word(template) is not None, template
+
+    @pytest.mark.parametrize("template", [
+        "{id: .entity_id, env: .payload.env, test: .payload.test}", ".payload.range",
+        '{"def": "repeat", note: "while until env $ENV"}', '.payload["import"]',
+        "# env in a comment\n{id: .entity_id}", '"\\(.entity_id) def"',
+        "[.payload.items[] | {sku, qty}]", "if .version > 1 then . else empty end",
+    ])
+    def test_allowed(self, template) -> None:
+        assert refused_word(template) is None, template
+
+    async def test_a_template_reading_the_environment_is_refused_naming_body_template(
+            self, client, sink) -> None:
+        for template in ("{key: $ENV.PIPELINE_CONSOLE_SECRET_KEY}", "def f: f; f"):
+            answer = await client.post("/api/v1/systems", json={
+                "name": "billing", "transport": "http", "url": sink.base + "/in",
+                "entity_types": ["customer"], "body_template": template})
+            assert answer.status_code == 422, answer.text
+            assert answer.headers["content-type"].startswith("application/problem+json")
+            assert "body_template" in answer.text and "may not use" in answer.text
+
+    async def test_a_stored_template_reading_the_environment_sends_nothing(
+            self, client, sink, database, monkeypatch) -> None:
+        """A template saved before the check (written to the database directly here) fails
+        at send time, permanently, and no environment value leaves the process."""
+        monkeypatch.setenv("TEMPLATE_CANARY", "canary-value-of-the-environment")
+        await add_system(client, sink, body_template="{id: .entity_id}")
+        async with database.transaction() as session:
+            await session.execute(update(DownstreamSystem)
+                                  .where(DownstreamSystem.name == "billing")
+                                  .values(body_template="{id: .entity_id, e: env}"))
+        await ingest(client, message(1, {"name": "Ada"}))
+        counts = await run_pass(client)
+        assert counts.get("dead_lettered") == 1, counts
+        assert sink.received == []
+        [letter] = await dead_letters(client)
+        assert "may not use 'env'" in letter["reason"]
+        assert "canary-value" not in json.dumps(letter)
+
+
 class TestSigning:
     def test_the_signature_is_the_reference_implementations(self) -> None:
         from datetime import UTC, datetime
@@ -176,7 +229,7 @@ class TestSigning:
         assert verified_by(new_secret, after) and not verified_by(SECRET, after)
 
         view = (await client.get("/api/v1/systems/billing")).json()["signing"]
-        assert view["secret"]["secret_set"] is True and view["previous"]["expires_at"]
+        assert view["secret"]["secret_set"] is True and view["previous"] is None  # over
         async with database.read() as session:
             rows = (await session.execute(select(AuditEvent).where(
                 AuditEvent.action == "system.signing_rotated"))).scalars().all()
@@ -203,6 +256,31 @@ class TestSigning:
         await run_pass(client)
         assert verified_by(rotated.json()["secret"], sink.received[-1])
 
+
+    async def test_during_the_overlap_a_patch_is_audited_and_after_it_no_previous_shows(
+            self, client, sink, clock, database) -> None:
+        await add_system(client, sink, signing={"scheme": "standard-webhooks",
+                                                "secret": SECRET})
+        rotated = await client.post("/api/v1/systems/billing/signing/rotate",
+                                    json={"overlap_s": 3600})
+        assert rotated.status_code == 200, rotated.text
+        # a PATCH naming signing while the previous secret is kept (its expiry in the audit)
+        patched = await client.patch("/api/v1/systems/billing",
+                                     json={"signing": {"scheme": "standard-webhooks"},
+                                           "timeout_s": 7})
+        assert patched.status_code == 200, patched.text
+        assert patched.json()["signing"]["previous"]["expires_at"]
+        async with database.read() as session:
+            [row] = (await session.execute(select(AuditEvent).where(
+                AuditEvent.action == "system.updated"))).scalars().all()
+        assert row.details["after"]["signing"]["previous"]["expires_at"]
+        assert SECRET not in json.dumps(row.details)
+
+        clock.advance(seconds=3601)
+        for answer in (await client.get("/api/v1/systems/billing"),):
+            assert answer.json()["signing"]["previous"] is None, answer.text
+        [listed] = (await client.get("/api/v1/systems")).json()["items"]
+        assert listed["signing"]["previous"] is None
 
 class TestPreview:
     async def test_the_preview_is_what_the_sink_then_receives(self, client, sink) -> None:
