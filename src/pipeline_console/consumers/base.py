@@ -122,12 +122,16 @@ class Intake:
         self.counts.received += 1
         failpoints.hit("consume.received")
         settings = self.settings
-        item = message_from_body(
-            message.body, max_bytes=settings.max_message_bytes,
-            excerpt_bytes=settings.rejected_body_excerpt_bytes,
-            max_depth=settings.max_payload_depth,
-            max_string_length=settings.max_payload_string_length)
-        result = await self._record(item, message)
+        try:
+            item = message_from_body(
+                message.body, max_bytes=settings.max_message_bytes,
+                excerpt_bytes=settings.rejected_body_excerpt_bytes,
+                max_depth=settings.max_payload_depth,
+                max_string_length=settings.max_payload_string_length)
+            result = await self._record(item, message)
+        except Exception:  # never leave a message unsettled: RabbitMQ's acks wait for it
+            await _give_back(message)
+            raise
         if result is None:
             INTAKE_MESSAGES.labels(*self._labels, "released").inc()
             return
