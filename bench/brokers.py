@@ -37,8 +37,17 @@ import nats
 import orjson
 
 from bench import http
-from bench.common import BACKENDS, Backend, BenchConfig, Figure, median, pg_dsn, sqlite_path
-from bench.delivery import cpu_seconds, profile
+from bench.common import (
+    BACKENDS,
+    Backend,
+    BenchConfig,
+    Figure,
+    cpu_seconds,
+    median,
+    pg_dsn,
+    sqlite_path,
+)
+from bench.delivery import profile
 from bench.workload import messages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,11 +231,11 @@ async def measure(backend_name: str, config: BenchConfig) -> dict[str, Any]:
     bodies = [orjson.dumps(body) for body in workload]
     backend = Backend(backend_name, config.folder)
     log = config.folder / f"http-{backend_name}.log"
-    batch: list[float] = []
+    batch: list[dict[str, float]] = []
     runs: dict[str, list[dict[str, float]]] = {kind.kind: [] for kind in BROKERS}
     try:
         for _ in range(config.runs):
-            batch.append((await http.run_batch(backend, workload, log))["rate"])
+            batch.append(await http.run_batch(backend, workload, log))
             for broker_type in BROKERS:
                 runs[broker_type.kind].append(
                     await run_consumer(backend, broker_type, bodies, config.folder))
@@ -236,8 +245,9 @@ async def measure(backend_name: str, config: BenchConfig) -> dict[str, Any]:
     return {"batch": batch, "runs": runs}
 
 
-def _figure(backend: str, broker_type: type, batch: list[float],
+def _figure(backend: str, broker_type: type, batch_runs: list[dict[str, float]],
             runs: list[dict[str, float]]) -> Figure:
+    batch = [run["rate"] for run in batch_runs]
     rates = [run["rate"] for run in runs]
     ratios = [run["rate"] / rate for run, rate in zip(runs, batch, strict=True)]
     return Figure(
@@ -249,8 +259,9 @@ def _figure(backend: str, broker_type: type, batch: list[float],
         detail=f"{broker_type.title}: median of {len(runs)} run(s), each against the "
         "benchmark 2 run just before it; ratios " + ", ".join(f"{r:.2f}" for r in ratios)
         + "; consumer " + ", ".join(f"{r:,.0f}" for r in rates) + " msg/s, benchmark 2 "
-        + ", ".join(f"{r:,.0f}" for r in batch) + " msg/s; consumer CPU per message "
-        f"{median([run['cpu_ms'] for run in runs]):.2f} ms; counted from the process's "
+        + ", ".join(f"{r:,.0f}" for r in batch) + " msg/s; CPU per message: consumer "
+        f"{median([run['cpu_ms'] for run in runs]):.2f} ms, serve (benchmark 2) "
+        f"{median([run['cpu_ms'] for run in batch_runs]):.2f} ms; counted from the process's "
         f"start (start-up {median([run['startup'] for run in runs]):.1f} s) "
         f"{median([run['rate_from_spawn'] for run in runs]):,.0f} msg/s; every message "
         "acknowledged once, one attempt each, nothing left on the broker",

@@ -42,6 +42,7 @@ from bench.common import (
     Backend,
     BenchConfig,
     Figure,
+    cpu_seconds,
     median,
     pg_dsn,
     sqlite_path,
@@ -310,12 +311,6 @@ async def run_workers(url: str, workers: int, expected: int, folder: Path,
         for process in processes:
             process.wait(timeout=60)
     return elapsed, cpu
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def verify(url: str, sink: Sink, expected: int) -> int:

@@ -40,6 +40,7 @@ from bench.common import (
     Backend,
     BenchConfig,
     Figure,
+    cpu_seconds,
     median,
     peak_rss_mb,
     percentile,
@@ -198,13 +199,16 @@ async def run_batch(backend: Backend, bodies: list[dict[str, Any]], log: Path) -
                     for start in range(0, len(bodies), BATCH_SIZE)]
         async with _clients(server, BATCH_CLIENTS) as clients:
             await _drive(clients, "/healthz", [b""] * BATCH_CLIENTS)  # connections open
+            cpu = cpu_seconds(server.process.pid)
             elapsed, _, responses = await _drive(clients, "/api/v1/messages/batch", requests)
+            cpu = cpu_seconds(server.process.pid) - cpu
         _check(responses, "batch")
         decided = sum(1 for response in responses for result in response.json()["results"]
                       if "decision" in result)
         if decided != len(bodies):
             raise RuntimeError(f"batch: {decided} of {len(bodies)} messages were decided")
-        return {"rate": len(bodies) / elapsed, "rss": server.peak_rss_mb()}
+        return {"rate": len(bodies) / elapsed, "rss": server.peak_rss_mb(),
+                "cpu_ms": cpu * 1000 / len(bodies)}
     finally:
         server.stop()
 
