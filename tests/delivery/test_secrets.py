@@ -236,6 +236,35 @@ class TestRefusingToStart:
             assert system.url == f"http://svc:{PASSWORD}@127.0.0.1:9/in"
 
 
+NOT_A_KEY = "not-a-fernet-key-" + "5b0c9e2d41"
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "consume"])
+async def test_a_malformed_key_is_refused_at_start_up_on_a_database_without_secrets(
+        database_url, command) -> None:
+    # nothing stored yet: without the check, the key would fail only at the first secret
+    args = {"serve": ["serve", "--port", str(_free_port())], "worker": ["worker"],
+            "consume": ["consume", "amqp://guest:guest@127.0.0.1:5672/",
+                        "--queue", "never-declared-malformed-key"]}[command]
+    result = await cli(database_url, *args, key=NOT_A_KEY, timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert line.startswith("error: PIPELINE_CONSOLE_SECRET_KEY is not a key"), line
+    assert "secrets new-key" in line
+    assert NOT_A_KEY not in result.stderr + result.stdout
+
+
+async def test_a_malformed_key_is_named_as_such_when_secrets_are_stored(
+        client, database) -> None:
+    await add_secret_system(client)
+    async with database.read() as session:
+        with pytest.raises(StartupRefused, match="PIPELINE_CONSOLE_SECRET_KEY is not a key"):
+            await check_connections(database, Vault(NOT_A_KEY))
+        with pytest.raises(KeyProblem, match="is not a key"):
+            await check_readable(session, Vault(NOT_A_KEY))
+
+
 class TestMigratingCredentialsOutOfUrls:
     async def test_migrate_moves_them_into_basic_auth_audited_without_the_password(
             self, client, database, database_url) -> None:

@@ -80,6 +80,12 @@ class Vault:
                              "nor read (make a key with `pipeline-console secrets new-key`)")
         return _fernet(self.key, KEY_VARIABLE)
 
+    def check(self) -> None:
+        """KeyProblem, naming the variable, when a key is set but is not a key at all (no
+        key is fine: secrets then can be neither stored nor read, which is checked apart)."""
+        if self.key is not None:
+            _fernet(self.key, KEY_VARIABLE)
+
     def encrypt(self, value: str) -> str:
         return self._cipher.encrypt(value.encode()).decode()
 
@@ -161,6 +167,7 @@ async def drop_secrets(session: AsyncSession, system: str, slots: Iterable[str])
 
 async def check_readable(session: AsyncSession, vault: Vault) -> int:
     """Every stored secret decrypts with this key (KeyProblem otherwise); how many there are."""
+    vault.check()  # a malformed key reads nothing: say so, not "stored with another key"
     rows = (await session.execute(select(SystemSecret.system, SystemSecret.slot,
                                          SystemSecret.ciphertext))).all()
     if rows and vault.key is None:
