@@ -76,10 +76,17 @@ async def _postgresql_is_free(database_url: str) -> bool:
     and not this test's."""
     url = make_url(database_url).set(drivername="postgresql")
     connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+    # A statement the frozen worker sent just before it stopped may still be running (state
+    # 'active') or on its way: the session counts as free only when no other session is in a
+    # transaction or a statement now, and again a moment later.
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+             "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+             "AND (state <> 'idle' OR xact_start IS NOT NULL)")
     try:
-        return not await connection.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'")
+        if await connection.fetchval(query):
+            return False
+        await asyncio.sleep(0.2)
+        return not await connection.fetchval(query)
     finally:
         await connection.close()
 

@@ -12,12 +12,13 @@ import dataclasses
 import json
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from pipeline_console.delivery.mapping import refused_word
 from pipeline_console.delivery.signing import signature
 from pipeline_console.delivery.transports import render_url, status_query_url
-from pipeline_console.models import AuditEvent
+from pipeline_console.models import AuditEvent, DownstreamSystem
 from tests.delivery.test_delivery import add_system, attempts, deliveries, ingest, run_pass
 from tests.sink import Answer, Received
 from tests.support import message
@@ -115,6 +116,58 @@ class TestBodyTemplate:
         # Nothing was asked of the system: its circuit has nothing to learn from this.
         circuits = (await client.get("/api/v1/circuits")).json()["items"]
         assert [(c["state"], c["consecutive_failures"]) for c in circuits] == [("closed", 0)]
+
+
+class TestTemplateSubset:
+    """A template maps one record: it may not read the environment (the secret key is
+    there) or files, define functions, loop or use regular expressions."""
+
+    @pytest.mark.parametrize("template", [
+        "$ENV.PIPELINE_CONSOLE_SECRET_KEY", "env | keys", '{k: "\\($ENV)"}',
+        "def f: f; f", "[limit(5; repeat(1))]", "[range(1e9)]", "[.. | recurse]",
+        'last(1 | until(false; .))', '.payload.name | test("(a+)+$")',
+        'gsub("a"; "b")', "input", "[inputs]", 'import "x" as x; .', "halt",
+        ".payload | env", "{a: env}",
+    ])
+    def test_refused(self, template) -> None:
+        assert refused_word(template) is not None, template
+
+    @pytest.mark.parametrize("template", [
+        "{id: .entity_id, env: .payload.env, test: .payload.test}", ".payload.range",
+        '{"def": "repeat", note: "while until env $ENV"}', '.payload["import"]',
+        "# env in a comment\n{id: .entity_id}", '"\\(.entity_id) def"',
+        "[.payload.items[] | {sku, qty}]", "if .version > 1 then . else empty end",
+    ])
+    def test_allowed(self, template) -> None:
+        assert refused_word(template) is None, template
+
+    async def test_a_template_reading_the_environment_is_refused_naming_body_template(
+            self, client, sink) -> None:
+        for template in ("{key: $ENV.PIPELINE_CONSOLE_SECRET_KEY}", "def f: f; f"):
+            answer = await client.post("/api/v1/systems", json={
+                "name": "billing", "transport": "http", "url": sink.base + "/in",
+                "entity_types": ["customer"], "body_template": template})
+            assert answer.status_code == 422, answer.text
+            assert answer.headers["content-type"].startswith("application/problem+json")
+            assert "body_template" in answer.text and "may not use" in answer.text
+
+    async def test_a_stored_template_reading_the_environment_sends_nothing(
+            self, client, sink, database, monkeypatch) -> None:
+        """A template saved before the check (written to the database directly here) fails
+        at send time, permanently, and no environment value leaves the process."""
+        monkeypatch.setenv("TEMPLATE_CANARY", "canary-value-of-the-environment")
+        await add_system(client, sink, body_template="{id: .entity_id}")
+        async with database.transaction() as session:
+            await session.execute(update(DownstreamSystem)
+                                  .where(DownstreamSystem.name == "billing")
+                                  .values(body_template="{id: .entity_id, e: env}"))
+        await ingest(client, message(1, {"name": "Ada"}))
+        counts = await run_pass(client)
+        assert counts.get("dead_lettered") == 1, counts
+        assert sink.received == []
+        [letter] = await dead_letters(client)
+        assert "may not use 'env'" in letter["reason"]
+        assert "canary-value" not in json.dumps(letter)
 
 
 class TestSigning:

@@ -1,11 +1,21 @@
 """A system's body_template: a jq program (the `jq` package, libjq itself) that turns the
 default delivery body into the body sent. Compiled once per program text and process; a
 program that does not compile is refused when the system is saved; one that fails on a
-record at send time is a permanent failure, with jq's message, in the dead letter."""
+record at send time is a permanent failure, with jq's message, in the dead letter.
+
+jq runs inside this process and holds the GIL while it runs, so a template is kept to what
+maps one record: it may not read the environment (`$ENV`, `env`: the secret key is there)
+or files (`import`, `include`, `input`), define functions (the way to recursion), loop
+(`repeat`, `while`, `until`, `range`, `recurse`, `infinite`, `combinations`) or use regular
+expressions (a backtracking pattern can run for hours on one string). Templates are checked
+for those words when they are saved and again when they are compiled; the program also runs
+with `env` and `$ENV` bound to `{}`, in case a word got past the check."""
 
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import jq
@@ -16,10 +26,89 @@ class MappingError(Exception):
     """The template failed on this record (jq's message), or gave no single JSON value."""
 
 
+FORBIDDEN = frozenset({
+    "$ENV", "env", "$__prog_args", "input", "inputs", "input_filename", "input_line_number",
+    "get_search_list", "import", "include", "def", "repeat", "while", "until", "range",
+    "recurse", "recurse_down", "infinite", "combinations", "test", "match", "capture",
+    "scan", "splits", "sub", "gsub", "debug", "stderr", "halt", "halt_error",
+})
+_WORD = re.compile(r"\$?[A-Za-z_][A-Za-z0-9_]*")
+# jq's own wrapper: the environment is empty whatever the program says
+_SHIELD = "def env: {{}}; {{}} as $ENV | ({program}\n)"
+
+
+def _code(program: str) -> str:
+    """The program with the text of its string literals blanked (their interpolations
+    `\\( … )` kept, they are code) and its comments removed."""
+    out: list[str] = []
+    # a stack of what we are in: "code" (with its open parentheses) or "string"
+    stack: list[list[Any]] = [["code", 0]]
+    i = 0
+    while i < len(program):
+        char, top = program[i], stack[-1]
+        if top[0] == "string":
+            if char == "\\" and program[i + 1:i + 2] == "(":
+                stack.append(["code", 1])
+                out.append(" (")
+                i += 2
+                continue
+            if char == "\\":
+                out.append("  ")
+                i += 2
+                continue
+            if char == '"':
+                stack.pop()
+            out.append('"' if char == '"' else " ")
+        elif char == '"':
+            stack.append(["string"])
+            out.append('"')
+        elif char == "#":
+            while i < len(program) and program[i] != "\n":
+                i += 1
+            continue
+        else:
+            if char == "(":
+                top[1] += 1
+            elif char == ")":
+                top[1] -= 1
+                if top[1] == 0 and len(stack) > 1:
+                    stack.pop()
+            out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _words(program: str) -> Iterator[str]:
+    """The names the program uses: not field names (`.name`), object keys (`{name: …}`)
+    or the text of strings."""
+    code = _code(program)
+    for match in _WORD.finditer(code):
+        before = code[:match.start()].rstrip()[-1:]
+        after = code[match.end():].lstrip()[:2]
+        if before == "." or (after[:1] == ":" and after != "::"):
+            continue
+        yield match.group()
+
+
+def refused_word(template: str) -> str | None:
+    """Why the template may not be used (a word it may not use), or None."""
+    for word in _words(template):
+        if word in FORBIDDEN:
+            return (f"may not use {word!r}: a template maps one record, and may not read the "
+                    "environment or files, define functions, loop or use regular "
+                    "expressions (docs/connecting.md)")
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def compiled(template: str) -> Any:
-    """The compiled program (ValueError with jq's message if it does not compile)."""
-    return jq.compile(template)
+    """The compiled program (ValueError with jq's message if it does not compile, or with
+    the word it may not use)."""
+    refused = refused_word(template)
+    if refused is not None:
+        raise ValueError(refused)
+    jq.compile(template)  # jq's message, about the program as written, if it does not compile
+    return jq.compile(_SHIELD.format(program=template))
 
 
 def check_template(template: str) -> str | None:
