@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DB := demo.db
 DEMO_URL := sqlite+aiosqlite:///./$(DEMO_DB)
+# last night's batch, as the demo writes and ingests it (twice): try `pipeline-console ingest` on it
+DEMO_BATCH := demo-last-night.ndjson
 # The demo's own secret key (encrypts its systems' secrets), made on the first run and kept
 # out of git. Production sets PIPELINE_CONSOLE_SECRET_KEY itself (docs/connecting.md).
 DEMO_KEY := .demo-secret-key
@@ -21,9 +23,9 @@ $(DEMO_KEY): | $(BIN)/pipeline-console
 	umask 077 && $(BIN)/pipeline-console secrets new-key | tail -n 1 > $@.tmp && mv $@.tmp $@
 
 demo: $(BIN)/pipeline-console $(DEMO_KEY)
-	rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
+	rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_BATCH)
 	$(DEMO_ENV) $(BIN)/pipeline-console migrate
-	$(DEMO_ENV) $(BIN)/pipeline-console demo
+	$(DEMO_ENV) $(BIN)/pipeline-console demo --batch-file $(DEMO_BATCH)
 	$(DEMO_ENV) $(BIN)/pipeline-console serve --host 127.0.0.1 --port 8000
 
 test: $(BIN)/pipeline-console
@@ -38,4 +40,4 @@ lint: $(BIN)/pipeline-console
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_KEY) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_BATCH) $(DEMO_KEY) .pytest_cache

@@ -274,6 +274,10 @@ def test_each_route_declares_the_role_the_policy_gives_it():
              for method, path, route in routes(app)
              if declared_role(route) != expected_role(method, path)]
     assert wrong == []
+    # the lists of the processes that run the pipeline: for every viewer, page and API alike
+    declared = {(method, path): declared_role(route) for method, path, route in routes(app)}
+    for path in ("/workers", "/api/v1/workers", "/intake", "/api/v1/intake"):
+        assert declared[("GET", path)] == "viewer", path
 
 
 def test_the_only_routes_without_a_role_are_the_public_description_and_static_files():

@@ -95,6 +95,29 @@ async def test_every_report_has_rows(client, demo):
         assert report["rows"], name
 
 
+async def test_last_nights_batch_arrives_twice_and_the_second_time_changes_nothing(
+        database, demo):
+    from sqlalchemy import select
+
+    from pipeline_console.demo import LAST_NIGHT
+    from pipeline_console.models import IngestionAttempt
+
+    async with database.read() as session:
+        rows = (await session.execute(
+            select(IngestionAttempt.decision, IngestionAttempt.entity_id)
+            .where(IngestionAttempt.actor == "cli:ingest:last-night.ndjson")
+            .order_by(IngestionAttempt.id))).all()
+    ids = [body["entity_id"] for body in LAST_NIGHT]
+    assert rows == [("accept_new", key) for key in ids] + [("skip_duplicate", key)
+                                                           for key in ids]
+    told = "\n".join(demo)
+    assert (f"last night's batch from the ERP's catalog queue ({len(LAST_NIGHT)} products; "
+            "`pipeline-console ingest` of last-night.ndjson) → 40 accept_new") in told
+    assert ("the catalog consumer restarts and last night's batch arrives again "
+            "(`pipeline-console ingest` of last-night.ndjson, once more): nothing changes "
+            "→ 40 skip_duplicate") in told
+
+
 async def test_the_demo_refuses_a_database_that_is_not_empty(database, clock, settings, demo):
     with pytest.raises(Conflict, match="empty database"):
         await load_demo(database, now=clock.now, settings=settings)
@@ -142,14 +165,21 @@ async def test_each_demo_source_has_its_own_scoped_ingest_token(client, database
     assert refused.status_code == 401
 
 
-async def test_the_demo_command_prints_the_source_tokens(database_url):
+async def test_the_demo_command_prints_the_source_tokens(database_url, tmp_path):
     import asyncio
 
     from tests.test_operations import run_cli
 
-    result = await asyncio.to_thread(run_cli, database_url, "demo")
+    batch = tmp_path / "demo-last-night.ndjson"
+    result = await asyncio.to_thread(run_cli, database_url, "demo", "--batch-file", str(batch))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert len(batch.read_bytes().splitlines()) == 40  # kept, to try `ingest` on
+    assert any(line.endswith(f"the batch is kept in {batch}: `pipeline-console ingest "
+                             f"--dry-run {batch}` reports 40 skip_duplicate")
+               for line in lines)
+    again = await asyncio.to_thread(run_cli, database_url, "ingest", "--dry-run", str(batch))
+    assert again.returncode == 0 and "skip_duplicate   40" in again.stdout.splitlines()
     for source in ("erp", "crm", "shop"):
         assert any(line.split()[:1] == [f"{source}-ingest"] and "pc_" in line
                    for line in lines), source

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline_console.api import filters
 from pipeline_console.api.filters import parse_statuses, words_pattern
+from pipeline_console.consumers.api import CONSUMER_STATUS_WORDS
 from pipeline_console.demo import load_demo
 from pipeline_console.errors import InvalidInput
 
@@ -25,6 +26,7 @@ LISTS = [
     ("/api/v1/replays", "status", filters.REPLAY_STATUS_WORDS),
     ("/api/v1/jobs/runs", "status", filters.JOB_RUN_STATUS_WORDS),
     ("/api/v1/circuits", "state", filters.CIRCUIT_STATE_WORDS),
+    ("/api/v1/intake", "status", CONSUMER_STATUS_WORDS),
 ]
 CONSOLE_LISTS = [
     ("/deliveries", "status", filters.DELIVERY_STATUS_WORDS),

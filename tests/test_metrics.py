@@ -20,6 +20,12 @@ from sqlalchemy import event
 from pipeline_console import metrics
 from pipeline_console.app import create_app
 from pipeline_console.config import Settings
+from pipeline_console.consumers.registry import (
+    ConsumerIdentity,
+    Counts,
+    heartbeat,
+    mark_stopped,
+)
 from pipeline_console.db import Database, create_engine
 from tests.delivery.test_delivery import add_system, deliveries, ingest, run_pass
 from tests.delivery.test_worker import start_worker
@@ -210,6 +216,57 @@ class TestDatabaseGauges:
                 frozenset({"queue": "dead_letters", "system": "archive"}.items())) in samples
         assert depth("dead_letters", "archive") == 0
         assert value(samples, "pipeline_database_up") == 1
+
+    async def test_the_broker_consumers_by_kind_and_status_and_their_backlogs(
+            self, client, clock):
+        database = client.app.state.database
+        samples = await scrape(client)
+        consumers = {(dict(labels)["kind"], dict(labels)["status"]): count
+                     for (name, labels), count in samples.items()
+                     if name == "pipeline_intake_consumers"}
+        assert consumers == {(kind, status): 0 for kind in ("rabbitmq", "nats")
+                             for status in ("alive", "lost", "stopped")}
+
+        def consumer(name: str, kind: str, queue: str) -> ConsumerIdentity:
+            return ConsumerIdentity(kind, f"amqp://ops:pw-{name}@broker:5672/", queue,
+                                    host="box", pid=1, id=f"consumer:{name}")
+
+        lost, stopped = consumer("lost", "nats", "S/lost"), consumer("stop", "rabbitmq", "q")
+        first, second = consumer("a", "rabbitmq", "orders"), consumer("b", "rabbitmq", "orders")
+        await heartbeat(database, lost, Counts(), 70, clock.now)
+        await heartbeat(database, stopped, Counts(), 0, clock.now)
+        await mark_stopped(database, stopped, Counts(), clock.now)
+        await heartbeat(database, first, Counts(), 100, clock.now)
+        await heartbeat(database, second, Counts(), 100, clock.now)
+        clock.advance(seconds=20)
+        await heartbeat(database, first, Counts(), 150, clock.now)
+        clock.advance(seconds=20)
+        await heartbeat(database, second, Counts(), 180, clock.now)  # the latest report
+        samples = await scrape(client)
+        text = (await client.get("/metrics")).text
+
+        assert value(samples, "pipeline_intake_consumers", kind="rabbitmq", status="alive") == 2
+        assert value(samples, "pipeline_intake_consumers", kind="rabbitmq",
+                     status="stopped") == 1
+        assert value(samples, "pipeline_intake_consumers", kind="nats", status="lost") == 1
+        assert value(samples, "pipeline_intake_consumers", kind="nats", status="alive") == 0
+        backlogs = {dict(labels)["queue"]: count for (name, labels), count in samples.items()
+                    if name == "pipeline_intake_backlog"}
+        assert backlogs == {"orders": 180}  # one series per live queue: not lost, not stopped
+        assert value(samples, "pipeline_intake_backlog_growing_seconds", kind="rabbitmq",
+                     queue="orders") == 0  # b's first growth was at this very heartbeat
+        clock.advance(seconds=15)
+        samples = await scrape(client)
+        assert value(samples, "pipeline_intake_backlog_growing_seconds", kind="rabbitmq",
+                     queue="orders") == 15
+        assert "pw-" not in text and "//ops" not in text and "consumer:" not in text
+
+        clock.advance(hours=25)  # a day later, nobody is counted any more
+        samples = await scrape(client)
+        gauges = ("pipeline_intake_consumers", "pipeline_intake_backlog",
+                  "pipeline_intake_backlog_growing_seconds")
+        assert not any(count for (name, _), count in samples.items() if name in gauges)
+        assert not any(name.startswith("pipeline_intake_backlog") for name, _ in samples)
 
     async def test_without_the_database_the_counters_are_still_served(self):
         # METRICS_AUTH=open: a scrape without a token, and no database to check one against

@@ -44,6 +44,7 @@ from pipeline_console.clock import Clock, system_clock
 from pipeline_console.config import Settings
 from pipeline_console.console.admin import router as console_admin
 from pipeline_console.console.auth import router as console_auth
+from pipeline_console.console.intake import router as console_intake
 from pipeline_console.console.overview import router as console_overview
 from pipeline_console.console.queues import router as console_queues
 from pipeline_console.console.systems import router as console_systems
@@ -146,7 +147,7 @@ def create_app(
     app.include_router(api)
     app.include_router(_operations_router())
     for router in (console_auth, console_overview, console_queues, console_systems,
-                   console_admin, console_workers, console_tokens):
+                   console_admin, console_workers, console_intake, console_tokens):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=CONSOLE_STATIC), name="static")
     app.add_route("/docs", _swagger_ui, include_in_schema=False)
@@ -250,7 +251,9 @@ def _operations_router() -> APIRouter:
         database: Database = request.app.state.database
         try:
             async with database.read() as session:
-                registry = await database_registry(session)
+                registry = await database_registry(
+                    session, now=request.app.state.clock(),
+                    consumer_lost_after_s=request.app.state.settings.consumer_lost_after_s)
         except Exception:  # the counters are still worth a scrape without the database
             log.warning("metrics: the database could not be read", exc_info=True)
             registry = None

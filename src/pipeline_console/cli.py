@@ -172,9 +172,15 @@ def serve(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    batch_file: Annotated[str | None, typer.Option(
+        help="write last night's batch (NDJSON, ingested twice by the story) here and keep "
+        "it; by default a temporary file")] = None,
+) -> None:
     """Load the demo scenario into an empty database: three hours of an ERP, a CRM and a
     shop, three downstream systems, every decision, queue and circuit state."""
+    from pathlib import Path
+
     from pipeline_console.auth.sessions import issue_login_code
     from pipeline_console.auth.tokens import active_token_named, create_token, revoke_token
     from pipeline_console.demo import load_demo
@@ -183,7 +189,8 @@ def demo() -> None:
     settings = Settings()
 
     async def work(database: Database) -> tuple[list[str], str, str]:
-        lines = await load_demo(database, now=system_clock())
+        lines = await load_demo(database, now=system_clock(),
+                                batch_file=Path(batch_file) if batch_file else None)
         async with database.transaction() as session:  # one click into the console
             if await active_token_named(session, DEMO_ADMIN) is not None:
                 await revoke_token(session, DEMO_ADMIN, actor=CLI_ACTOR, now=system_clock())
@@ -286,6 +293,147 @@ def consume(
         asyncio.run(run_consumer(settings, broker))
     except BrokerError as error:
         _refuse(str(error))
+
+
+INGEST_BATCH_SIZE = 500
+
+
+@app.command()
+def ingest(
+    path: Annotated[str, typer.Argument(
+        metavar="PATH|-", help="NDJSON: one POST /api/v1/messages body per line (blank lines "
+        "are skipped); - reads standard input")],
+    batch_size: Annotated[int, typer.Option(
+        help="lines per transaction, at most MAX_BATCH_MESSAGES")] = INGEST_BATCH_SIZE,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="decide every line in one transaction, then roll it back: the "
+        "decisions are reported, nothing is written")] = False,
+) -> None:
+    """Decide every line as POST /messages would, in batches (one transaction each), with a
+    progress bar on stderr; print the count per decision on stdout. A malformed line is
+    recorded as rejected and the run goes on. Running the same input again changes nothing
+    (skip_duplicate). Exit 0: every line decided, none rejected; 1: some lines were
+    rejected; 2: a usage error (nothing read); 3: stopped early (the lines of the batches
+    before it are recorded; running the input again is safe)."""
+    import os
+    import stat
+    from pathlib import Path
+
+    settings = Settings()
+    if not 1 <= batch_size <= settings.max_batch_messages:
+        typer.echo(f"error: --batch-size must be from 1 to {settings.max_batch_messages} "
+                   f"(MAX_BATCH_MESSAGES), not {batch_size}", err=True)
+        raise typer.Exit(2)
+    if path == "-":
+        stream, name, size = sys.stdin.buffer, "stdin", None
+    else:
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 (closed below, after the run)
+        except OSError as error:
+            typer.echo(f"error: cannot read {path}: {error.strerror or error}", err=True)
+            raise typer.Exit(2) from error
+        status = os.fstat(stream.fileno())
+        name = Path(path).name
+        size = status.st_size if stat.S_ISREG(status.st_mode) else None
+    try:
+        tally, failure = _ingest_with_progress(stream, name, size, settings, batch_size,
+                                               dry_run)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    _print_ingest_summary(tally, name, batch_size, dry_run)
+    if failure is not None:
+        written = ("nothing was written" if dry_run or not tally.last_line else
+                   f"lines 1 to {tally.last_line} are recorded")
+        typer.echo(f"error: the run stopped: {failure}; {written}; running the input "
+                   "again is safe (what is recorded comes back as skip_duplicate)", err=True)
+        raise typer.Exit(3)
+    if tally.rejected:
+        raise typer.Exit(1)
+
+
+def _ingest_with_progress(stream: Any, name: str, size: int | None, settings: Settings,
+                          batch_size: int, dry_run: bool) -> tuple[Any, str | None]:
+    """Run ingest_ndjson under a rich progress bar on stderr (by bytes of a file, without a
+    total for a pipe); the rejected lines are named above it. Returns the tally and, when
+    the run stopped early, why."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from pipeline_console.db import unavailability
+    from pipeline_console.ingestion.ndjson import (
+        REJECTIONS_KEPT,
+        Tally,
+        ingest_actor,
+        ingest_ndjson,
+        read_lines,
+    )
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(bar_width=20), TaskProgressColumn(),
+        TextColumn("{task.fields[lines]:,} lines, {task.fields[rejected]:,} rejected"),
+        TimeElapsedColumn(), console=console)
+    shown_name = name if len(name) <= 32 else f"{name[:31]}…"
+    task = progress.add_task(f"{'dry run' if dry_run else 'ingesting'} {shown_name}",
+                             total=size, lines=0, rejected=0)
+    shown, told = 0, False
+
+    def on_batch(tally: Tally) -> None:
+        nonlocal shown, told
+        for line in tally.rejections[shown:]:
+            attempt = "" if line.attempt_id is None else f" (attempt {line.attempt_id})"
+            progress.console.print(f"line {line.number}: rejected{attempt}: {line.detail}",
+                                   markup=False, highlight=False)
+        shown = len(tally.rejections)
+        if tally.rejected > REJECTIONS_KEPT and not told:
+            progress.console.print(f"more than {REJECTIONS_KEPT} lines rejected: the others "
+                                   "are counted, not named here (GET "
+                                   "/api/v1/attempts?decision=rejected lists them all)")
+            told = True
+        progress.update(task, completed=tally.bytes_read, lines=tally.lines,
+                        rejected=tally.rejected, refresh=True)  # a frame per batch
+
+    tally, failure = Tally(), None
+    actor = ingest_actor(name)
+
+    async def work(database: Database) -> Tally:
+        return await ingest_ndjson(
+            database, read_lines(stream, settings.max_message_bytes), settings=settings,
+            actor=actor, clock=system_clock, batch_size=batch_size, dry_run=dry_run,
+            on_batch=on_batch, tally=tally)
+
+    with progress:
+        try:
+            _with_database(work)
+        except Exception as error:  # the tally says how far it got
+            why, cause = unavailability(error), getattr(error, "orig", None) or error
+            failure = f"the database {why}" if why else f"{type(cause).__name__}: {cause}"
+            failure = failure[:300]
+        if size is not None and failure is None:
+            progress.update(task, completed=size)  # trailing blank lines
+    return tally, failure
+
+
+def _print_ingest_summary(tally: Any, name: str, batch_size: int, dry_run: bool) -> None:
+    """The count per decision on stdout, one `decision count` line each, always all six."""
+    from pipeline_console.ingestion.ndjson import DECISIONS
+
+    batches = f"{tally.batches} batch{'es' if tally.batches != 1 else ''} of at most " \
+              f"{batch_size}"
+    if dry_run:
+        typer.echo(f"dry run: {tally.lines} lines of {name} decided in {batches}; nothing "
+                   "was written (the decisions below were rolled back)")
+    else:
+        typer.echo(f"{tally.lines} lines of {name} recorded in {batches}")
+    for decision in DECISIONS:
+        typer.echo(f"{decision:16} {tally.decisions[decision]}")
 
 
 @jobs_app.command("run")

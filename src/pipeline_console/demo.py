@@ -3,7 +3,9 @@ ends now. Deterministic: the same steps, the same seeds, the same results on eve
 
 An ERP, a CRM and a web shop send customers, orders and invoices. Among them: retried POSTs
 (duplicates), a batch the shop sends twice, late stale copies, same-version conflicts, partial
-records (one completed later, one stuck), malformed messages. Three downstream systems receive
+records (one completed later, one stuck), malformed messages, and last night's catalog batch
+from the ERP's queue, ingested as an NDJSON file (`pipeline-console ingest`'s code path, no
+broker) and again after the consumer restarts: all skip_duplicate. Three downstream systems receive
 the promoted records through the simulated transport (no network): `warehouse` is healthy,
 `crm-sync` is flaky and its circuit opens, `ledger` sometimes times out after sending and its
 status query never answers, so its ambiguous outcomes wait for a person. An operator resolves
@@ -25,8 +27,10 @@ Everything goes through the same service functions as the API and the worker."""
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -49,6 +53,7 @@ from pipeline_console.delivery.workers import Identity, Liveness, heartbeat
 from pipeline_console.entity_types.service import put_entity_type
 from pipeline_console.errors import Conflict
 from pipeline_console.ingestion.intake import excerpt, parse_message
+from pipeline_console.ingestion.ndjson import DECISIONS, ingest_actor, ingest_ndjson, read_lines
 from pipeline_console.ingestion.service import Accepted, ingest_messages
 from pipeline_console.jobs.registry import run_job
 from pipeline_console.models import Anomaly, AuditEvent, DeadLetter, DownstreamSystem, RecordState
@@ -161,6 +166,15 @@ def order(number: int, version: int = 1, total: float | None = None,
                     message_id=f"shop-{5000 + number}-v{version}", **extra)
 
 
+def product(number: int) -> dict[str, Any]:
+    """The ERP's nightly catalog: no downstream system takes products, so last night's
+    batch adds records and attempts but no deliveries (the story's deliveries, seeded by
+    their ids, stay the same)."""
+    return _message("erp", "product", f"P-{100 + number}", 1,
+                    {"name": f"Widget {number}", "price": 5.0 + number, "currency": "EUR"},
+                    message_id=f"erp-catalog-P-{100 + number}-v1")
+
+
 def invoice(number: int) -> dict[str, Any]:
     return _message("erp", "invoice", f"INV-{9000 + number}", 1,
                     {"order_id": f"O-{5000 + number}", "amount": 40.0 + 17.5 * number,
@@ -172,6 +186,9 @@ def _message(source: str, entity_type: str, entity_id: Any, version: Any,
              payload: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"source_system": source, "entity_type": entity_type, "entity_id": entity_id,
             "version": version, "payload": payload, **extra}
+
+
+LAST_NIGHT = [product(number) for number in range(1, 41)]
 
 
 @dataclass
@@ -234,15 +251,29 @@ class Story:
             decisions[word] = decisions.get(word, 0) + 1
         self.say(f"{what} → " + ", ".join(f"{n} {word}" for word, n in decisions.items()))
 
+    async def ingest_file(self, what: str, path: Path, settings: Settings, *,
+                          at: float) -> None:
+        """`pipeline-console ingest PATH`'s code path, in the story's time."""
+        await self.deliver_until(at)
+        with path.open("rb") as stream:
+            tally = await ingest_ndjson(
+                self.database, read_lines(stream, settings.max_message_bytes),
+                settings=settings, actor=ingest_actor(path.name), clock=self.clock,
+                batch_size=500)
+        self.say(f"{what} → " + ", ".join(f"{tally.decisions[word]} {word}"
+                                          for word in DECISIONS if tally.decisions[word]))
+
     async def job(self, name: str, settings: Settings) -> dict[str, Any] | None:
         run = await run_job(self.deliverer, settings, name, actor=OPERATOR, trigger="cli")
         self.say(f"job {name}: {run.status} {orjson.dumps(run.result).decode()}")
         return run.result
 
 
-async def load_demo(database: Database, *, now: datetime,
-                    settings: Settings | None = None) -> list[str]:
-    """Load the scenario into an empty database; return what happened, one line per step."""
+async def load_demo(database: Database, *, now: datetime, settings: Settings | None = None,
+                    batch_file: Path | None = None) -> list[str]:
+    """Load the scenario into an empty database; return what happened, one line per step.
+    Last night's batch is written to `batch_file` as NDJSON (kept, for `pipeline-console
+    ingest`), or to a temporary file."""
     settings = settings or Settings()
     async with database.read() as session:
         # The story runs in the past: into a database in use it would write history (and
@@ -259,7 +290,10 @@ async def load_demo(database: Database, *, now: datetime,
                               rng=random.Random(5), vault=Vault.from_settings(settings))
         story = Story(database, clock, start, deliverer)
         await _setup(story)
-        await _traffic(story)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = batch_file or Path(scratch) / "last-night.ndjson"
+            path.write_bytes(b"".join(orjson.dumps(body) + b"\n" for body in LAST_NIGHT))
+            await _traffic(story, path, settings, kept=batch_file is not None)
         await _operators(story, settings)
     return story.lines
 
@@ -289,11 +323,14 @@ async def _setup(story: Story) -> None:
               "(healthy), crm-sync (flaky), ledger (status query times out)")
 
 
-async def _traffic(story: Story) -> None:
+async def _traffic(story: Story, last_night: Path, settings: Settings, *, kept: bool) -> None:
     send = story.send
     await send("the ERP's sync: 10 customers",
                *[customer("erp", cid, 1, name, country, message_id=f"erp-{cid}-v1")
                  for cid, name, country in CUSTOMERS], at=1)
+    await story.ingest_file(f"last night's batch from the ERP's catalog queue "
+                            f"({len(LAST_NIGHT)} products; `pipeline-console ingest` of "
+                            f"{last_night.name})", last_night, settings, at=2)
     await send("the ERP retries two POSTs whose answers it never saw",
                customer("erp", "C-1009", 1, "Soylent Oy", "FI", message_id="erp-C-1009-v1"),
                customer("erp", "C-1010", 1, "Tyrell AB", "SE", message_id="erp-C-1010-v1"),
@@ -334,6 +371,12 @@ async def _traffic(story: Story) -> None:
     await send("the CRM's copy of Wayne Enterprises, version 1, arrives late",
                customer("crm", "C-1006", 1, "Wayne Enterprises", "US", message_id="crm-90"),
                at=60)
+    await story.ingest_file("the catalog consumer restarts and last night's batch arrives "
+                            f"again (`pipeline-console ingest` of {last_night.name}, once "
+                            "more): nothing changes", last_night, settings, at=90)
+    if kept:
+        story.say(f"the batch is kept in {last_night}: `pipeline-console ingest --dry-run "
+                  f"{last_night}` reports {len(LAST_NIGHT)} skip_duplicate")
     await send("the CRM insists on its Umbrella (the same conflict again)",
                customer("crm", "C-1004", 1, "Umbrella AG", "AT", message_id="crm-91"), at=95)
     await send("more orders and invoices",
@@ -409,7 +452,9 @@ async def _operators(story: Story, settings: Settings) -> None:
     async with database.read() as session:
         items = await attention(session, now=story.clock(),
                                 stale_partial_after_s=settings.stale_partial_after_s,
-                                worker_lost_after_s=settings.worker_lost_after_s)
+                                worker_lost_after_s=settings.worker_lost_after_s,
+                                consumer_lost_after_s=settings.consumer_lost_after_s,
+                                consumer_backlog_alert_s=settings.consumer_backlog_alert_s)
     story.say("the dashboard now: " + ", ".join(
         f"{item.name}{f' ({item.system})' if item.system else ''} {item.count}"
         for item in items if item.count))

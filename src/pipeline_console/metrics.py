@@ -15,6 +15,7 @@ input, so they are truncated and, past a cap of distinct names per process, coun
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +23,7 @@ from prometheus_client.exposition import generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pipeline_console.consumers.registry import consumer_counts, live_backlogs
 from pipeline_console.ingestion.intake import RejectedMessage
 from pipeline_console.ingestion.planner import IncomingMessage
 from pipeline_console.ingestion.policy import REJECTED
@@ -37,6 +39,9 @@ from pipeline_console.models import (
 SOURCE_LABEL_LENGTH = 64
 MAX_SOURCE_LABELS = 1000
 CIRCUIT_STATES = ("closed", "open", "half_open")
+CONSUMER_KINDS = ("rabbitmq", "nats")
+CONSUMER_STATUSES = ("alive", "lost", "stopped")
+QUEUE_LABEL_LENGTH = 64
 BACKLOG_STATUSES = ("pending", "held", "in_flight")
 
 INGESTION_DECISIONS = Counter(
@@ -92,9 +97,10 @@ def count_delivery_attempt(system: str, classification: str,
         DELIVERY_LATENCY.labels(system).observe(latency_ms / 1000)
 
 
-async def database_registry(session: AsyncSession) -> CollectorRegistry:
+async def database_registry(session: AsyncSession, *, now: datetime,
+                            consumer_lost_after_s: float) -> CollectorRegistry:
     """The shared state as gauges, read now: one grouped count per queue, each on an indexed
-    status column."""
+    status column, and the broker consumers."""
     registry = CollectorRegistry(auto_describe=True)
     circuit_state = Gauge("pipeline_circuit_state",
                           "1 for the circuit's current state, 0 for the others",
@@ -132,7 +138,36 @@ async def database_registry(session: AsyncSession) -> CollectorRegistry:
     for queue, counts in per_system.items():
         for system, count in counts.items():
             depth.labels(queue, system).set(count)
+    await _consumer_gauges(session, registry, now=now, lost_after_s=consumer_lost_after_s)
     return registry
+
+
+async def _consumer_gauges(session: AsyncSession, registry: CollectorRegistry, *,
+                           now: datetime, lost_after_s: float) -> None:
+    """The broker consumers by kind and status (every pair, 0 included), and per queue of a
+    live consumer its broker's backlog. Labels are fixed words and queue names (given by
+    whoever starts a consumer, cut to 64 characters): never a broker URL, so never its
+    credentials; the queues are those of consumers alive now, so their number is bounded by
+    the processes running."""
+    consumers = Gauge("pipeline_intake_consumers",
+                      "Broker consumers seen in the last 24 h, by kind and status",
+                      ["kind", "status"], registry=registry)
+    counts = await consumer_counts(session, now=now, lost_after_s=lost_after_s)
+    for kind in CONSUMER_KINDS:
+        for status in CONSUMER_STATUSES:
+            consumers.labels(kind, status).set(counts.get((kind, status), 0))
+    backlog = Gauge("pipeline_intake_backlog",
+                    "Messages waiting on the broker, as a live consumer of the queue last "
+                    "reported", ["kind", "queue"], registry=registry)
+    growing = Gauge("pipeline_intake_backlog_growing_seconds",
+                    "How long the queue's backlog has grown at every heartbeat (0: it is not "
+                    "growing)", ["kind", "queue"], registry=registry)
+    for row in await live_backlogs(session, now=now, lost_after_s=lost_after_s):
+        queue = row.queue[:QUEUE_LABEL_LENGTH]
+        backlog.labels(row.kind, queue).set(row.backlog)
+        since = row.backlog_growing_since
+        growing.labels(row.kind, queue).set(
+            0 if since is None else max(0.0, (now - since).total_seconds()))
 
 
 def render(database_registry: CollectorRegistry | None) -> bytes:

@@ -20,7 +20,7 @@ PAGES = ["/", "/fragments/attention", "/search?q=evt-5002", "/records/customer:C
          "/systems/erp-api/edit", "/systems/new",
          "/deliveries?status=held", "/staging", "/staging?status=all", "/jobs", "/audit",
          "/reports", "/reports?name=delivery", "/reports?name=anomalies",
-         "/reports?name=replays"]
+         "/reports?name=replays", "/workers", "/intake", "/intake?status=all&kind=all"]
 
 
 @pytest.fixture

@@ -229,7 +229,7 @@ class TestSigning:
         assert verified_by(new_secret, after) and not verified_by(SECRET, after)
 
         view = (await client.get("/api/v1/systems/billing")).json()["signing"]
-        assert view["secret"]["secret_set"] is True and view["previous"]["expires_at"]
+        assert view["secret"]["secret_set"] is True and view["previous"] is None  # over
         async with database.read() as session:
             rows = (await session.execute(select(AuditEvent).where(
                 AuditEvent.action == "system.signing_rotated"))).scalars().all()
@@ -256,6 +256,31 @@ class TestSigning:
         await run_pass(client)
         assert verified_by(rotated.json()["secret"], sink.received[-1])
 
+
+    async def test_during_the_overlap_a_patch_is_audited_and_after_it_no_previous_shows(
+            self, client, sink, clock, database) -> None:
+        await add_system(client, sink, signing={"scheme": "standard-webhooks",
+                                                "secret": SECRET})
+        rotated = await client.post("/api/v1/systems/billing/signing/rotate",
+                                    json={"overlap_s": 3600})
+        assert rotated.status_code == 200, rotated.text
+        # a PATCH naming signing while the previous secret is kept (its expiry in the audit)
+        patched = await client.patch("/api/v1/systems/billing",
+                                     json={"signing": {"scheme": "standard-webhooks"},
+                                           "timeout_s": 7})
+        assert patched.status_code == 200, patched.text
+        assert patched.json()["signing"]["previous"]["expires_at"]
+        async with database.read() as session:
+            [row] = (await session.execute(select(AuditEvent).where(
+                AuditEvent.action == "system.updated"))).scalars().all()
+        assert row.details["after"]["signing"]["previous"]["expires_at"]
+        assert SECRET not in json.dumps(row.details)
+
+        clock.advance(seconds=3601)
+        for answer in (await client.get("/api/v1/systems/billing"),):
+            assert answer.json()["signing"]["previous"] is None, answer.text
+        [listed] = (await client.get("/api/v1/systems")).json()["items"]
+        assert listed["signing"]["previous"] is None
 
 class TestPreview:
     async def test_the_preview_is_what_the_sink_then_receives(self, client, sink) -> None:

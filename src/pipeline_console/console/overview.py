@@ -42,7 +42,9 @@ async def _attention(database: Any, settings: Any, now: Any) -> list[Any]:
     async with database.read() as session:
         return await attention(session, now=now,
                                stale_partial_after_s=settings.stale_partial_after_s,
-                                worker_lost_after_s=settings.worker_lost_after_s)
+                               worker_lost_after_s=settings.worker_lost_after_s,
+                               consumer_lost_after_s=settings.consumer_lost_after_s,
+                               consumer_backlog_alert_s=settings.consumer_backlog_alert_s)
 
 
 @router.get("/", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])

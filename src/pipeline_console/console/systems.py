@@ -218,10 +218,11 @@ def _form_page(request: Request, *, view: dict[str, Any] | None, values: dict[st
 
 
 @router.get("/systems", response_class=HTMLResponse, dependencies=[CONSOLE_VIEWER])
-async def systems(request: Request, database: DatabaseDep, page_request: KeyPage) -> Response:
+async def systems(request: Request, database: DatabaseDep, page_request: KeyPage,
+                  now: NowDep) -> Response:
     async with database.read() as session:
         found = await service.list_systems(session, page_request)
-        views = await service.read_views(session, list(found.items))
+        views = await service.read_views(session, list(found.items), now=now)
         circuits = {c.system: c for c in (await session.execute(select(Circuit))).scalars()}
     return page(request, "systems.html", title="Systems", nav="/systems", systems=views,
                 next_cursor=found.next_cursor, circuits=circuits, may_admin=_admin(request))
@@ -261,10 +262,12 @@ async def create_system(request: Request, database: DatabaseDep, now: NowDep, ac
 
 @router.get("/systems/{name}/edit", response_class=HTMLResponse,
             dependencies=[CONSOLE_ADMIN_PAGE])
-async def edit_system(request: Request, name: str, database: DatabaseDep) -> Response:
+async def edit_system(request: Request, name: str, database: DatabaseDep,
+                      now: NowDep) -> Response:
     try:
         async with database.read() as session:
-            view = await service.read_view(session, await service.get_system(session, name))
+            view = await service.read_view(session, await service.get_system(session, name),
+                                           now=now)
     except DomainError as error:
         return error_page(request, error)
     return _form_page(request, view=view, values=form_values(view))
@@ -277,7 +280,8 @@ async def update_system(request: Request, name: str, database: DatabaseDep, now:
     view = None
     try:
         async with database.transaction() as session:
-            view = await service.read_view(session, await service.get_system(session, name))
+            view = await service.read_view(session, await service.get_system(session, name),
+                                           now=now)
             try:
                 patch = SystemPatch.model_validate(changes(wanted(form), view))
             except ValidationError as error:
@@ -323,7 +327,8 @@ async def _system_page(request: Request, name: str, database: Any, now: datetime
                        preview_problem: str | None = None) -> Response:
     try:
         async with database.read() as session:
-            view = await service.read_view(session, await service.get_system(session, name))
+            view = await service.read_view(session, await service.get_system(session, name),
+                                           now=now)
             circuit = await session.get(Circuit, name)
             health = await delivery_report(session, now - timedelta(hours=24), now)
             recent = list((await session.execute(

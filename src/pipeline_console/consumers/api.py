@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from pipeline_console.api.dependencies import DatabaseDep, KeyPage, NowDep, SettingsDep
@@ -13,12 +13,15 @@ from pipeline_console.api.filters import Statuses, status_filter
 from pipeline_console.api.problems import problem_responses
 from pipeline_console.auth.dependencies import VIEWER
 from pipeline_console.consumers.registry import list_consumers
+from pipeline_console.ingestion.schemas import UtcDatetime
 
 router = APIRouter(tags=["intake"])
 
 ConsumerStatus = Literal["alive", "lost", "stopped"]
-ConsumerStatuses = Annotated[Statuses | None, status_filter(get_args(ConsumerStatus))]
+CONSUMER_STATUS_WORDS = get_args(ConsumerStatus)
+ConsumerStatuses = Annotated[Statuses | None, status_filter(CONSUMER_STATUS_WORDS)]
 ConsumerKind = Literal["rabbitmq", "nats"]
+CONSUMER_KINDS = get_args(ConsumerKind)
 
 
 class ConsumerRead(BaseModel):
@@ -50,11 +53,17 @@ class ConsumerPage(BaseModel):
                     "older than CONSUMER_LOST_AFTER_S) or stopped, with what each received, "
                     "acknowledged and rejected since it started, and its broker's backlog; "
                     "`source` is the broker URL without credentials")
-async def get_intake(database: DatabaseDep, page: KeyPage, now: NowDep,
-                     settings: SettingsDep, status: ConsumerStatuses = None,
-                     kind: ConsumerKind | None = None) -> Any:
+async def get_intake(
+    database: DatabaseDep, page: KeyPage, now: NowDep, settings: SettingsDep,
+    status: ConsumerStatuses = None, kind: ConsumerKind | None = None,
+    seen_from: Annotated[UtcDatetime | None, Query(
+        alias="from", description="last seen at or after this time")] = None,
+    backlog_growing_before: Annotated[UtcDatetime | None, Query(
+        description="the broker's backlog has been growing since this time or earlier")] = None,
+) -> Any:
     async with database.read() as session:
         items, cursor = await list_consumers(
             session, page, now=now, lost_after_s=settings.consumer_lost_after_s,
-            status=set(status or ()), kind=kind)
+            status=set(status or ()), kind=kind, seen_from=seen_from,
+            backlog_growing_before=backlog_growing_before)
     return {"items": items, "next_cursor": cursor}

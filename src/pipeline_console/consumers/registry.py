@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.db import Database
@@ -110,7 +110,10 @@ def _status_clauses(now: datetime, lost_after_s: float) -> dict[str, Any]:
 
 
 def read_view(consumer: IntakeConsumer, now: datetime, lost_after_s: float) -> dict[str, Any]:
-    return {"id": consumer.id, "kind": consumer.kind, "source": consumer.source,
+    # stored without credentials; stripped again so that a row written otherwise (an older
+    # consumer, a hand-made row) still never shows them
+    return {"id": consumer.id, "kind": consumer.kind,
+            "source": without_credentials(consumer.source),
             "queue": consumer.queue, "host": consumer.host, "pid": consumer.pid,
             "started_at": consumer.started_at, "last_seen_at": consumer.last_seen_at,
             "stopped_at": consumer.stopped_at,
@@ -122,10 +125,17 @@ def read_view(consumer: IntakeConsumer, now: datetime, lost_after_s: float) -> d
 
 async def list_consumers(session: AsyncSession, page: PageRequest, *, now: datetime,
                          lost_after_s: float, status: set[str] | None = None,
-                         kind: str | None = None,
+                         kind: str | None = None, seen_from: datetime | None = None,
+                         backlog_growing_before: datetime | None = None,
                          ) -> tuple[list[dict[str, Any]], str | None]:
-    """Consumers by id, each with its status; the filters are applied in SQL."""
+    """Consumers by id, each with its status. The filters (statuses, a kind, last seen at or
+    after `seen_from`, a backlog growing since at or before `backlog_growing_before`) are
+    applied in SQL, so that pages stay full."""
     where = [] if kind is None else [IntakeConsumer.kind == kind]
+    if seen_from is not None:
+        where.append(IntakeConsumer.last_seen_at >= seen_from)
+    if backlog_growing_before is not None:
+        where.append(IntakeConsumer.backlog_growing_since <= backlog_growing_before)
     if status:
         clauses = _status_clauses(now, lost_after_s)
         where.append(or_(*(clauses[word] for word in sorted(status))))
@@ -138,19 +148,62 @@ async def list_consumers(session: AsyncSession, page: PageRequest, *, now: datet
 LOST_CONSUMER_CARD = timedelta(hours=24)
 
 
+def card_since(now: datetime) -> datetime:
+    """The start of the lost card's window, to the second (as its path writes it)."""
+    return (now - LOST_CONSUMER_CARD).replace(microsecond=0)
+
+
+def growing_before(now: datetime, backlog_alert_s: float) -> datetime:
+    """Backlogs growing since this time or earlier are on the dashboard, to the second (as
+    its path writes it)."""
+    return (now - timedelta(seconds=backlog_alert_s)).replace(microsecond=0)
+
+
 async def intake_summary(session: AsyncSession, *, now: datetime, lost_after_s: float,
                          backlog_alert_s: float) -> dict[str, Any]:
-    """The dashboard's card: consumers lost in the last day, and live consumers whose
-    broker's backlog has grown at every heartbeat for `backlog_alert_s`."""
+    """The dashboard's cards: consumers lost in the last day, and live consumers whose
+    broker's backlog has grown at every heartbeat for `backlog_alert_s`; each count with the
+    oldest time behind it (the last heartbeat of the longest lost, the start of the longest
+    growth)."""
     cutoff = now - timedelta(seconds=lost_after_s)
-    lost = (await session.execute(
-        select(func.count()).where(IntakeConsumer.stopped_at.is_(None),
-                                   IntakeConsumer.last_seen_at < cutoff,
-                                   IntakeConsumer.last_seen_at >= now - LOST_CONSUMER_CARD)
-    )).scalar_one()
-    behind = (await session.execute(
-        select(func.count()).where(
+    lost, lost_oldest = (await session.execute(
+        select(func.count(), func.min(IntakeConsumer.last_seen_at))
+        .where(IntakeConsumer.stopped_at.is_(None), IntakeConsumer.last_seen_at < cutoff,
+               IntakeConsumer.last_seen_at >= card_since(now)))).one()
+    behind, behind_oldest = (await session.execute(
+        select(func.count(), func.min(IntakeConsumer.backlog_growing_since)).where(
             IntakeConsumer.stopped_at.is_(None), IntakeConsumer.last_seen_at >= cutoff,
-            IntakeConsumer.backlog_growing_since <= now - timedelta(seconds=backlog_alert_s))
-    )).scalar_one()
-    return {"lost": lost, "falling_behind": behind}
+            IntakeConsumer.backlog_growing_since <= growing_before(now, backlog_alert_s))
+    )).one()
+    return {"lost": lost, "falling_behind": behind, "lost_oldest": lost_oldest,
+            "falling_behind_oldest": behind_oldest}
+
+
+async def consumer_counts(session: AsyncSession, *, now: datetime, lost_after_s: float,
+                          ) -> dict[tuple[str, str], int]:
+    """Consumers seen in the last day by (kind, status), for /metrics: older ones are
+    history, as on the dashboard."""
+    cutoff = now - timedelta(seconds=lost_after_s)
+    status = case((IntakeConsumer.stopped_at.is_not(None), "stopped"),
+                  (IntakeConsumer.last_seen_at < cutoff, "lost"), else_="alive"
+                  ).label("status")  # grouped by its name: one bound cutoff, not two
+    return {(kind, word): count for kind, word, count in (await session.execute(
+        select(IntakeConsumer.kind, status, func.count())
+        .where(IntakeConsumer.last_seen_at >= card_since(now))
+        .group_by(IntakeConsumer.kind, status))).all()}
+
+
+async def live_backlogs(session: AsyncSession, *, now: datetime, lost_after_s: float,
+                        ) -> list[Any]:
+    """What the brokers of the live consumers last reported, per (kind, queue): consumers
+    sharing a queue report the same backlog, so the latest heartbeat's figure is the
+    queue's; with when it began to grow (None: it is not growing)."""
+    cutoff = now - timedelta(seconds=lost_after_s)
+    rows = (await session.execute(
+        select(IntakeConsumer.kind, IntakeConsumer.queue, IntakeConsumer.backlog,
+               IntakeConsumer.backlog_growing_since)
+        .where(IntakeConsumer.stopped_at.is_(None), IntakeConsumer.last_seen_at >= cutoff,
+               IntakeConsumer.backlog.is_not(None))
+        .order_by(IntakeConsumer.last_seen_at))).all()
+    latest = {(row.kind, row.queue): row for row in rows}  # the last heartbeat wins
+    return [latest[key] for key in sorted(latest)]

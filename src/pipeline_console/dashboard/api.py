@@ -39,7 +39,9 @@ async def dashboard(database: DatabaseDep, settings: SettingsDep, now: NowDep) -
     async with database.read() as session:
         items = await attention(session, now=now,
                                 stale_partial_after_s=settings.stale_partial_after_s,
-                                worker_lost_after_s=settings.worker_lost_after_s)
+                                worker_lost_after_s=settings.worker_lost_after_s,
+                                consumer_lost_after_s=settings.consumer_lost_after_s,
+                                consumer_backlog_alert_s=settings.consumer_backlog_alert_s)
         figures = await rates(session, now=now)
     return DashboardRead(generated_at=now,
                          items=[AttentionRead(**item.__dict__) for item in items],

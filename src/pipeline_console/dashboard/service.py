@@ -16,6 +16,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pipeline_console.auth.tokens import unscoped_summary
+from pipeline_console.consumers import registry as consumers
 from pipeline_console.db import hour_bucket
 from pipeline_console.delivery.workers import card_since, lost_worker_summary
 from pipeline_console.models import (
@@ -73,7 +74,8 @@ def lag_severity(lag_s: float | None) -> str:
 
 
 async def attention(session: AsyncSession, *, now: datetime, stale_partial_after_s: float,
-                    worker_lost_after_s: float) -> list[AttentionItem]:
+                    worker_lost_after_s: float, consumer_lost_after_s: float,
+                    consumer_backlog_alert_s: float) -> list[AttentionItem]:
     items: list[AttentionItem] = []
     count, oldest = (await session.execute(
         select(func.count(), func.min(Anomaly.opened_at)).where(Anomaly.status == "open"))).one()
@@ -140,6 +142,8 @@ async def attention(session: AsyncSession, *, now: datetime, stale_partial_after
                        "stopped)", count, oldest, now, "warning",
                        list_path("workers", status="lost",
                                  **{"from": _time(card_since(now))})))
+    items.extend(await _intake_items(session, now=now, lost_after_s=consumer_lost_after_s,
+                                     backlog_alert_s=consumer_backlog_alert_s))
     count, oldest = await unscoped_summary(session)
     if count:  # shown until the last one is replaced (an upgrade leaves them behind)
         many = count != 1
@@ -148,6 +152,29 @@ async def attention(session: AsyncSession, *, now: datetime, stale_partial_after
                            f"{'have' if many else 'has'} no source scope: replace "
                            f"{'them' if many else 'it'}", count, oldest, now, "warning",
                            list_path("tokens", unscoped="true")))
+    return items
+
+
+async def _intake_items(session: AsyncSession, *, now: datetime, lost_after_s: float,
+                        backlog_alert_s: float) -> list[AttentionItem]:
+    """The broker consumers' cards, shown only while there is something to see (most
+    installations take no broker at all)."""
+    summary = await consumers.intake_summary(session, now=now, lost_after_s=lost_after_s,
+                                             backlog_alert_s=backlog_alert_s)
+    items = []
+    if summary["lost"]:
+        items.append(_item("lost_consumers", "Broker consumers lost in the last 24 h (no "
+                           "heartbeat, never stopped)", summary["lost"],
+                           summary["lost_oldest"], now, "warning",
+                           list_path("intake", status="lost",
+                                     **{"from": _time(consumers.card_since(now))})))
+    if summary["falling_behind"]:
+        items.append(_item("consumers_falling_behind", "Broker consumers whose broker's "
+                           f"backlog has grown for more than {backlog_alert_s:.0f} s",
+                           summary["falling_behind"], summary["falling_behind_oldest"], now,
+                           "warning",
+                           list_path("intake", status="alive", backlog_growing_before=_time(
+                               consumers.growing_before(now, backlog_alert_s)))))
     return items
 
 

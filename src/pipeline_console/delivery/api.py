@@ -84,22 +84,23 @@ async def create_system(database: DatabaseDep, body: schemas.SystemCreate, now: 
     async with database.transaction() as session:
         system = await systems.create_system(session, body, actor=actor.label, now=now,
                                              vault=vault)
-        return await systems.read_view(session, system)
+        return await systems.read_view(session, system, now=now)
 
 
 @router.get("/systems", dependencies=[VIEWER], response_model=schemas.SystemPage)
-async def list_systems(database: DatabaseDep, page: KeyPage) -> Any:
+async def list_systems(database: DatabaseDep, page: KeyPage, now: NowDep) -> Any:
     async with database.read() as session:
         result = await systems.list_systems(session, page)
-        return {"items": await systems.read_views(session, list(result.items)),
+        return {"items": await systems.read_views(session, list(result.items), now=now),
                 "next_cursor": result.next_cursor}
 
 
 @router.get("/systems/{name}", dependencies=[VIEWER], response_model=schemas.SystemRead,
             responses=problem_responses(404))
-async def get_system(database: DatabaseDep, name: SystemName) -> Any:
+async def get_system(database: DatabaseDep, name: SystemName, now: NowDep) -> Any:
     async with database.read() as session:
-        return await systems.read_view(session, await systems.get_system(session, name))
+        return await systems.read_view(session, await systems.get_system(session, name),
+                                       now=now)
 
 
 @router.patch("/systems/{name}", dependencies=[ADMIN], response_model=schemas.SystemRead,
@@ -112,7 +113,7 @@ async def patch_system(database: DatabaseDep, name: SystemName, body: schemas.Sy
     async with database.transaction() as session:
         system = await systems.update_system(session, name, body, actor=actor.label, now=now,
                                              vault=vault)
-        return await systems.read_view(session, system)
+        return await systems.read_view(session, system, now=now)
 
 
 @router.post("/systems/{name}/signing/rotate", dependencies=[ADMIN],

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pydantic_core import to_jsonable_python
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -156,11 +157,12 @@ async def create_system(session: AsyncSession, body: SystemCreate, *, actor: str
                                             now=now)).items():
         setattr(system, column, value)
     await session.flush()
-    settings = await read_view(session, system)
+    settings = await read_view(session, system, now=now)
     for field in ("name", "created_at", "updated_at", "throttled_until"):
         settings.pop(field, None)
     await append_audit(session, [AuditEntry("system.created", "system", body.name,
-                                             {"settings": settings})], actor=actor, now=now)
+                                             {"settings": to_jsonable_python(settings)})],
+                       actor=actor, now=now)
     return system
 
 
@@ -179,7 +181,7 @@ async def update_system(session: AsyncSession, name: str, patch: SystemPatch, *,
                for column in DownstreamSystem.__table__.columns}
     _check_consistency({**current, **changes})
     _check_template(changes)
-    before_view = await read_view(session, system)
+    before_view = await read_view(session, system, now=now)
     for field, value in changes.items():
         setattr(system, field, value)
     for column, value in (await _connection(session, vault, name, patch, system,
@@ -187,23 +189,23 @@ async def update_system(session: AsyncSession, name: str, patch: SystemPatch, *,
         setattr(system, column, value)
     system.updated_at = now
     await session.flush()
-    after_view = await read_view(session, system)
+    after_view = await read_view(session, system, now=now)
     fields = sorted(set(changes) | (patch.model_fields_set & set(CONNECTION)))
     await append_audit(session, [AuditEntry(
-        "system.updated", "system", name,
-        {"before": {field: before_view.get(field) for field in fields},
-         "after": {field: after_view.get(field) for field in fields}})],
+        "system.updated", "system", name, to_jsonable_python(
+            {"before": {field: before_view.get(field) for field in fields},
+             "after": {field: after_view.get(field) for field in fields}}))],
         actor=actor, now=now)
     return system
 
 
-async def read_view(session: AsyncSession, system: DownstreamSystem,
+async def read_view(session: AsyncSession, system: DownstreamSystem, *, now: datetime,
                     rows: dict[str, SystemSecret] | None = None) -> dict[str, Any]:
     """The system as every reader sees it (SystemRead): each secret as {"secret_set": true,
     "fingerprint": "…"}."""
     if rows is None:
         rows = await secrets.secret_rows(session, system.name)
-    shown = secrets.views(rows)
+    shown = secrets.views(rows, now=now)
     view = {column.name: getattr(system, column.key)
             for column in DownstreamSystem.__table__.columns
             if column.name not in ("rate_allowance", "rate_checked_at")}
@@ -221,15 +223,16 @@ async def read_view(session: AsyncSession, system: DownstreamSystem,
     return view
 
 
-async def read_views(session: AsyncSession,
-                     systems: list[DownstreamSystem]) -> list[dict[str, Any]]:
+async def read_views(session: AsyncSession, systems: list[DownstreamSystem], *,
+                     now: datetime) -> list[dict[str, Any]]:
     names = [system.name for system in systems]
     rows: dict[str, dict[str, SystemSecret]] = {name: {} for name in names}
     if names:
         for row in (await session.execute(select(SystemSecret).where(
                 SystemSecret.system.in_(names)))).scalars():
             rows[row.system][row.slot] = row
-    return [await read_view(session, system, rows[system.name]) for system in systems]
+    return [await read_view(session, system, now=now, rows=rows[system.name])
+            for system in systems]
 
 
 async def get_system(session: AsyncSession, name: str) -> DownstreamSystem:

@@ -201,12 +201,15 @@ async def rotate_key(session: AsyncSession, old: Vault, new: Vault) -> int:
     return len(rows)
 
 
-def views(rows: Mapping[str, SystemSecret]) -> dict[str, dict[str, Any]]:
-    """slot → what readers see of it."""
+def views(rows: Mapping[str, SystemSecret], *, now: datetime) -> dict[str, dict[str, Any]]:
+    """slot → what readers see of it (a signing_previous whose overlap is over: nothing, as
+    sends no longer use it)."""
     out = {}
     for slot, row in rows.items():
         view = secret_view(row.fingerprint)
         if row.expires_at is not None:
+            if row.expires_at <= now:
+                continue
             view["expires_at"] = row.expires_at
         out[slot] = view
     return out
