@@ -204,7 +204,10 @@ async def _dashboard_in_process(database: Database) -> Timings:
         now = datetime.now(UTC)
         async with database.read() as session:
             await attention(session, now=now,
-                            stale_partial_after_s=settings.stale_partial_after_s)
+                            stale_partial_after_s=settings.stale_partial_after_s,
+                            worker_lost_after_s=settings.worker_lost_after_s,
+                            consumer_lost_after_s=settings.consumer_lost_after_s,
+                            consumer_backlog_alert_s=settings.consumer_backlog_alert_s)
             await rates(session, now=now)
 
     return await _time(dashboard)

@@ -38,7 +38,8 @@ async def capture(url: str, key: str) -> list[tuple[str, str, Any]]:
     now = datetime.now(UTC)
     async with database.read() as session:
         label[0] = "dashboard"
-        await attention(session, now=now, stale_partial_after_s=3600)
+        await attention(session, now=now, stale_partial_after_s=3600, worker_lost_after_s=30,
+                        consumer_lost_after_s=30, consumer_backlog_alert_s=300)
         await rates(session, now=now)
         label[0] = "inspector"
         await inspect_record(session, key, limit=200)
