@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class Answer:
     body: str = "ok"
     headers: dict[str, str] = field(default_factory=dict)
     hold: threading.Event | None = None  # answer only once the test sets it
+    # answer with what was received instead of `body`, as a debugging endpoint or a chatty
+    # error page does: the headers and the body as JSON, and the headers form-encoded
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,11 @@ class ScriptedServer:
                 finally:
                     with server._lock:
                         server.in_flight -= 1
-                self._answer(answer.status, answer.body, answer.headers)
+                body = answer.body
+                if answer.echo:
+                    body = json.dumps({"headers": dict(self.headers), "body": raw.decode(),
+                                       "form": urlencode(dict(self.headers))})
+                self._answer(answer.status, body, answer.headers)
 
             do_PUT = do_PATCH = do_POST
 

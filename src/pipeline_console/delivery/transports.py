@@ -22,6 +22,7 @@ import orjson
 import yarl
 
 from pipeline_console.delivery.mapping import MappingError, apply_template_to_text
+from pipeline_console.delivery.masking import masked, secret_forms
 from pipeline_console.delivery.oauth import AccessTokens, TokenEndpointError
 from pipeline_console.delivery.policy import Failure, SendResult
 from pipeline_console.delivery.tls import certificate_problem, ssl_context
@@ -220,9 +221,13 @@ class Transports:
             yield cls(session)
 
     async def send(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
+        """The answer, with the system's secrets (and the access tokens this send used) cut
+        out of it before anyone records or logs it: a system may echo the request."""
         if system.transport == "simulated":
             return simulate_send(system, request)
-        return await self._post(system, request)
+        tokens: list[str] = []
+        result = await self._post(system, request, tokens)
+        return masked(result, secret_forms(system, tokens))
 
     def has_status_query(self, system: SystemConfig) -> bool:
         if system.transport == "simulated":
@@ -278,7 +283,9 @@ class Transports:
             return {**headers, auth["name"]: secret}, None
         raise TokenEndpointError(f"unknown auth type {kind!r}", Failure.TOKEN_REFUSED)
 
-    async def _post(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
+    async def _post(self, system: SystemConfig, request: DeliveryRequest,
+                    tokens: list[str]) -> SendResult:
+        """`tokens` gathers the OAuth2 access tokens this send used."""
         assert system.url is not None
         started = time.perf_counter()
         sending = False  # whether the request has started on its way (a timeout then is not
@@ -291,6 +298,7 @@ class Transports:
             async with asyncio.timeout(total_deadline_s(system.timeout_s)):
                 headers, token = (await self._authenticate(system, request.headers)
                                   if system.auth else (request.headers, None))
+                tokens.extend([token] if token else [])
                 sending = True
                 status, content, retry_after = await self._exchange(system, request, headers)
                 if status == 401 and token is not None:
@@ -298,6 +306,7 @@ class Transports:
                     sending = False
                     headers, token = await self._authenticate(system, request.headers,
                                                               refused=token)
+                    tokens.extend([token] if token else [])
                     sending = True
                     status, content, retry_after = await self._exchange(system, request,
                                                                         headers)
