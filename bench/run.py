@@ -25,7 +25,7 @@ NOTES = Path(__file__).resolve().parent / "notes"
 # module, the benchmark numbers it reports (in the order they run)
 MODULES = [("bench.ingestion", {"1"}), ("bench.validation", {"1"}),
            ("bench.http", {"2", "3", "8"}), ("bench.large", {"4", "5", "8"}),
-           ("bench.delivery", {"6", "7"})]
+           ("bench.delivery", {"6", "7"}), ("bench.brokers", {"9"})]
 
 
 def _selected() -> list[str]:

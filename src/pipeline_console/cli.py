@@ -269,6 +269,7 @@ def consume(
     from pipeline_console.consumers.base import BrokerError
     from pipeline_console.consumers.run import run_consumer
     from pipeline_console.logs import configure_logging
+    from pipeline_console.process import settle_long_lived_objects
 
     settings = Settings()
     configure_logging(settings.log_format)
@@ -289,6 +290,7 @@ def consume(
         broker = JetStream(url, stream, consumer, settings)
     else:
         _refuse("the broker URL must start with amqp://, amqps:// or nats://")
+    settle_long_lived_objects()
     try:
         asyncio.run(run_consumer(settings, broker))
     except BrokerError as error:

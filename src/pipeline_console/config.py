@@ -157,9 +157,11 @@ class Settings(BaseSettings):
 
     # Broker consumers (pipeline-console consume).
     consumer_prefetch: int = Field(
-        default=200, ge=1, le=10_000,
+        default=1000, ge=1, le=10_000,
         description="messages a consumer holds unacknowledged at most (RabbitMQ's prefetch "
-        "count; NATS' fetch batch and max_ack_pending of a consumer it creates)")
+        "count; NATS' fetch batch, and a quarter of max_ack_pending of a consumer it "
+        "creates); twice consumer_batch_size lets one batch gather while the one before it "
+        "is written")
     consumer_batch_size: int = Field(
         default=500, ge=1, le=10_000,
         description="messages a consumer writes in one transaction at most")

@@ -387,3 +387,29 @@ class TestOldRowsAreShownWithoutTheirCredentials:
                 DeliveryAttempt.attempt_number == 2))).scalar_one()
             assert stored["url"] == old_url
         assert (await client.get("/api/v1/audit/verify")).json()["ok"] is True
+
+
+class TestAProcessWithTheOldKey:
+    async def test_after_rotate_key_only_the_systems_with_secrets_wait_for_the_new_key(
+            self, client, sink, database, database_url, caplog) -> None:
+        """The in-process server keeps running with the old key after `secrets rotate-key`
+        (as a worker does until it is restarted): a system without secrets is delivered as
+        before, and one whose secret it cannot read is not sent, transiently, saying why."""
+        await add_system(client, sink, name="plain", url=sink.base + "/plain")
+        await add_system(client, sink, name="ledger", url=sink.base + "/ledger",
+                         auth={"type": "bearer", "token": TOKEN})
+        result = await cli(database_url, "secrets", "rotate-key",
+                           new_key=Fernet.generate_key().decode())
+        assert result.returncode == 0, result.stderr
+
+        await ingest(client, message(1, {"name": "Ada"}))
+        counts = await run_pass(client)
+        assert [received.path for received in sink.received] == ["/plain"], counts
+        ledger = (await client.get("/api/v1/deliveries?system=ledger")).json()["items"]
+        [delivery] = ledger
+        assert delivery["status"] == "pending", delivery
+        [attempt] = (await client.get(
+            f"/api/v1/deliveries/{delivery['id']}/attempts")).json()["items"]
+        assert attempt["classification"] == "transient"
+        assert "rotate-key" in attempt["error"] and "auth" in attempt["error"]
+        assert TOKEN not in caplog.text

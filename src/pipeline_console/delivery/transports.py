@@ -50,6 +50,8 @@ class SystemConfig:
     tls: Mapping[str, Any] | None = None
     body_template: str | None = None
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # the slots whose secret this process's key cannot read (stored with another key)
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
