@@ -58,3 +58,40 @@ async def test_urls_with_credentials_or_unknown_placeholders_are_refused(client,
     assert answer.status_code == 422
     assert answer.json()["errors"][0]["field"] == "url"
     assert "pw" not in answer.text or "user:pw" not in answer.text
+
+
+BASE = {"name": "named", "transport": "http", "url": "http://127.0.0.1:9/in"}
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"auth": {"type": "header", "name": "Content-Type", "value": "v-123456"}}, "auth.name"),
+    ({"auth": {"type": "header", "name": "X Key", "value": "v-123456"}}, "auth.name"),
+    ({"auth": {"type": "header", "name": "X-Key", "value": "v\u00e9"}}, "auth.value"),
+    ({"auth": {"type": "bearer", "token": ""}}, "auth.token"),
+    ({"auth": {"type": "basic", "username": "a:b", "password": "pw-123456"}}, "auth.username"),
+    ({"auth": {"type": "oauth2_client_credentials", "token_url": "ftp://127.0.0.1/token",
+               "client_id": "c", "client_secret": "cs-123456"}}, "auth.token_url"),
+    ({"signing": {"scheme": "standard-webhooks", "secret": "whsec_short"}}, "signing.secret"),
+    ({"transport": "simulated", "simulation": {"outcomes": {"success": 0}}},
+     "simulation.outcomes"),
+    ({"headers": {"Authorization": "Bearer x"}}, "headers.Authorization"),
+])
+async def test_errors_of_cross_field_and_union_checks_name_the_field_itself(
+        client, change, field) -> None:
+    """A model's own checks and a field inside the auth union name the field the client
+    wrote, not the body, the model, or the union member's tag (auth.bearer.token)."""
+    answer = await client.post("/api/v1/systems", json={**BASE, **change})
+    assert answer.status_code == 422, answer.text
+    assert [error["field"] for error in answer.json()["errors"]] == [field], answer.text
+    assert answer.json()["detail"] == f"invalid input: {field}"
+    assert "123456" not in answer.text
+
+
+async def test_a_patch_nulling_a_field_that_cannot_be_null_names_it(client) -> None:
+    assert (await client.post("/api/v1/systems", json=BASE)).status_code == 201
+    answer = await client.patch("/api/v1/systems/named", json={"timeout_s": None})
+    assert answer.status_code == 422, answer.text
+    assert [error["field"] for error in answer.json()["errors"]] == ["timeout_s"]
+    patched = await client.patch("/api/v1/systems/named", json={
+        "auth": {"type": "header", "name": "Idempotency-Key", "value": "v-123456"}})
+    assert [error["field"] for error in patched.json()["errors"]] == ["auth.name"]

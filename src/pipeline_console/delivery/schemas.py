@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline_console.errors import FieldValueError
 from pipeline_console.ingestion.schemas import Name
 from pipeline_console.redaction import redact
 
@@ -90,12 +91,12 @@ class Simulation(BaseModel):
     status_query: Literal["applied", "not_applied", "unavailable"] | None = Field(
         default=None, description="what a status query answers; null: the system has none")
 
-    @model_validator(mode="after")
-    def weights_are_positive(self) -> Simulation:
-        if any(weight < 0 for weight in self.outcomes.values()) or not any(
-                self.outcomes.values()):
+    @field_validator("outcomes")
+    @classmethod
+    def weights_are_positive(cls, outcomes: dict[str, float]) -> dict[str, float]:
+        if any(weight < 0 for weight in outcomes.values()) or not any(outcomes.values()):
             raise ValueError("outcomes need non-negative weights, at least one above zero")
-        return self
+        return outcomes
 
 
 # --- connecting to real systems: auth, signing, TLS (secrets are write-only) ---
@@ -140,15 +141,20 @@ class AuthHeader(BaseModel):
     name: HeaderName
     value: Secret | None = Field(default=None, description="write-only")
 
-    @model_validator(mode="after")
-    def sendable(self) -> AuthHeader:
-        if self.name.lower() in RESERVED_HEADERS - {"authorization", "proxy-authorization",
-                                                    "cookie"}:
-            raise ValueError(f"{self.name} is a header the pipeline sets itself")
-        value = None if self.value is None else self.value.get_secret_value()
-        if value is not None and not re.fullmatch(r"[\t\x20-\x7e]+", value):
-            raise ValueError("value must be printable ASCII (a header value)")
-        return self
+    @field_validator("name")
+    @classmethod
+    def not_the_pipelines(cls, name: str) -> str:
+        if name.lower() in RESERVED_HEADERS - {"authorization", "proxy-authorization",
+                                               "cookie"}:
+            raise ValueError(f"{name} is a header the pipeline sets itself")
+        return name
+
+    @field_validator("value")
+    @classmethod
+    def sendable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[\t\x20-\x7e]+", value.get_secret_value()):
+            raise ValueError("must be printable ASCII (a header value)")
+        return value
 
 
 class AuthOAuth2(BaseModel):
@@ -179,17 +185,18 @@ class Signing(BaseModel):
         default=None, description="whsec_ and the base64 of 16 to 64 random bytes; write-only. "
         "Leave out to keep the stored one; POST /systems/{name}/signing/rotate makes one")
 
-    @model_validator(mode="after")
-    def well_formed(self) -> Signing:
-        if self.secret is not None:
-            value = self.secret.get_secret_value()
+    @field_validator("secret")
+    @classmethod
+    def well_formed(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            value = secret.get_secret_value()
             if not SIGNING_SECRET.match(value):
-                raise ValueError("secret must be whsec_ followed by base64 (as `signing/rotate` "
+                raise ValueError("must be whsec_ followed by base64 (as `signing/rotate` "
                                  "makes it)")
             raw = len(value[6:].rstrip("=")) * 3 // 4
             if not 16 <= raw <= 64:
-                raise ValueError("secret must hold 16 to 64 bytes")
-        return self
+                raise ValueError("must hold 16 to 64 bytes")
+        return secret
 
 
 Pem = Annotated[str, StringConstraints(min_length=1, max_length=200_000)]
@@ -239,13 +246,14 @@ class SystemFields(BaseModel):
     max_per_second: float | None = Field(default=None, gt=0, le=100_000,
                                          description="sends per second, across every worker")
 
-    @model_validator(mode="after")
-    def headers_are_not_reserved(self) -> SystemFields:
-        for name in self.headers or {}:
+    @field_validator("headers")
+    @classmethod
+    def headers_are_not_reserved(cls, headers: dict[str, str] | None) -> dict[str, str] | None:
+        for name in headers or {}:
             if name.lower() in RESERVED_HEADERS:
-                raise ValueError(f"headers: {name} cannot be set here (the pipeline sets it, "
-                                 "or it is a credential: use auth)")
-        return self
+                raise FieldValueError(name, f"{name} cannot be set here (the pipeline sets "
+                                      "it, or it is a credential: use auth)")
+        return headers
 
 
 class SystemCreate(SystemFields):
@@ -270,7 +278,8 @@ class SystemPatch(SystemFields):
     def only_nullable_fields_may_be_null(self) -> SystemPatch:
         for name in self.model_fields_set - NULLABLE:
             if getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null; leave it out to keep its value")
+                raise FieldValueError(name, f"{name} cannot be null; leave it out to keep "
+                                      "its value")
         return self
 
 
