@@ -44,6 +44,7 @@ class ScriptedServer:
         self.status_answers: dict[tuple[str, int], int] = {}
         self.received: list[Received] = []
         self.status_queries: list[str] = []
+        self.status_query_headers: list[dict[str, str]] = []
         # POSTs received and not yet answered, and the most at once. A request stops counting
         # before its answer is written: the client may send its next one as soon as it has
         # read the answer, so counting until after the write would overlap the two.
@@ -84,6 +85,7 @@ class ScriptedServer:
                 parts = self.path.split("/")
                 with server._lock:
                     server.status_queries.append(self.path)
+                    server.status_query_headers.append(dict(self.headers))
                 if len(parts) == 4 and parts[1] == "status":
                     status = server.status_answers.get((unquote(parts[2]), int(parts[3])), 404)
                     self._answer(status, "status")

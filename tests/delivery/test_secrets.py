@@ -27,6 +27,7 @@ from pipeline_console.delivery.vault import KeyProblem, Vault, check_readable, l
 from pipeline_console.models import AuditEvent, DeliveryAttempt, DownstreamSystem, SystemSecret
 from tests.conftest import TEST_SECRET_KEY, make_token
 from tests.delivery.test_delivery import add_system, ingest, run_pass
+from tests.sink import Answer
 from tests.support import message
 
 pytestmark = pytest.mark.backends
@@ -413,3 +414,21 @@ class TestAProcessWithTheOldKey:
         assert attempt["classification"] == "transient"
         assert "rotate-key" in attempt["error"] and "auth" in attempt["error"]
         assert TOKEN not in caplog.text
+
+
+class TestTheStatusQuery:
+    async def test_it_authenticates_as_the_deliveries_do(self, client, sink) -> None:
+        """An ambiguous send to a system with auth: the status query carries the system's
+        credentials (without them it would be refused, and the outcome stay open)."""
+        sink.answer(Answer(200, delay_s=1.5))
+        await add_system(client, sink, timeout_s=0.3, status_url=sink.status_url,
+                         auth={"type": "bearer", "token": TOKEN})
+        await ingest(client, message(1))
+        await run_pass(client)
+        sink.status_answers[("customer:C-100", 1)] = 200
+        [outcome] = (await client.get("/api/v1/ambiguous")).json()["items"]
+        response = await client.post(f"/api/v1/ambiguous/{outcome['id']}/query-status")
+        assert response.status_code == 200, response.text
+        assert response.json()["resolution"] == "delivered", response.text
+        [headers] = sink.status_query_headers
+        assert headers["Authorization"] == f"Bearer {TOKEN}"

@@ -268,6 +268,13 @@ async def _secrets_of(
     return held, unreadable
 
 
+async def config_of(session: AsyncSession, deliverer: Deliverer, system: Any) -> SystemConfig:
+    """One system's settings with its secrets, as a send needs them (a status query too)."""
+    held, unreadable = await _secrets_of(session, deliverer, {system.name: system},
+                                         deliverer.clock())
+    return system_config(system, held.get(system.name), unreadable.get(system.name, ()))
+
+
 _UNREADABLE_LOGGED: set[tuple[str, tuple[str, ...]]] = set()  # said once per process
 
 
