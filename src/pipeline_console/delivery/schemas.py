@@ -107,6 +107,11 @@ Secret = Annotated[SecretStr, Field(min_length=1, max_length=8192)]
 HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=256,
                                               pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
 HeaderValue = Annotated[str, StringConstraints(max_length=8192, pattern=r"^[\t\x20-\x7e]*$")]
+# What a header can carry of a credential: a bearer token is visible ASCII (RFC 9110
+# token68 and more, as real systems issue them; a space would split "Bearer <token>"), a
+# header auth's value printable ASCII and tabs (transports.py checks stored ones again).
+BEARER_TOKEN = re.compile(r"[\x21-\x7e]+")
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e]+")
 # Headers the pipeline sets itself, or that would carry a credential in the clear (a
 # system's headers are shown to every viewer: a credential goes in auth).
 RESERVED_HEADERS = frozenset({
@@ -124,7 +129,15 @@ class AuthBearer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["bearer"]
     token: Secret | None = Field(default=None, description="write-only; leave out on a PATCH "
-                                 "to keep the stored one")
+                                 "to keep the stored one; visible ASCII (a header value)")
+
+    @field_validator("token")
+    @classmethod
+    def sendable(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not BEARER_TOKEN.fullmatch(token.get_secret_value()):
+            raise ValueError("must be visible ASCII, without spaces, control characters or "
+                             "line breaks (it is sent in the Authorization header)")
+        return token
 
 
 class AuthBasic(BaseModel):
@@ -152,7 +165,7 @@ class AuthHeader(BaseModel):
     @field_validator("value")
     @classmethod
     def sendable(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not re.fullmatch(r"[\t\x20-\x7e]+", value.get_secret_value()):
+        if value is not None and not HEADER_VALUE.fullmatch(value.get_secret_value()):
             raise ValueError("must be printable ASCII (a header value)")
         return value
 

@@ -25,6 +25,7 @@ from pipeline_console.delivery.mapping import MappingError, apply_template_to_te
 from pipeline_console.delivery.masking import masked, secret_forms
 from pipeline_console.delivery.oauth import AccessTokens, TokenEndpointError
 from pipeline_console.delivery.policy import Failure, SendResult
+from pipeline_console.delivery.schemas import BEARER_TOKEN, HEADER_VALUE
 from pipeline_console.delivery.tls import certificate_problem, ssl_context
 
 RESPONSE_EXCERPT_BYTES = 2048
@@ -276,6 +277,13 @@ class Transports:
         if secret is None:
             raise TokenEndpointError(f"the {kind} secret could not be read (is "
                                      "PIPELINE_CONSOLE_SECRET_KEY set?)", Failure.NOT_SENT)
+        if kind in ("bearer", "header") and not (
+                BEARER_TOKEN if kind == "bearer" else HEADER_VALUE).fullmatch(secret):
+            # stored before the API checked it: no retry can send it
+            raise TokenEndpointError(
+                f"the {kind} auth's {'token' if kind == 'bearer' else 'value'} holds "
+                "characters a header value cannot carry (control characters, line breaks, "
+                "text beyond ASCII); PATCH the system with a new one", Failure.UNSENDABLE)
         if kind == "bearer":
             return {**headers, "Authorization": f"Bearer {secret}"}, None
         if kind == "basic":
@@ -341,6 +349,11 @@ class Transports:
             # a read timeout, a dropped connection, a malformed answer…: the request may
             # have arrived. Anything we cannot tell apart is treated the same way.
             return SendResult(failure=Failure.MAYBE_SENT, error=_describe(error),
+                              latency_ms=_since(started))
+        except ValueError as error:
+            # aiohttp refusing what it was given (a header value with a line break, …)
+            # before writing anything: never sent, and the same request fails every time
+            return SendResult(failure=Failure.UNSENDABLE, error=_describe(error),
                               latency_ms=_since(started))
         except Exception as error:  # a request that could not even be built: never sent
             return SendResult(failure=Failure.NOT_SENT, error=_describe(error),
