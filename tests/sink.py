@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class Answer:
     body: str = "ok"
     headers: dict[str, str] = field(default_factory=dict)
     hold: threading.Event | None = None  # answer only once the test sets it
+    # answer with what was received instead of `body`, as a debugging endpoint or a chatty
+    # error page does: the headers and the body as JSON, and the headers form-encoded
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ScriptedServer:
         self.status_answers: dict[tuple[str, int], int] = {}
         self.received: list[Received] = []
         self.status_queries: list[str] = []
+        self.status_query_headers: list[dict[str, str]] = []
         # POSTs received and not yet answered, and the most at once. A request stops counting
         # before its answer is written: the client may send its next one as soon as it has
         # read the answer, so counting until after the write would overlap the two.
@@ -69,7 +73,11 @@ class ScriptedServer:
                 finally:
                     with server._lock:
                         server.in_flight -= 1
-                self._answer(answer.status, answer.body, answer.headers)
+                body = answer.body
+                if answer.echo:
+                    body = json.dumps({"headers": dict(self.headers), "body": raw.decode(),
+                                       "form": urlencode(dict(self.headers))})
+                self._answer(answer.status, body, answer.headers)
 
             do_PUT = do_PATCH = do_POST
 
@@ -77,6 +85,7 @@ class ScriptedServer:
                 parts = self.path.split("/")
                 with server._lock:
                     server.status_queries.append(self.path)
+                    server.status_query_headers.append(dict(self.headers))
                 if len(parts) == 4 and parts[1] == "status":
                     status = server.status_answers.get((unquote(parts[2]), int(parts[3])), 404)
                     self._answer(status, "status")

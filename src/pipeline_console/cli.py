@@ -62,6 +62,8 @@ def migrate() -> None:
     from pipeline_console.delivery.startup import StartupRefused, move_url_credentials
     from pipeline_console.delivery.vault import Vault
 
+    _check_secret_key(Settings())
+
     async def work(database: Database) -> list[str]:
         await upgrade_to_head(database.engine)
         return await move_url_credentials(database, Vault.from_settings(Settings()),
@@ -76,6 +78,18 @@ def migrate() -> None:
     if moved:
         typer.echo(f"moved the credentials in the URLs of {', '.join(moved)} into their "
                    "auth (basic)")
+
+
+def _check_secret_key(settings: Settings) -> None:
+    """Refuse to start (one line, exit 1) when PIPELINE_CONSOLE_SECRET_KEY is set but is not
+    a key: before anything else, not at the first secret stored or read."""
+    from pipeline_console.delivery.startup import StartupRefused, check_key
+    from pipeline_console.delivery.vault import Vault
+
+    try:
+        check_key(Vault.from_settings(settings))
+    except StartupRefused as refused:
+        _refuse(str(refused))
 
 
 def _check_connections(settings: Settings) -> None:
@@ -144,6 +158,7 @@ def serve(
 
     settings = Settings()
     configure_logging(settings.log_format)
+    _check_secret_key(settings)
     # The schema only: moving credentials out of URLs changes how systems authenticate, so
     # it is `pipeline-console migrate`'s, run on purpose (and the check below refuses to
     # start until it has been).
@@ -233,6 +248,7 @@ def worker() -> None:
 
     settings = Settings()
     configure_logging(settings.log_format)
+    _check_secret_key(settings)
     _check_connections(settings)
     settle_long_lived_objects()
     asyncio.run(run_worker(settings))
@@ -257,6 +273,7 @@ def consume(
 
     settings = Settings()
     configure_logging(settings.log_format)
+    _check_secret_key(settings)  # consumers store no secret, but one key serves every process
     broker: Any
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("amqp", "amqps"):

@@ -138,6 +138,35 @@ class TestTheIntakePage:
         assert item["source"] == "amqps://broker-3:5671/vh"
 
 
+class TestTheIntakeApi:
+    async def test_the_list_filters_by_status_kind_last_seen_and_growth(self, client, clock):
+        await three_consumers(client, clock)
+
+        async def ids(query: str) -> list[str]:
+            response = await client.get(f"/api/v1/intake?{query}")
+            assert response.status_code == 200, (query, response.text)
+            return [item["id"] for item in response.json()["items"]]
+
+        assert await ids("") == ["consumer:alive", "consumer:lost", "consumer:stopped"]
+        assert await ids("status=lost,stopped&kind=rabbitmq") == ["consumer:stopped"]
+        assert await ids("from=2026-11-24T10:00:01Z") == ["consumer:alive"]
+        assert await ids("backlog_growing_before=2026-11-24T10:00:40Z") == ["consumer:alive"]
+        assert await ids("backlog_growing_before=2026-11-24T10:00:39Z") == []
+        [alive] = (await client.get("/api/v1/intake?status=alive")).json()["items"]
+        assert {key: alive[key] for key in ("status", "kind", "source", "queue", "received",
+                                            "acknowledged", "rejected", "backlog",
+                                            "backlog_growing_since")} == {
+            "status": "alive", "kind": "rabbitmq", "source": "amqp://broker-1:5672/erp",
+            "queue": "invoices", "received": 200, "acknowledged": 198, "rejected": 4,
+            "backlog": 25, "backlog_growing_since": "2026-11-24T10:00:40Z"}
+        for query, field in (("status=alive,asleep", "status"), ("kind=kafka", "kind"),
+                             ("backlog_growing_before=yesterday", "backlog_growing_before")):
+            refused = await client.get(f"/api/v1/intake?{query}")
+            assert refused.status_code == 422, query
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert field in [error["field"] for error in refused.json()["errors"]], query
+
+
 async def dashboard_items(client) -> dict[str, dict]:
     items = (await client.get("/api/v1/dashboard")).json()["items"]
     return {item["name"]: item for item in items}

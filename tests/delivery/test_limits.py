@@ -227,6 +227,27 @@ class TestThrottling:
         breaker = await circuit(client)
         assert breaker["consecutive_failures"] == 0  # the one 503 counted, then a success
 
+    async def test_throttled_tries_do_not_grow_the_backoff(self, client, sink, clock):
+        """Each throttled try waits what the system asked; the first real failure after
+        them waits the first step of the backoff, as if they had not happened."""
+        sink.answer(*[Answer(429, headers={"Retry-After": "1"})] * 6, Answer(503),
+                    Answer(200))
+        await add_system(client, sink, max_attempts=5, backoff_base_s=10,
+                         backoff_max_s=3600)
+        await ingest(client, message(1))
+        waits = []
+        for _ in range(7):
+            await run_pass(client)
+            [delivery] = await deliveries(client)
+            due = datetime.fromisoformat(delivery["next_attempt_at"])
+            waits.append((due - clock.now).total_seconds())
+            clock.advance(seconds=max(waits[-1], 1) + 0.01)
+        assert waits[:6] == [1.0] * 6, waits
+        assert 5 <= waits[6] <= 10, waits  # 10 s x [1/2, 1]: the first step
+        await run_pass(client)
+        [delivery] = await deliveries(client)
+        assert (delivery["status"], delivery["attempts"]) == ("delivered", 8)
+
     async def test_a_later_throttle_is_kept_over_a_shorter_one(self, client, sink, clock):
         sink.answer(Answer(429, headers={"Retry-After": "60"}),
                     Answer(429, headers={"Retry-After": "1"}))

@@ -27,6 +27,7 @@ from pipeline_console.delivery.vault import KeyProblem, Vault, check_readable, l
 from pipeline_console.models import AuditEvent, DeliveryAttempt, DownstreamSystem, SystemSecret
 from tests.conftest import TEST_SECRET_KEY, make_token
 from tests.delivery.test_delivery import add_system, ingest, run_pass
+from tests.sink import Answer
 from tests.support import message
 
 pytestmark = pytest.mark.backends
@@ -236,6 +237,35 @@ class TestRefusingToStart:
             assert system.url == f"http://svc:{PASSWORD}@127.0.0.1:9/in"
 
 
+NOT_A_KEY = "not-a-fernet-key-" + "5b0c9e2d41"
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "consume"])
+async def test_a_malformed_key_is_refused_at_start_up_on_a_database_without_secrets(
+        database_url, command) -> None:
+    # nothing stored yet: without the check, the key would fail only at the first secret
+    args = {"serve": ["serve", "--port", str(_free_port())], "worker": ["worker"],
+            "consume": ["consume", "amqp://guest:guest@127.0.0.1:5672/",
+                        "--queue", "never-declared-malformed-key"]}[command]
+    result = await cli(database_url, *args, key=NOT_A_KEY, timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert line.startswith("error: PIPELINE_CONSOLE_SECRET_KEY is not a key"), line
+    assert "secrets new-key" in line
+    assert NOT_A_KEY not in result.stderr + result.stdout
+
+
+async def test_a_malformed_key_is_named_as_such_when_secrets_are_stored(
+        client, database) -> None:
+    await add_secret_system(client)
+    async with database.read() as session:
+        with pytest.raises(StartupRefused, match="PIPELINE_CONSOLE_SECRET_KEY is not a key"):
+            await check_connections(database, Vault(NOT_A_KEY))
+        with pytest.raises(KeyProblem, match="is not a key"):
+            await check_readable(session, Vault(NOT_A_KEY))
+
+
 class TestMigratingCredentialsOutOfUrls:
     async def test_migrate_moves_them_into_basic_auth_audited_without_the_password(
             self, client, database, database_url) -> None:
@@ -358,3 +388,47 @@ class TestOldRowsAreShownWithoutTheirCredentials:
                 DeliveryAttempt.attempt_number == 2))).scalar_one()
             assert stored["url"] == old_url
         assert (await client.get("/api/v1/audit/verify")).json()["ok"] is True
+
+
+class TestAProcessWithTheOldKey:
+    async def test_after_rotate_key_only_the_systems_with_secrets_wait_for_the_new_key(
+            self, client, sink, database, database_url, caplog) -> None:
+        """The in-process server keeps running with the old key after `secrets rotate-key`
+        (as a worker does until it is restarted): a system without secrets is delivered as
+        before, and one whose secret it cannot read is not sent, transiently, saying why."""
+        await add_system(client, sink, name="plain", url=sink.base + "/plain")
+        await add_system(client, sink, name="ledger", url=sink.base + "/ledger",
+                         auth={"type": "bearer", "token": TOKEN})
+        result = await cli(database_url, "secrets", "rotate-key",
+                           new_key=Fernet.generate_key().decode())
+        assert result.returncode == 0, result.stderr
+
+        await ingest(client, message(1, {"name": "Ada"}))
+        counts = await run_pass(client)
+        assert [received.path for received in sink.received] == ["/plain"], counts
+        ledger = (await client.get("/api/v1/deliveries?system=ledger")).json()["items"]
+        [delivery] = ledger
+        assert delivery["status"] == "pending", delivery
+        [attempt] = (await client.get(
+            f"/api/v1/deliveries/{delivery['id']}/attempts")).json()["items"]
+        assert attempt["classification"] == "transient"
+        assert "rotate-key" in attempt["error"] and "auth" in attempt["error"]
+        assert TOKEN not in caplog.text
+
+
+class TestTheStatusQuery:
+    async def test_it_authenticates_as_the_deliveries_do(self, client, sink) -> None:
+        """An ambiguous send to a system with auth: the status query carries the system's
+        credentials (without them it would be refused, and the outcome stay open)."""
+        sink.answer(Answer(200, delay_s=1.5))
+        await add_system(client, sink, timeout_s=0.3, status_url=sink.status_url,
+                         auth={"type": "bearer", "token": TOKEN})
+        await ingest(client, message(1))
+        await run_pass(client)
+        sink.status_answers[("customer:C-100", 1)] = 200
+        [outcome] = (await client.get("/api/v1/ambiguous")).json()["items"]
+        response = await client.post(f"/api/v1/ambiguous/{outcome['id']}/query-status")
+        assert response.status_code == 200, response.text
+        assert response.json()["resolution"] == "delivered", response.text
+        [headers] = sink.status_query_headers
+        assert headers["Authorization"] == f"Bearer {TOKEN}"

@@ -24,6 +24,7 @@ from pipeline_console.errors import (
     NotFound,
     TooLarge,
     Unauthorized,
+    error_path,
 )
 
 log = logging.getLogger("pipeline_console")
@@ -160,7 +161,9 @@ def install_problem_handlers(app: FastAPI, html: HtmlErrors | None = None) -> No
         errors = []
         for item in error.errors():
             location = [str(part) for part in item.get("loc", ())]
-            where, path = (location[0], location[1:]) if location else ("body", [])
+            where = location[0] if location else "body"
+            path = error_path({**item, "loc": item["loc"][1:]},
+                              error.body if where == "body" else None) if location else []
             errors.append(FieldError(field=".".join(path) or where, location=where,
                                      message=str(item.get("msg", "invalid")),
                                      type=str(item.get("type", "invalid"))))

@@ -44,7 +44,7 @@ from pipeline_console.delivery.schemas import (
     SystemCreate,
     SystemPatch,
 )
-from pipeline_console.errors import DomainError, FieldError, InvalidInput
+from pipeline_console.errors import DomainError, FieldError, InvalidInput, error_path
 from pipeline_console.models import Circuit, Delivery
 from pipeline_console.reports.service import delivery_report
 
@@ -158,10 +158,10 @@ def changes(asked: dict[str, Any], view: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-def _invalid(error: ValidationError) -> InvalidInput:
+def _invalid(error: ValidationError, document: dict[str, Any]) -> InvalidInput:
     return InvalidInput("the system's settings are not valid", [
-        FieldError(".".join(str(part) for part in problem["loc"]) or "form",
-                   problem["msg"], "form") for problem in error.errors()])
+        FieldError(".".join(error_path(problem, document)) or "form", problem["msg"], "form")
+        for problem in error.errors()])
 
 
 def shown_again(form: Any) -> dict[str, str]:
@@ -245,11 +245,12 @@ async def create_system(request: Request, database: DatabaseDep, now: NowDep, ac
     form = await form_of(request)
     try:
         asked = wanted(form)
+        document = {"name": _text(form, "name"), "transport": _text(form, "transport"),
+                    **asked}
         try:
-            body = SystemCreate.model_validate({
-                "name": _text(form, "name"), "transport": _text(form, "transport"), **asked})
+            body = SystemCreate.model_validate(document)
         except ValidationError as error:
-            raise _invalid(error) from None
+            raise _invalid(error, document) from None
         if settings.refuse_private_system_urls:
             await refuse_private_urls(body.model_dump(mode="json"))
         async with database.transaction() as session:
@@ -282,10 +283,11 @@ async def update_system(request: Request, name: str, database: DatabaseDep, now:
         async with database.transaction() as session:
             view = await service.read_view(session, await service.get_system(session, name),
                                            now=now)
+            document = changes(wanted(form), view)
             try:
-                patch = SystemPatch.model_validate(changes(wanted(form), view))
+                patch = SystemPatch.model_validate(document)
             except ValidationError as error:
-                raise _invalid(error) from None
+                raise _invalid(error, document) from None
             if not patch.model_fields_set:
                 return done(request, f"/systems/{name}", f"System {name}: nothing changed.")
             if settings.refuse_private_system_urls:

@@ -22,6 +22,7 @@ from pipeline_console.consumers.registry import without_credentials
 
 log = logging.getLogger("pipeline_console.consume")
 FETCH_WAIT_S = 1.0  # how long one fetch waits for messages (and so how soon a stop is seen)
+FIRST_CONNECT_S = 15.0  # the first connection, before the consumer runs
 
 
 class JetStream:
@@ -41,11 +42,20 @@ class JetStream:
             if self._settings.broker_password is not None:
                 options["password"] = self._settings.broker_password.get_secret_value()
         try:
-            self._nc = await nats.connect(
-                servers=[self._url], connect_timeout=5, allow_reconnect=True,
-                max_reconnect_attempts=-1, reconnect_time_wait=1, **options,
-                error_cb=_quiet, disconnected_cb=_quiet_event, reconnected_cb=_quiet_event)
-        except (TimeoutError, OSError, nats.errors.Error) as error:
+            # nats-py keeps trying a first connection for ever when reconnects are unbounded
+            # (as they must be once running): the first one has a deadline of its own, so a
+            # wrong URL is one line at start-up, as with RabbitMQ
+            async with asyncio.timeout(FIRST_CONNECT_S):
+                self._nc = await nats.connect(
+                    servers=[self._url], connect_timeout=5, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=1, **options,
+                    error_cb=_quiet, disconnected_cb=_quiet_event,
+                    reconnected_cb=_quiet_event)
+        except TimeoutError:
+            raise BrokerError(f"NATS at {self.source} could not be reached within "
+                              f"{FIRST_CONNECT_S:g} s (is it running there, and are the "
+                              "credentials right?)") from None
+        except (OSError, nats.errors.Error) as error:
             raise BrokerError(f"NATS at {self.source} could not be reached: "
                               f"{type(error).__name__}") from None
         js = self._nc.jetstream()

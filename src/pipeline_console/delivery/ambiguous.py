@@ -13,6 +13,7 @@ from pipeline_console.delivery.service import (
     Deliverer,
     DeliveryResult,
     claim_one,
+    config_of,
     deliver,
     system_config,
 )
@@ -97,7 +98,9 @@ async def query_ambiguous_status(deliverer: Deliverer, ambiguous_id: int, *,
         if outcome.status != "open":
             raise Conflict(f"ambiguous outcome {ambiguous_id} was already resolved")
         delivery = await session.get(Delivery, outcome.delivery_id)
-        config = system_config(await session.get(DownstreamSystem, delivery.system))
+        # with its secrets: the status query authenticates as the deliveries do
+        config = await config_of(session, deliverer,
+                                 await session.get(DownstreamSystem, delivery.system))
     if not deliverer.transports.has_status_query(config):
         raise Conflict(f"{config.name} has no status query; an operator resolves this outcome "
                        "(POST /api/v1/ambiguous/{id}/resolve)")

@@ -124,12 +124,14 @@ class Lease:
     epoch: int | None = None
 
 
-def system_config(system: Any, secrets: dict[str, str] | None = None) -> SystemConfig:
-    """`secrets`: the system's, in the clear (vault.load_secrets); none for a summary."""
+def system_config(system: Any, secrets: dict[str, str] | None = None,
+                  unreadable: tuple[str, ...] = ()) -> SystemConfig:
+    """`secrets`: the system's, in the clear (vault.load_secrets); none for a summary.
+    `unreadable`: the slots this process's key could not read."""
     return SystemConfig(system.name, system.transport, system.url, system.status_url,
                         system.timeout_s, system.simulation, system.method or "POST",
                         system.headers or {}, system.auth, system.signing, system.tls,
-                        system.body_template, secrets or {})
+                        system.body_template, secrets or {}, unreadable)
 
 
 def needs_secrets(system: Any) -> bool:

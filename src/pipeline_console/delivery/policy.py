@@ -33,8 +33,9 @@ class Failure(StrEnum):
     # as invalid_client, which no retry mends). The delivery itself never left.
     TOKEN_UNAVAILABLE = "token_unavailable"
     TOKEN_REFUSED = "token_refused"
-    # the request could not be made of this record (its body_template failed): nothing was
-    # sent, and trying again would fail the same way
+    # the request could not be made of this record (its body_template failed) or of the
+    # system's settings (a stored credential a header cannot carry): nothing was sent, and
+    # trying again would fail the same way
     UNSENDABLE = "unsendable"
 
 

@@ -27,6 +27,7 @@ from pipeline_console.db import allocate_ids, bulk_insert, bulk_update, unavaila
 from pipeline_console.delivery.base import Deliverer, DeliveryResult, Outcome, Sent
 from pipeline_console.delivery.circuits import apply_event, free_trial, lock_circuit
 from pipeline_console.delivery.policy import (
+    MAX_RETRY_AFTER_S,
     THROTTLED_RULE_PREFIX,
     CircuitEvent,
     Classification,
@@ -172,12 +173,14 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
         return max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
 
     throttled_tries = await _throttled_tries(session, [
-        item.delivery_id for item in sent if item.classification is Classification.TRANSIENT
-        and attempts_of(item) >= item.prepared.max_attempts])
+        item.delivery_id for item in sent if item.classification is Classification.TRANSIENT])
+
+    def counted_of(item: Sent) -> int:
+        return attempts_of(item) - throttled_tries.get(item.delivery_id, 0)
 
     def step_of(item: Sent) -> Step:
-        counted = attempts_of(item) - throttled_tries.get(item.delivery_id, 0)
-        return next_step(item.classification, counted, item.prepared.max_attempts, item.rule)
+        return next_step(item.classification, counted_of(item), item.prepared.max_attempts,
+                         item.rule)
 
     objects = await orm_deliveries(session, [
         item.delivery_id for item in sent if not ours(item.delivery_id)
@@ -221,7 +224,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
         attempts, step = attempts_of(item), step_of(item)
         if delivery is None:  # ours, delivered or retried: a plain row
             values = _next_state(step, attempts, attempt, item.result, item.prepared.backoff,
-                                 deliverer.rng, now)
+                                 deliverer.rng, now, counted=counted_of(item))
             plain[step].append({**values, "id": item.delivery_id})
             if step is Step.DELIVERED:
                 closing.append(item.delivery_id)
@@ -230,7 +233,7 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
             delivery.attempts = attempts
             outcome = await apply_step(session, delivery, step, attempt, item.result,
                                         item.prepared.backoff, deliverer.rng, now, audit,
-                                        closing=closing)
+                                        closing=closing, counted=counted_of(item))
         if late is not None:
             audit.append(await _settle_late(session, late, delivery, item.classification, now))
         elif circuit is not None:
@@ -259,8 +262,8 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
 
 async def _throttled_tries(session: AsyncSession, delivery_ids: list[int]) -> dict[int, int]:
     """How many of these deliveries' tries were throttled (they do not count toward
-    max_attempts: policy.next_step). Asked only of the deliveries whose tries would
-    otherwise be exhausted, so the usual outcome costs nothing."""
+    max_attempts: policy.next_step, nor toward the backoff). Asked only of the deliveries
+    whose try failed transiently, so the usual outcome costs nothing."""
     if not delivery_ids:
         return {}
     return dict((await session.execute(
@@ -342,9 +345,12 @@ _STATUS_AFTER = {Step.DELIVERED: "delivered", Step.RETRY: "pending",
 
 
 def _next_state(step: Step, attempts: int, attempt: Any, result: SendResult,
-                backoff: tuple[float, float], rng: random.Random, now: datetime,
-                ) -> dict[str, Any]:
-    """The delivery's columns after an attempt: released, with its next status."""
+                backoff: tuple[float, float], rng: random.Random, now: datetime, *,
+                counted: int | None = None) -> dict[str, Any]:
+    """The delivery's columns after an attempt: released, with its next status. `counted`:
+    the tries that were not throttled (all of them when not given). A throttled try waits
+    what the system asked; the backoff grows with the counted tries only, so a long
+    throttle does not make the next failure wait as if it had failed every time."""
     values: dict[str, Any] = {
         "status": _STATUS_AFTER[step], "attempts": attempts, "claimed_by": None,
         "lease_expires_at": None, "updated_at": now,
@@ -353,8 +359,13 @@ def _next_state(step: Step, attempts: int, attempt: Any, result: SendResult,
     if step is Step.DELIVERED:
         values["delivered_at"] = now
     elif step is Step.RETRY:
-        values["next_attempt_at"] = now + timedelta(seconds=backoff_s(
-            attempts, *backoff, rng, retry_after_s=result.retry_after_s))
+        if (attempt.rule or "").startswith(THROTTLED_RULE_PREFIX) \
+                and result.retry_after_s is not None:
+            delay = min(result.retry_after_s, MAX_RETRY_AFTER_S)
+        else:
+            delay = backoff_s(attempts if counted is None else counted, *backoff, rng,
+                              retry_after_s=result.retry_after_s)
+        values["next_attempt_at"] = now + timedelta(seconds=delay)
     return values
 
 
@@ -362,6 +373,7 @@ async def apply_step(
     session: AsyncSession, delivery: Delivery, step: Step, attempt: Any,
     result: SendResult, backoff: tuple[float, float], rng: random.Random, now: datetime,
     audit: list[AuditEntry], *, closing: list[int] | None = None,
+    counted: int | None = None,
 ) -> Outcome:
     """The next state of a delivery loaded as an ORM object (`attempt`: the attempt row, or
     anything with its id, classification and rule). Its open dead letters are closed at
@@ -375,7 +387,7 @@ async def apply_step(
             closing.append(delivery.id)
 
     for name, value in _next_state(step, delivery.attempts, attempt, result, backoff, rng,
-                                   now).items():
+                                   now, counted=counted).items():
         setattr(delivery, name, value)
     key = delivery.idempotency_key
     if step is Step.DELIVERED:

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline_console.errors import FieldValueError
 from pipeline_console.ingestion.schemas import Name
 from pipeline_console.redaction import redact
 
@@ -90,12 +91,12 @@ class Simulation(BaseModel):
     status_query: Literal["applied", "not_applied", "unavailable"] | None = Field(
         default=None, description="what a status query answers; null: the system has none")
 
-    @model_validator(mode="after")
-    def weights_are_positive(self) -> Simulation:
-        if any(weight < 0 for weight in self.outcomes.values()) or not any(
-                self.outcomes.values()):
+    @field_validator("outcomes")
+    @classmethod
+    def weights_are_positive(cls, outcomes: dict[str, float]) -> dict[str, float]:
+        if any(weight < 0 for weight in outcomes.values()) or not any(outcomes.values()):
             raise ValueError("outcomes need non-negative weights, at least one above zero")
-        return self
+        return outcomes
 
 
 # --- connecting to real systems: auth, signing, TLS (secrets are write-only) ---
@@ -106,6 +107,11 @@ Secret = Annotated[SecretStr, Field(min_length=1, max_length=8192)]
 HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=256,
                                               pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
 HeaderValue = Annotated[str, StringConstraints(max_length=8192, pattern=r"^[\t\x20-\x7e]*$")]
+# What a header can carry of a credential: a bearer token is visible ASCII (RFC 9110
+# token68 and more, as real systems issue them; a space would split "Bearer <token>"), a
+# header auth's value printable ASCII and tabs (transports.py checks stored ones again).
+BEARER_TOKEN = re.compile(r"[\x21-\x7e]+")
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e]+")
 # Headers the pipeline sets itself, or that would carry a credential in the clear (a
 # system's headers are shown to every viewer: a credential goes in auth).
 RESERVED_HEADERS = frozenset({
@@ -123,7 +129,15 @@ class AuthBearer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["bearer"]
     token: Secret | None = Field(default=None, description="write-only; leave out on a PATCH "
-                                 "to keep the stored one")
+                                 "to keep the stored one; visible ASCII (a header value)")
+
+    @field_validator("token")
+    @classmethod
+    def sendable(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not BEARER_TOKEN.fullmatch(token.get_secret_value()):
+            raise ValueError("must be visible ASCII, without spaces, control characters or "
+                             "line breaks (it is sent in the Authorization header)")
+        return token
 
 
 class AuthBasic(BaseModel):
@@ -140,15 +154,20 @@ class AuthHeader(BaseModel):
     name: HeaderName
     value: Secret | None = Field(default=None, description="write-only")
 
-    @model_validator(mode="after")
-    def sendable(self) -> AuthHeader:
-        if self.name.lower() in RESERVED_HEADERS - {"authorization", "proxy-authorization",
-                                                    "cookie"}:
-            raise ValueError(f"{self.name} is a header the pipeline sets itself")
-        value = None if self.value is None else self.value.get_secret_value()
-        if value is not None and not re.fullmatch(r"[\t\x20-\x7e]+", value):
-            raise ValueError("value must be printable ASCII (a header value)")
-        return self
+    @field_validator("name")
+    @classmethod
+    def not_the_pipelines(cls, name: str) -> str:
+        if name.lower() in RESERVED_HEADERS - {"authorization", "proxy-authorization",
+                                               "cookie"}:
+            raise ValueError(f"{name} is a header the pipeline sets itself")
+        return name
+
+    @field_validator("value")
+    @classmethod
+    def sendable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not HEADER_VALUE.fullmatch(value.get_secret_value()):
+            raise ValueError("must be printable ASCII (a header value)")
+        return value
 
 
 class AuthOAuth2(BaseModel):
@@ -179,17 +198,18 @@ class Signing(BaseModel):
         default=None, description="whsec_ and the base64 of 16 to 64 random bytes; write-only. "
         "Leave out to keep the stored one; POST /systems/{name}/signing/rotate makes one")
 
-    @model_validator(mode="after")
-    def well_formed(self) -> Signing:
-        if self.secret is not None:
-            value = self.secret.get_secret_value()
+    @field_validator("secret")
+    @classmethod
+    def well_formed(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            value = secret.get_secret_value()
             if not SIGNING_SECRET.match(value):
-                raise ValueError("secret must be whsec_ followed by base64 (as `signing/rotate` "
+                raise ValueError("must be whsec_ followed by base64 (as `signing/rotate` "
                                  "makes it)")
             raw = len(value[6:].rstrip("=")) * 3 // 4
             if not 16 <= raw <= 64:
-                raise ValueError("secret must hold 16 to 64 bytes")
-        return self
+                raise ValueError("must hold 16 to 64 bytes")
+        return secret
 
 
 Pem = Annotated[str, StringConstraints(min_length=1, max_length=200_000)]
@@ -239,13 +259,14 @@ class SystemFields(BaseModel):
     max_per_second: float | None = Field(default=None, gt=0, le=100_000,
                                          description="sends per second, across every worker")
 
-    @model_validator(mode="after")
-    def headers_are_not_reserved(self) -> SystemFields:
-        for name in self.headers or {}:
+    @field_validator("headers")
+    @classmethod
+    def headers_are_not_reserved(cls, headers: dict[str, str] | None) -> dict[str, str] | None:
+        for name in headers or {}:
             if name.lower() in RESERVED_HEADERS:
-                raise ValueError(f"headers: {name} cannot be set here (the pipeline sets it, "
-                                 "or it is a credential: use auth)")
-        return self
+                raise FieldValueError(name, f"{name} cannot be set here (the pipeline sets "
+                                      "it, or it is a credential: use auth)")
+        return headers
 
 
 class SystemCreate(SystemFields):
@@ -270,7 +291,8 @@ class SystemPatch(SystemFields):
     def only_nullable_fields_may_be_null(self) -> SystemPatch:
         for name in self.model_fields_set - NULLABLE:
             if getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null; leave it out to keep its value")
+                raise FieldValueError(name, f"{name} cannot be null; leave it out to keep "
+                                      "its value")
         return self
 
 

@@ -66,8 +66,8 @@ from pipeline_console.delivery.recording import (
     supersede,
 )
 from pipeline_console.delivery.signing import sign
-from pipeline_console.delivery.transports import build_request, map_body
-from pipeline_console.delivery.vault import load_secrets
+from pipeline_console.delivery.transports import SystemConfig, build_request, map_body
+from pipeline_console.delivery.vault import KEY_VARIABLE, load_readable_secrets
 from pipeline_console.errors import Conflict
 from pipeline_console.models import Delivery, DownstreamSystem
 
@@ -181,7 +181,9 @@ async def send(deliverer: Deliverer, item: Prepared) -> Sent:
     while this process stalled is worker_lost: the timer ran while we did not read."""
     started, started_at = deliverer.monotonic(), deliverer.clock()
     request = sign(item.config, map_body(item.request), int(deliverer.unix_time()))
-    if request.unsendable:
+    if item.config.unreadable:
+        request, result = item.request, _unreadable_result(item.config)
+    elif request.unsendable:
         result = SendResult(failure=Failure.UNSENDABLE, error=request.unsendable)
     else:
         result = await deliverer.transports.send(item.config, request)
@@ -226,8 +228,9 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
     )).all())
     systems = {system.name: system for system in (await session.execute(
         select(_systems).where(_systems.c.name.in_({row.system for row in ours})))).all()}
-    held = await _secrets_of(session, deliverer, systems, wall)
-    configs = {name: system_config(system, held.get(name)) for name, system in systems.items()}
+    held, unreadable = await _secrets_of(session, deliverer, systems, wall)
+    configs = {name: system_config(system, held.get(name), unreadable.get(name, ()))
+               for name, system in systems.items()}
     superseded = await orm_deliveries(session, [row.id for row in ours if row.id in newer])
     for row in ours:
         if row.id in newer:
@@ -246,14 +249,42 @@ async def _prepare(session: AsyncSession, deliverer: Deliverer, delivery_ids: Se
     return out
 
 
-async def _secrets_of(session: AsyncSession, deliverer: Deliverer, systems: dict[str, Any],
-                      now: Any) -> dict[str, dict[str, str]]:
-    """The secrets of the systems that have any, in the clear (an empty dict for a process
-    without a key: its sends fail on the missing secret, and start-up refuses that case)."""
+async def _secrets_of(
+        session: AsyncSession, deliverer: Deliverer, systems: dict[str, Any], now: Any,
+) -> tuple[dict[str, dict[str, str]], dict[str, tuple[str, ...]]]:
+    """The secrets of the systems that have any, in the clear (none for a process without a
+    key: its sends fail on the missing secret, and start-up refuses that case), and per
+    system the slots this key cannot read (vault.load_readable_secrets)."""
     names = [name for name, system in systems.items() if needs_secrets(system)]
     if not names or deliverer.vault is None or deliverer.vault.key is None:
-        return {}
-    return await load_secrets(session, deliverer.vault, names, now=now)
+        return {}, {}
+    held, unreadable = await load_readable_secrets(session, deliverer.vault, names, now=now)
+    for name, slots in unreadable.items():
+        if (name, slots) not in _UNREADABLE_LOGGED:
+            _UNREADABLE_LOGGED.add((name, slots))
+            log.warning("secrets of a downstream system cannot be read with this process's "
+                        "key; its sends fail until the process runs with the key they were "
+                        "stored with", extra={"system": name, "slots": list(slots)})
+    return held, unreadable
+
+
+async def config_of(session: AsyncSession, deliverer: Deliverer, system: Any) -> SystemConfig:
+    """One system's settings with its secrets, as a send needs them (a status query too)."""
+    held, unreadable = await _secrets_of(session, deliverer, {system.name: system},
+                                         deliverer.clock())
+    return system_config(system, held.get(system.name), unreadable.get(system.name, ()))
+
+
+_UNREADABLE_LOGGED: set[tuple[str, tuple[str, ...]]] = set()  # said once per process
+
+
+def _unreadable_result(config: SystemConfig) -> SendResult:
+    """Not sent: a secret of the system is stored with another key than this process's.
+    Transient: a process with the right key (this one, restarted) sends it later."""
+    return SendResult(failure=Failure.NOT_SENT, error=(
+        f"this process's {KEY_VARIABLE} cannot read the system's "
+        f"{', '.join(config.unreadable)} secret (stored with another key: after `secrets "
+        "rotate-key`, restart every process with the new key); nothing was sent"))
 
 
 async def deliver_now(deliverer: Deliverer, delivery_id: int, *, actor: str) -> DeliveryResult:

@@ -1,6 +1,7 @@
 """What a process checks about the downstream systems before it starts: that its secret key
-reads every stored secret, and that no system's URL still holds credentials (a URL with
-user:password@ from before auth existed: `pipeline-console migrate` moves them into auth)."""
+is a key and reads every stored secret, and that no system's URL still holds credentials (a
+URL with user:password@ from before auth existed: `pipeline-console migrate` moves them into
+auth)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,18 @@ def has_credentials(url: str | None) -> bool:
     return bool(url) and "@" in urlsplit(url).netloc
 
 
+def check_key(vault: Vault) -> None:
+    """StartupRefused when PIPELINE_CONSOLE_SECRET_KEY is set but is not a key: refused
+    before anything runs, even on a database without secrets, rather than at the first
+    secret stored or read."""
+    try:
+        vault.check()
+    except KeyProblem as problem:
+        raise StartupRefused(str(problem)) from None
+
+
 async def check_connections(database: Database, vault: Vault) -> None:
+    check_key(vault)
     async with database.read() as session:
         try:
             await check_readable(session, vault)

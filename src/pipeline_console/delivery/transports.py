@@ -22,8 +22,10 @@ import orjson
 import yarl
 
 from pipeline_console.delivery.mapping import MappingError, apply_template_to_text
+from pipeline_console.delivery.masking import masked, secret_forms
 from pipeline_console.delivery.oauth import AccessTokens, TokenEndpointError
 from pipeline_console.delivery.policy import Failure, SendResult
+from pipeline_console.delivery.schemas import BEARER_TOKEN, HEADER_VALUE
 from pipeline_console.delivery.tls import certificate_problem, ssl_context
 
 RESPONSE_EXCERPT_BYTES = 2048
@@ -49,6 +51,8 @@ class SystemConfig:
     tls: Mapping[str, Any] | None = None
     body_template: str | None = None
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # the slots whose secret this process's key cannot read (stored with another key)
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,9 +224,13 @@ class Transports:
             yield cls(session)
 
     async def send(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
+        """The answer, with the system's secrets (and the access tokens this send used) cut
+        out of it before anyone records or logs it: a system may echo the request."""
         if system.transport == "simulated":
             return simulate_send(system, request)
-        return await self._post(system, request)
+        tokens: list[str] = []
+        result = await self._post(system, request, tokens)
+        return masked(result, secret_forms(system, tokens))
 
     def has_status_query(self, system: SystemConfig) -> bool:
         if system.transport == "simulated":
@@ -269,6 +277,13 @@ class Transports:
         if secret is None:
             raise TokenEndpointError(f"the {kind} secret could not be read (is "
                                      "PIPELINE_CONSOLE_SECRET_KEY set?)", Failure.NOT_SENT)
+        if kind in ("bearer", "header") and not (
+                BEARER_TOKEN if kind == "bearer" else HEADER_VALUE).fullmatch(secret):
+            # stored before the API checked it: no retry can send it
+            raise TokenEndpointError(
+                f"the {kind} auth's {'token' if kind == 'bearer' else 'value'} holds "
+                "characters a header value cannot carry (control characters, line breaks, "
+                "text beyond ASCII); PATCH the system with a new one", Failure.UNSENDABLE)
         if kind == "bearer":
             return {**headers, "Authorization": f"Bearer {secret}"}, None
         if kind == "basic":
@@ -278,7 +293,9 @@ class Transports:
             return {**headers, auth["name"]: secret}, None
         raise TokenEndpointError(f"unknown auth type {kind!r}", Failure.TOKEN_REFUSED)
 
-    async def _post(self, system: SystemConfig, request: DeliveryRequest) -> SendResult:
+    async def _post(self, system: SystemConfig, request: DeliveryRequest,
+                    tokens: list[str]) -> SendResult:
+        """`tokens` gathers the OAuth2 access tokens this send used."""
         assert system.url is not None
         started = time.perf_counter()
         sending = False  # whether the request has started on its way (a timeout then is not
@@ -291,6 +308,7 @@ class Transports:
             async with asyncio.timeout(total_deadline_s(system.timeout_s)):
                 headers, token = (await self._authenticate(system, request.headers)
                                   if system.auth else (request.headers, None))
+                tokens.extend([token] if token else [])
                 sending = True
                 status, content, retry_after = await self._exchange(system, request, headers)
                 if status == 401 and token is not None:
@@ -298,6 +316,7 @@ class Transports:
                     sending = False
                     headers, token = await self._authenticate(system, request.headers,
                                                               refused=token)
+                    tokens.extend([token] if token else [])
                     sending = True
                     status, content, retry_after = await self._exchange(system, request,
                                                                         headers)
@@ -330,6 +349,11 @@ class Transports:
             # a read timeout, a dropped connection, a malformed answer…: the request may
             # have arrived. Anything we cannot tell apart is treated the same way.
             return SendResult(failure=Failure.MAYBE_SENT, error=_describe(error),
+                              latency_ms=_since(started))
+        except ValueError as error:
+            # aiohttp refusing what it was given (a header value with a line break, …)
+            # before writing anything: never sent, and the same request fails every time
+            return SendResult(failure=Failure.UNSENDABLE, error=_describe(error),
                               latency_ms=_since(started))
         except Exception as error:  # a request that could not even be built: never sent
             return SendResult(failure=Failure.NOT_SENT, error=_describe(error),

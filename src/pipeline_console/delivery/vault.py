@@ -80,6 +80,12 @@ class Vault:
                              "nor read (make a key with `pipeline-console secrets new-key`)")
         return _fernet(self.key, KEY_VARIABLE)
 
+    def check(self) -> None:
+        """KeyProblem, naming the variable, when a key is set but is not a key at all (no
+        key is fine: secrets then can be neither stored nor read, which is checked apart)."""
+        if self.key is not None:
+            _fernet(self.key, KEY_VARIABLE)
+
     def encrypt(self, value: str) -> str:
         return self._cipher.encrypt(value.encode()).decode()
 
@@ -131,6 +137,31 @@ async def load_secrets(session: AsyncSession, vault: Vault, systems: Iterable[st
     return out
 
 
+async def load_readable_secrets(
+        session: AsyncSession, vault: Vault, systems: Iterable[str], *, now: datetime,
+) -> tuple[dict[str, dict[str, str]], dict[str, tuple[str, ...]]]:
+    """load_secrets for sends: per system its secrets in the clear, and apart, per system the
+    slots this key cannot read (stored with another key: a process still running with the
+    old key after `secrets rotate-key`). One unreadable secret stops only its system's
+    sends, never the others'."""
+    names = sorted(set(systems))
+    held: dict[str, dict[str, str]] = {name: {} for name in names}
+    unreadable: dict[str, list[str]] = {}
+    if not names:
+        return held, {}
+    rows = (await session.execute(
+        select(SystemSecret.system, SystemSecret.slot, SystemSecret.ciphertext,
+               SystemSecret.expires_at).where(SystemSecret.system.in_(names)))).all()
+    for system, slot, ciphertext, expires_at in rows:
+        if expires_at is not None and expires_at <= now:
+            continue
+        try:
+            held[system][slot] = vault.decrypt(ciphertext)
+        except KeyProblem:
+            unreadable.setdefault(system, []).append(slot)
+    return held, {system: tuple(sorted(slots)) for system, slots in unreadable.items()}
+
+
 async def secret_rows(session: AsyncSession, system: str) -> dict[str, SystemSecret]:
     rows = (await session.execute(
         select(SystemSecret).where(SystemSecret.system == system))).scalars()
@@ -161,6 +192,7 @@ async def drop_secrets(session: AsyncSession, system: str, slots: Iterable[str])
 
 async def check_readable(session: AsyncSession, vault: Vault) -> int:
     """Every stored secret decrypts with this key (KeyProblem otherwise); how many there are."""
+    vault.check()  # a malformed key reads nothing: say so, not "stored with another key"
     rows = (await session.execute(select(SystemSecret.system, SystemSecret.slot,
                                          SystemSecret.ciphertext))).all()
     if rows and vault.key is None:

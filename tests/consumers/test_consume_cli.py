@@ -1,0 +1,117 @@
+"""`pipeline-console consume` as a person runs it: arguments that do not fit the URL are
+refused in one line before anything is reached; an unreachable broker or refused
+credentials are one line too, without the password; PIPELINE_CONSOLE_BROKER_USERNAME and
+_PASSWORD supply the credentials of a URL that has none."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import select
+
+from pipeline_console.models import IngestionAttempt, IntakeConsumer
+from tests.consumers.brokers import RabbitQueue, start_consumer
+from tests.consumers.test_consume import _body, _count, _stop, _text, _until
+
+PASSWORD = "wrong-" + "b7f3c1e9d2a4"
+
+
+def consume(database_url: str, *args: str, timeout: float = 60,
+            **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PIPELINE_CONSOLE_DATABASE_URL": database_url,
+                   **{f"PIPELINE_CONSOLE_{name.upper()}": value for name, value in env.items()}}
+    return subprocess.run([sys.executable, "-m", "pipeline_console.cli", "consume", *args],
+                          env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def said(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """What the command says to a person on stderr (its structured log lines aside)."""
+    return [line for line in result.stderr.splitlines()
+            if line.strip() and not line.lstrip().startswith("{")]
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["amqp://127.0.0.1:5672/"], "--queue"),
+    (["amqp://127.0.0.1:5672/", "--queue", "q", "--stream", "s"], "--queue"),
+    (["nats://127.0.0.1:4222", "--stream", "S"], "--consumer"),
+    (["nats://127.0.0.1:4222", "--stream", "S", "--consumer", "c", "--queue", "q"], "--stream"),
+    (["http://127.0.0.1:5672/", "--queue", "q"], "amqp://"),
+    (["127.0.0.1:5672", "--queue", "q"], "amqp://"),
+])
+def test_arguments_that_do_not_fit_the_url_are_refused_in_one_line(
+        database_url, args, words) -> None:
+    result = consume(database_url, *args)
+    assert result.returncode == 1, result
+    [line] = said(result)
+    assert line.startswith("error: ") and words in line, line
+
+
+def test_an_unreachable_broker_is_one_line_without_the_password(database_url) -> None:
+    port = _closed_port()
+    for args in ([f"amqp://guest:{PASSWORD}@127.0.0.1:{port}/", "--queue", "q"],
+                 [f"nats://127.0.0.1:{port}", "--stream", "S", "--consumer", "c"]):
+        result = consume(database_url, *args)
+        assert result.returncode == 1, result
+        [line] = said(result)
+        assert line.startswith("error: ") and "could not be reached" in line, line
+        assert PASSWORD not in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+async def queue() -> RabbitQueue:
+    broker = RabbitQueue()
+    await broker.open()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+async def test_refused_credentials_from_the_environment_are_not_printed(
+        database_url, queue) -> None:
+    url = queue.url.replace("guest:guest@", "")
+    result = consume(database_url, url, "--queue", queue.name, broker_username="guest",
+                     broker_password=PASSWORD)
+    assert result.returncode == 1, result
+    [line] = said(result)
+    assert line.startswith("error: "), line
+    assert PASSWORD not in result.stderr + result.stdout
+
+
+@pytest.mark.backends
+async def test_the_environment_supplies_the_credentials_of_a_url_without_them(
+        database, database_url, queue, tmp_path) -> None:
+    queue.url = queue.url.replace("guest:guest@", "")
+    assert "@" not in queue.url
+    await RabbitQueue.publish(_with_guest(queue), [_body(1, 1, 1)])
+    log = tmp_path / "consumer.log"
+    process = start_consumer(queue, database_url, log, broker_username="guest",
+                             broker_password="guest")
+
+    async def recorded() -> bool:
+        return await _count(database) == 1
+    await _until(recorded, "the message to be recorded")
+    await _stop(process, log)
+    async with database.read() as session:
+        [decision] = (await session.execute(select(IngestionAttempt.decision))).scalars()
+        [row] = (await session.execute(select(IntakeConsumer))).scalars()
+    assert decision == "accept_new"
+    assert row.source == queue.url.rstrip("/") or row.source.startswith("amqp://127.0.0.1")
+    assert "guest" not in row.source and "guest" not in _text(log)
+
+
+def _with_guest(queue: RabbitQueue) -> RabbitQueue:
+    publisher = RabbitQueue()
+    publisher.name = queue.name
+    return publisher
