@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
@@ -35,7 +36,7 @@ T = TypeVar("T")
 
 def _with_database(work: Callable[[Database], Awaitable[T]]) -> T:
     async def run() -> T:
-        database = Database(create_engine(Settings()))
+        database = Database(create_engine(_settings()))
         try:
             return await work(database)
         finally:
@@ -54,6 +55,20 @@ def _refuse(reason: str) -> None:
     raise typer.Exit(1)
 
 
+def _settings() -> Settings:
+    """The settings from the environment; a bad one is a line per problem naming its
+    variable, and exit 1 — never pydantic's traceback, which repeats the input (secrets
+    among it)."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        for problem in error.errors(include_input=False, include_url=False):
+            names = [str(part) for part in problem["loc"] if isinstance(part, str)]
+            where = f"PIPELINE_CONSOLE_{names[0].upper()}: " if names else ""
+            typer.echo(f"error: {where}{problem['msg']}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def migrate() -> None:
     """Apply pending database migrations; then move credentials found in systems' URLs
@@ -62,11 +77,11 @@ def migrate() -> None:
     from pipeline_console.delivery.startup import StartupRefused, move_url_credentials
     from pipeline_console.delivery.vault import Vault
 
-    _check_secret_key(Settings())
+    _check_secret_key(_settings())
 
     async def work(database: Database) -> list[str]:
         await upgrade_to_head(database.engine)
-        return await move_url_credentials(database, Vault.from_settings(Settings()),
+        return await move_url_credentials(database, Vault.from_settings(_settings()),
                                           now=system_clock())
 
     try:
@@ -123,7 +138,7 @@ def secrets_rotate_key() -> None:
     with the new key as PIPELINE_CONSOLE_SECRET_KEY: they refuse to start with the old one."""
     from pipeline_console.delivery.vault import KeyProblem, Vault, rotate_key
 
-    settings = Settings()
+    settings = _settings()
     if settings.new_secret_key is None:
         _refuse("PIPELINE_CONSOLE_NEW_SECRET_KEY is not set (make one with "
                 "`pipeline-console secrets new-key`)")
@@ -156,7 +171,7 @@ def serve(
     from pipeline_console.logs import configure_logging
     from pipeline_console.process import settle_long_lived_objects
 
-    settings = Settings()
+    settings = _settings()
     configure_logging(settings.log_format)
     _check_secret_key(settings)
     # The schema only: moving credentials out of URLs changes how systems authenticate, so
@@ -186,7 +201,7 @@ def demo(
     from pipeline_console.demo import load_demo
     from pipeline_console.errors import Conflict
 
-    settings = Settings()
+    settings = _settings()
 
     async def work(database: Database) -> tuple[list[str], str, str]:
         lines = await load_demo(database, now=system_clock(),
@@ -246,7 +261,7 @@ def worker() -> None:
     from pipeline_console.logs import configure_logging
     from pipeline_console.process import settle_long_lived_objects
 
-    settings = Settings()
+    settings = _settings()
     configure_logging(settings.log_format)
     _check_secret_key(settings)
     _check_connections(settings)
@@ -271,7 +286,7 @@ def consume(
     from pipeline_console.logs import configure_logging
     from pipeline_console.process import settle_long_lived_objects
 
-    settings = Settings()
+    settings = _settings()
     configure_logging(settings.log_format)
     _check_secret_key(settings)  # consumers store no secret, but one key serves every process
     broker: Any
@@ -321,7 +336,7 @@ def ingest(
     import stat
     from pathlib import Path
 
-    settings = Settings()
+    settings = _settings()
     if not 1 <= batch_size <= settings.max_batch_messages:
         typer.echo(f"error: --batch-size must be from 1 to {settings.max_batch_messages} "
                    f"(MAX_BATCH_MESSAGES), not {batch_size}", err=True)
@@ -449,10 +464,10 @@ def run_job_command(name: str) -> None:
     from pipeline_console.jobs.registry import run_job
     from pipeline_console.logs import configure_logging
 
-    configure_logging(Settings().log_format)  # a job's log lines (audit_anchor's) as serve's
+    configure_logging(_settings().log_format)  # a job's log lines (audit_anchor's) as serve's
 
     async def work(database: Database) -> dict[str, Any]:
-        settings = Settings()
+        settings = _settings()
         async with Transports.open() as transports:
             deliverer = Deliverer(database, transports, system_clock,
                                   worker_id=f"cli:{worker_identity()}",
@@ -608,7 +623,7 @@ def tokens_login_link(
     from pipeline_console.auth.sessions import issue_login_code
     from pipeline_console.errors import DomainError
 
-    settings = Settings()
+    settings = _settings()
     if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
         typer.echo(f"--base-url must be an http:// or https:// address, not {base_url!r}",
                    err=True)

@@ -115,3 +115,23 @@ def _with_guest(queue: RabbitQueue) -> RabbitQueue:
     publisher = RabbitQueue()
     publisher.name = queue.name
     return publisher
+
+
+@pytest.mark.parametrize("command", [
+    ["consume", "amqp://127.0.0.1:5672/", "--queue", "q"], ["serve"], ["worker"], ["migrate"],
+])
+def test_a_bad_setting_is_one_line_naming_it_and_no_secret(database_url, command) -> None:
+    """pydantic's own message repeats every setting's value (the broker password and the
+    secret key among them)."""
+    environment = {"PATH": os.environ["PATH"], "PIPELINE_CONSOLE_DATABASE_URL": database_url,
+                   "PIPELINE_CONSOLE_BROKER_PASSWORD": PASSWORD,
+                   "PIPELINE_CONSOLE_CONSUMER_PREFETCH": "abc",
+                   "PIPELINE_CONSOLE_CONSUMER_LOST_AFTER_S": "10"}
+    result = subprocess.run([sys.executable, "-m", "pipeline_console.cli", *command],
+                            env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    lines = said(result)
+    assert lines == [
+        "error: PIPELINE_CONSOLE_CONSUMER_PREFETCH: Input should be a valid integer, unable "
+        "to parse string as an integer"], result.stderr
+    assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
