@@ -272,7 +272,7 @@ def worker() -> None:
 @app.command()
 def consume(
     url: Annotated[str, typer.Argument(
-        help="the broker: amqp:// or amqps:// (RabbitMQ), nats:// (NATS JetStream); "
+        help="the broker: amqp:// or amqps:// (RabbitMQ), nats:// or tls:// (NATS JetStream); "
         "credentials in the URL or in PIPELINE_CONSOLE_BROKER_USERNAME/_PASSWORD")],
     queue: Annotated[str | None, typer.Option(help="RabbitMQ: the queue")] = None,
     stream: Annotated[str | None, typer.Option(help="NATS: the stream")] = None,
@@ -304,7 +304,8 @@ def consume(
 
         broker = JetStream(url, stream, consumer, settings)
     else:
-        _refuse("the broker URL must start with amqp://, amqps:// or nats://")
+        _refuse("the broker URL must start with amqp://, amqps:// (RabbitMQ), nats:// or "
+                "tls:// (NATS)")
     settle_long_lived_objects()
     try:
         asyncio.run(run_consumer(settings, broker))

@@ -193,8 +193,11 @@ async def test_a_consumer_killed_after_a_commit_and_before_one_loses_nothing(
     redelivered = len(attempts) - len(bodies)
     assert redelivered >= 1  # the message committed and not acknowledged came back
     by_decision = Counter(row.decision for row in attempts)
+    # one accept per key (its first version to arrive), and a supersede per v2 but where a
+    # v2 arrived before its key's redelivered v1 (NATS redelivers after later messages:
+    # that v2 is the key's accept_new, and the v1 is stale)
     assert by_decision["accept_new"] == entities
-    assert by_decision["accept_supersede"] == entities // 2
+    assert entities // 2 - redelivered <= by_decision["accept_supersede"] <= entities // 2
     # a repeat of v1 is skip_duplicate, or skip_stale once v2 is in (NATS redelivers a killed
     # consumer's messages after later ones); the v1 sent after v2 is always stale
     assert set(by_decision) <= {"accept_new", "accept_supersede", "skip_duplicate",
@@ -222,9 +225,12 @@ async def test_a_message_is_not_acknowledged_while_the_database_is_down(
     through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     log = tmp_path / "consumer.log"
     try:
-        proxy.cut()
         bodies = [_body(n, n, 1) for n in range(40)]
         consumer = start_consumer(broker, through, log)
+        # started on a reachable database (at start-up an outage is waited out before the
+        # broker is even asked for messages), then cut off from it
+        await _until(lambda: asyncio.sleep(0, "started" in _text(log)), "the consumer to start")
+        proxy.cut()
         await broker.publish(bodies)
         # the consumer has taken them (RabbitMQ: none waiting; NATS: all delivered) and
         # tries to record them
@@ -234,8 +240,12 @@ async def test_a_message_is_not_acknowledged_while_the_database_is_down(
         consumer.send_signal(signal.SIGKILL)
         consumer.wait(timeout=10)
         assert await broker.unacknowledged() == len(bodies)  # none acknowledged
-        proxy.restore()
+        # started while the database is still away: it waits for it, taking nothing
         again = start_consumer(broker, through, log)
+        await _until(lambda: asyncio.sleep(0, "the consumer waits for it" in _text(log)),
+                     "the new consumer to wait for the database")
+        assert await broker.unacknowledged() == len(bodies)
+        proxy.restore()
         await _drained(broker, database, len(bodies))
         await _stop(again, log)
     finally:

@@ -5,10 +5,12 @@ _PASSWORD supply the credentials of a URL that has none."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from sqlalchemy import select
@@ -85,7 +87,7 @@ async def test_refused_credentials_from_the_environment_are_not_printed(
                      broker_password=PASSWORD)
     assert result.returncode == 1, result
     [line] = said(result)
-    assert line.startswith("error: "), line
+    assert line.startswith("error: ") and "refused the credentials" in line, line
     assert PASSWORD not in result.stderr + result.stdout
 
 
@@ -135,3 +137,50 @@ def test_a_bad_setting_is_one_line_naming_it_and_no_secret(database_url, command
         "error: PIPELINE_CONSOLE_CONSUMER_PREFETCH: Input should be a valid integer, unable "
         "to parse string as an integer"], result.stderr
     assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_tls_url_sends_nothing_to_a_server_that_does_not_ask_for_tls(database_url) -> None:
+    """nats-py upgrades to TLS only when the server's INFO asks for it: a plain server (or
+    one in the middle) at a tls:// URL would get CONNECT with the password in the clear."""
+    received: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connection, _ = listener.accept()
+                    with connection:
+                        connection.sendall(b'INFO {"server_id":"fake","version":"2.10.0",'
+                                           b'"auth_required":true,"max_payload":1048576}\r\n')
+                        connection.settimeout(2)
+                        with contextlib.suppress(OSError):
+                            while chunk := connection.recv(4096):
+                                received.append(chunk)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        result = consume(database_url, f"tls://127.0.0.1:{port}", "--stream", "S",
+                         "--consumer", "c", broker_username="natsuser",
+                         broker_password=PASSWORD)
+    assert result.returncode == 1, result
+    [line] = said(result)
+    assert "did not ask for TLS" in line, line
+    assert PASSWORD.encode() not in b"".join(received)
+    assert not any(chunk.startswith(b"CONNECT") for chunk in received), received
+
+
+def test_a_database_that_is_missing_or_not_migrated_is_refused_at_start_up(tmp_path) -> None:
+    """Not a consumer that says "started" and then fails every heartbeat for ever (one that is
+    unreachable is an outage: waited out, tests/consumers/test_consume.py)."""
+    missing = "postgresql+asyncpg://postgres@127.0.0.1:5432/pc_test_does_not_exist"
+    for url, words in ((f"sqlite+aiosqlite:///{tmp_path}/empty.db", "pipeline-console migrate"),
+                       (missing, "cannot be used")):
+        result = consume(url, "amqp://guest:guest@127.0.0.1:5672/", "--queue", "q")
+        assert result.returncode == 1, result
+        [line] = said(result)
+        assert line.startswith("error: ") and words in line, line
+        assert "started" not in result.stderr

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig
 from yarl import URL
 
@@ -25,6 +27,23 @@ FETCH_WAIT_S = 1.0  # how long one fetch waits for messages (and so how soon a s
 FIRST_CONNECT_S = 15.0  # the first connection, before the consumer runs
 
 
+class NotEncrypted(Exception):
+    """A tls:// server that did not ask for TLS (not an error nats-py retries)."""
+
+
+class _Client(NatsClient):
+    """nats-py's client, which upgrades to TLS only when the server's INFO asks for it, even
+    for a tls:// URL: there, a server that does not ask gets nothing, not even CONNECT (it
+    carries the user and password in the clear)."""
+
+    def _connect_command(self) -> bytes:
+        server = self._current_server
+        if server is not None and server.uri.scheme == "tls" \
+                and not self._server_info.get("tls_required"):
+            raise NotEncrypted
+        return super()._connect_command()
+
+
 class JetStream:
     kind = "nats"
 
@@ -34,6 +53,15 @@ class JetStream:
         self._url, self._settings = url, settings
         self._nc: Any = None
         self._sub: Any = None
+        self._running, self._last_error = False, ""
+
+    async def _error(self, error: Exception) -> None:
+        """nats-py's own error callback prints the whole exception; ours logs one line
+        without the server URL's credentials, once running (the first connection's tries
+        are summed up in its one error line)."""
+        self._last_error = type(error).__name__
+        if self._running:
+            log.warning("NATS: %s", self._last_error)
 
     async def connect(self) -> None:
         options: dict[str, Any] = {}
@@ -41,20 +69,26 @@ class JetStream:
             options["user"] = self._settings.broker_username
             if self._settings.broker_password is not None:
                 options["password"] = self._settings.broker_password.get_secret_value()
+        if URL(self._url).scheme == "tls":
+            options["tls"] = ssl.create_default_context()
         try:
             # nats-py keeps trying a first connection for ever when reconnects are unbounded
             # (as they must be once running): the first one has a deadline of its own, so a
             # wrong URL is one line at start-up, as with RabbitMQ
             async with asyncio.timeout(FIRST_CONNECT_S):
-                self._nc = await nats.connect(
+                self._nc = _Client()
+                await self._nc.connect(
                     servers=[self._url], connect_timeout=5, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=1, **options,
-                    error_cb=_quiet, disconnected_cb=_quiet_event,
+                    error_cb=self._error, disconnected_cb=_quiet_event,
                     reconnected_cb=_quiet_event)
+        except NotEncrypted:
+            raise BrokerError(f"NATS at {self.source} did not ask for TLS, though the URL is "
+                              "tls://: nothing was sent to it (credentials included)") from None
         except TimeoutError:
             raise BrokerError(f"NATS at {self.source} could not be reached within "
-                              f"{FIRST_CONNECT_S:g} s (is it running there, and are the "
-                              "credentials right?)") from None
+                              f"{FIRST_CONNECT_S:g} s ({self._last_error or 'no answer'}; is "
+                              "it running there, and are the credentials right?)") from None
         except (OSError, nats.errors.Error) as error:
             raise BrokerError(f"NATS at {self.source} could not be reached: "
                               f"{type(error).__name__}") from None
@@ -72,6 +106,7 @@ class JetStream:
                 ack_wait=self._settings.consumer_ack_wait_s,
                 max_ack_pending=self._settings.consumer_prefetch * 4))
         self._sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        self._running = True
 
     async def consume(self, intake: Intake, stop: asyncio.Event) -> None:
         limit = self._settings.consumer_prefetch
@@ -107,12 +142,6 @@ async def _pause(stop: asyncio.Event, why: str) -> None:
     log.warning("NATS fetch failed (%s)", why)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), FETCH_WAIT_S)
-
-
-async def _quiet(error: Exception) -> None:
-    """nats-py's own error callback prints the whole exception; ours logs one line without
-    the server URL's credentials."""
-    log.warning("NATS: %s", type(error).__name__)
 
 
 async def _quiet_event() -> None:

@@ -36,6 +36,9 @@ class RabbitMQ:
     async def connect(self) -> None:
         try:
             self._connection = await aio_pika.connect_robust(self._url, timeout=10)
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise BrokerError(f"RabbitMQ at {self.source} refused the credentials (or the "
+                              "user may not use that virtual host)") from None
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as error:
             raise BrokerError(f"RabbitMQ at {self.source} could not be reached: "
                               f"{type(error).__name__}") from None

@@ -13,11 +13,41 @@ from prometheus_client import start_http_server
 
 from pipeline_console.clock import system_clock
 from pipeline_console.config import Settings
-from pipeline_console.consumers.base import Broker, Intake
+from pipeline_console.consumers.base import Broker, BrokerError, Intake
 from pipeline_console.consumers.registry import ConsumerIdentity, heartbeat, mark_stopped
-from pipeline_console.db import Database, create_engine
+from pipeline_console.db import Database, create_engine, unavailability
+from pipeline_console.schema import current_revision, head_revision
 
 log = logging.getLogger("pipeline_console.consume")
+
+
+async def _check_database(database: Database, stop: asyncio.Event) -> bool:
+    """At start-up the database must exist and be migrated (BrokerError, one line, else: a
+    consumer that cannot record anything would only take messages to give them back). An
+    outage (unreachable, busy) is waited out, as once running (base.py). False: stopped
+    while waiting."""
+    delay = 0.5
+    while True:
+        try:
+            revision = await current_revision(database.engine)
+            break
+        except Exception as error:
+            why = unavailability(error)
+            if why is None:
+                raise BrokerError(f"the database cannot be used ({type(error).__name__}): "
+                                  "check PIPELINE_CONSOLE_DATABASE_URL") from None
+            log.warning("the database is %s; the consumer waits for it (next try in %.1f s)",
+                        why, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return False
+            delay = min(delay * 2, 15.0)
+    expected = head_revision()
+    if revision != expected:
+        raise BrokerError(f"the database's schema is at {revision or 'nothing'}, not "
+                          f"{expected}: run `pipeline-console migrate` first")
+    return True
 
 
 async def run_consumer(settings: Settings, broker: Broker,
@@ -28,8 +58,15 @@ async def run_consumer(settings: Settings, broker: Broker,
         loop.add_signal_handler(signum, stop.set)
     for noisy in ("aio_pika", "aiormq", "nats"):  # they may log URLs; ours never hold secrets
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    await broker.connect()
     database = Database(create_engine(settings))
+    try:
+        if not await _check_database(database, stop):
+            await database.dispose()
+            return
+        await broker.connect()
+    except BaseException:
+        await database.dispose()
+        raise
     identity = ConsumerIdentity(broker.kind, broker.source, broker.queue)
     intake = Intake(database, settings, identity, stop)
     drained = asyncio.Event()
