@@ -248,6 +248,17 @@ class TestThrottling:
         [delivery] = await deliveries(client)
         assert (delivery["status"], delivery["attempts"]) == ("delivered", 8)
 
+    async def test_a_retry_after_of_zero_still_waits_a_second(self, client, sink, clock):
+        """A throttled try never exhausts a delivery: without a floor, "Retry-After: 0" (or
+        a date in the past) would send again at once, for ever."""
+        sink.answer(Answer(429, headers={"Retry-After": "0"}), Answer(200))
+        await add_system(client, sink)
+        await ingest(client, message(1))
+        await run_pass(client)
+        [delivery] = await deliveries(client)
+        due = datetime.fromisoformat(delivery["next_attempt_at"])
+        assert (due - clock.now).total_seconds() == 1.0
+
     async def test_a_later_throttle_is_kept_over_a_shorter_one(self, client, sink, clock):
         sink.answer(Answer(429, headers={"Retry-After": "60"}),
                     Answer(429, headers={"Retry-After": "1"}))

@@ -392,7 +392,7 @@ class TestOldRowsAreShownWithoutTheirCredentials:
 
 class TestAProcessWithTheOldKey:
     async def test_after_rotate_key_only_the_systems_with_secrets_wait_for_the_new_key(
-            self, client, sink, database, database_url, caplog) -> None:
+            self, client, sink, database, database_url, caplog, clock) -> None:
         """The in-process server keeps running with the old key after `secrets rotate-key`
         (as a worker does until it is restarted): a system without secrets is delivered as
         before, and one whose secret it cannot read is not sent, transiently, saying why."""
@@ -411,9 +411,20 @@ class TestAProcessWithTheOldKey:
         assert delivery["status"] == "pending", delivery
         [attempt] = (await client.get(
             f"/api/v1/deliveries/{delivery['id']}/attempts")).json()["items"]
-        assert attempt["classification"] == "transient"
+        assert (attempt["classification"], attempt["rule"]) == ("transient",
+                                                                "secret_unreadable")
         assert "rotate-key" in attempt["error"] and "auth" in attempt["error"]
         assert TOKEN not in caplog.text
+        # not the system's failure (its circuit is shared with the workers that have the
+        # new key), and not one of the delivery's tries: it never runs out this way
+        breaker = (await client.get("/api/v1/circuits")).json()["items"]
+        assert {(c["system"], c["consecutive_failures"]) for c in breaker} == {
+            ("plain", 0), ("ledger", 0)}
+        for _ in range(4):  # max_attempts is 3
+            clock.advance(seconds=120)
+            await run_pass(client)
+        [delivery] = (await client.get("/api/v1/deliveries?system=ledger")).json()["items"]
+        assert (delivery["status"], delivery["attempts"]) == ("pending", 5), delivery
 
 
 class TestTheStatusQuery:

@@ -33,6 +33,10 @@ class Failure(StrEnum):
     # as invalid_client, which no retry mends). The delivery itself never left.
     TOKEN_UNAVAILABLE = "token_unavailable"
     TOKEN_REFUSED = "token_refused"
+    # This process's key cannot read the system's secret (stored with another key: a worker
+    # left on the old key after `secrets rotate-key`). Nothing left; another worker, or this
+    # one restarted, can send it: retried, but neither the system's failure nor a try.
+    SECRET_UNREADABLE = "secret_unreadable"
     # the request could not be made of this record (its body_template failed) or of the
     # system's settings (a stored credential a header cannot carry): nothing was sent, and
     # trying again would fail the same way
@@ -55,6 +59,10 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 PERMANENT_5XX = frozenset({501, 505})
 MAX_RETRY_AFTER_S = 86_400.0
 UNSENDABLE_RULE = "unsendable"
+SECRET_UNREADABLE_RULE = "secret_unreadable"
+# The shortest wait after a throttled try (a "Retry-After: 0", or a date in the past, would
+# otherwise send again at once, for ever: a throttled try never exhausts a delivery).
+MIN_THROTTLE_WAIT_S = 1.0
 # A 429 or 503 that says when to come back (Retry-After) throttles the whole system: it is
 # the system's back-pressure, not its failure. The pause of the whole system is capped (a
 # stray "Retry-After: 86400" must not stop every delivery for a day unseen); the delivery
@@ -72,6 +80,8 @@ def classify(result: SendResult, overrides: list[dict[str, Any]]) -> tuple[Class
     """
     if result.failure is Failure.UNSENDABLE:
         return Classification.PERMANENT, UNSENDABLE_RULE
+    if result.failure is Failure.SECRET_UNREADABLE:
+        return Classification.TRANSIENT, SECRET_UNREADABLE_RULE
     if result.failure is Failure.NOT_SENT:
         return Classification.TRANSIENT, "not_sent"
     if result.failure is Failure.CERTIFICATE:
@@ -102,6 +112,12 @@ def is_throttle(rule: str | None) -> bool:
     """Whether an attempt's rule says the system throttled us (a 429 or 503 with
     Retry-After, not overridden by the system's own rules)."""
     return rule is not None and rule.startswith(THROTTLED_RULE_PREFIX)
+
+
+def is_uncounted(rule: str | None) -> bool:
+    """Whether a try does not count toward max_attempts nor the backoff: throttled, or not
+    sent because this process could not read the system's secret."""
+    return is_throttle(rule) or rule == SECRET_UNREADABLE_RULE
 
 
 def throttle_s(result: SendResult, rule: str | None) -> float | None:
@@ -162,7 +178,7 @@ def next_step(classification: Classification, attempts_made: int, max_attempts: 
         return Step.AMBIGUOUS
     if classification is Classification.PERMANENT:
         return Step.DEAD_LETTER
-    if is_throttle(rule):
+    if is_uncounted(rule):
         return Step.RETRY
     if attempts_made >= max_attempts:
         return Step.DEAD_LETTER
@@ -194,7 +210,7 @@ class TransitionRefused(ValueError):
 
 
 def breaker_event(classification: Classification, rule: str | None = None) -> CircuitEvent:
-    if rule == UNSENDABLE_RULE:
+    if rule in (UNSENDABLE_RULE, SECRET_UNREADABLE_RULE):
         return CircuitEvent.NONE  # nothing was sent: the system was not asked anything
     if is_throttle(rule):
         return CircuitEvent.NONE  # back-pressure: the system is up and asked us to wait

@@ -28,6 +28,8 @@ from pipeline_console.delivery.base import Deliverer, DeliveryResult, Outcome, S
 from pipeline_console.delivery.circuits import apply_event, free_trial, lock_circuit
 from pipeline_console.delivery.policy import (
     MAX_RETRY_AFTER_S,
+    MIN_THROTTLE_WAIT_S,
+    SECRET_UNREADABLE_RULE,
     THROTTLED_RULE_PREFIX,
     CircuitEvent,
     Classification,
@@ -269,7 +271,8 @@ async def _throttled_tries(session: AsyncSession, delivery_ids: list[int]) -> di
     return dict((await session.execute(
         select(_attempts.c.delivery_id, func.count())
         .where(_attempts.c.delivery_id.in_(sorted(set(delivery_ids))),
-               _attempts.c.rule.like(f"{THROTTLED_RULE_PREFIX}%"))
+               or_(_attempts.c.rule.like(f"{THROTTLED_RULE_PREFIX}%"),
+                   _attempts.c.rule == SECRET_UNREADABLE_RULE))
         .group_by(_attempts.c.delivery_id))).all())
 
 
@@ -361,7 +364,7 @@ def _next_state(step: Step, attempts: int, attempt: Any, result: SendResult,
     elif step is Step.RETRY:
         if (attempt.rule or "").startswith(THROTTLED_RULE_PREFIX) \
                 and result.retry_after_s is not None:
-            delay = min(result.retry_after_s, MAX_RETRY_AFTER_S)
+            delay = max(min(result.retry_after_s, MAX_RETRY_AFTER_S), MIN_THROTTLE_WAIT_S)
         else:
             delay = backoff_s(attempts if counted is None else counted, *backoff, rng,
                               retry_after_s=result.retry_after_s)

@@ -280,8 +280,9 @@ _UNREADABLE_LOGGED: set[tuple[str, tuple[str, ...]]] = set()  # said once per pr
 
 def _unreadable_result(config: SystemConfig) -> SendResult:
     """Not sent: a secret of the system is stored with another key than this process's.
-    Transient: a process with the right key (this one, restarted) sends it later."""
-    return SendResult(failure=Failure.NOT_SENT, error=(
+    Retried (a process with the right key, or this one restarted, sends it), but neither a
+    failure of the system (its circuit) nor one of the delivery's tries."""
+    return SendResult(failure=Failure.SECRET_UNREADABLE, error=(
         f"this process's {KEY_VARIABLE} cannot read the system's "
         f"{', '.join(config.unreadable)} secret (stored with another key: after `secrets "
         "rotate-key`, restart every process with the new key); nothing was sent"))
