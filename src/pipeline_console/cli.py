@@ -290,6 +290,11 @@ def consume(
     configure_logging(settings.log_format)
     _check_secret_key(settings)  # consumers store no secret, but one key serves every process
     broker: Any
+    try:
+        urlsplit(url).port  # noqa: B018 (a port that is not a number: ValueError)
+    except ValueError:
+        _refuse("the broker URL cannot be read (if its password holds '/', '?', '#' or '@', "
+                "percent-encode them: %2F, %3F, %23, %40)")
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("amqp", "amqps"):
         if not queue or stream or consumer:

@@ -15,6 +15,7 @@ import threading
 import pytest
 from sqlalchemy import select
 
+from pipeline_console.consumers.registry import without_credentials
 from pipeline_console.models import IngestionAttempt, IntakeConsumer
 from tests.consumers.brokers import RabbitQueue, start_consumer
 from tests.consumers.test_consume import _body, _count, _stop, _text, _until
@@ -184,3 +185,20 @@ def test_a_database_that_is_missing_or_not_migrated_is_refused_at_start_up(tmp_p
         [line] = said(result)
         assert line.startswith("error: ") and words in line, line
         assert "started" not in result.stderr
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("amqp://user:s3cr3t/x@host/", "amqp://host/"),  # '/' in the password, not encoded
+    ("amqp://user:1234/5678@host/vh", "amqp://host/vh"),
+    ("amqp://guest:guest@127.0.0.1:5672/vh?token=t0k", "amqp://127.0.0.1:5672/vh"),
+    ("nats://u:p@[::1]:4222", "nats://[::1]:4222"),
+])
+def test_a_url_is_shown_without_what_could_be_credentials(url, shown) -> None:
+    assert without_credentials(url) == shown
+
+
+def test_a_url_whose_password_cuts_it_short_is_refused_without_echoing_it(database_url) -> None:
+    result = consume(database_url, "amqp://user:s3cr3t/x@127.0.0.1:5672/", "--queue", "q")
+    assert result.returncode == 1, result
+    [line] = said(result)
+    assert "percent-encode" in line and "s3cr3t" not in result.stderr + result.stdout

@@ -107,3 +107,15 @@ class TestTheFormsMasked:
         assert forms == ("abcdef", "abcd")  # "abc" (three characters) is not masked
         assert mask("abc abcd abcdef", forms) == f"abc {MASK} {MASK}"
         assert mask(None, forms) is None and mask("", forms) == ""
+
+    def test_a_secret_cut_by_the_excerpt_and_one_with_escaped_slashes_are_masked(self) -> None:
+        token = "tok_ab/cd+ef/ghIJKLMNOPQRSTUVWXYZ0123456789"
+        system = SystemConfig("s", "http", "http://x/", None, 1.0, None,
+                              auth={"type": "bearer"}, secrets={"auth": token})
+        forms = secret_forms(system)
+        # an answer cut to its excerpt in the middle of the token keeps its beginning
+        assert mask("x" * 2020 + token[:28], forms) == "x" * 2020 + MASK
+        assert mask(json.dumps({"echo": token}).replace("/", "\\/"), forms) == (
+            '{"echo": "' + MASK + '"}')
+        assert mask("token=" + token.replace("+", "%2B"), forms) == "token=" + MASK
+        assert mask("all fine", forms) == "all fine"

@@ -127,7 +127,8 @@ class TestTemplateSubset:
         "def f: f; f", "[limit(5; repeat(1))]", "[range(1e9)]", "[.. | recurse]",
         'last(1 | until(false; .))', '.payload.name | test("(a+)+$")',
         'gsub("a"; "b")', "input", "[inputs]", 'import "x" as x; .', "halt",
-        ".payload | env", "{a: env}",
+        ".payload | env", "{a: env}", '"a,b" | split(", *"; null)',
+        '_match_impl("a"; null; true)', "[null[combinations:]]", ".[halt:]?", "{$ENV: 1}",
     ])
     def test_refused(self, template) -> None:
         assert refused_word(template) is not None, template
@@ -137,6 +138,7 @@ class TestTemplateSubset:
         '{"def": "repeat", note: "while until env $ENV"}', '.payload["import"]',
         "# env in a comment\n{id: .entity_id}", '"\\(.entity_id) def"',
         "[.payload.items[] | {sku, qty}]", "if .version > 1 then . else empty end",
+        '.payload.name | split(",")', "{a: 1, env: 2}", ".payload.list[1:2]",
     ])
     def test_allowed(self, template) -> None:
         assert refused_word(template) is None, template

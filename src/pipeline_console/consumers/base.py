@@ -4,9 +4,11 @@ CONSUMER_BATCH_SIZE), and only then acknowledge it.
 
 - A message that is malformed or refused is recorded as `rejected`, then acknowledged: it is
   in the attempt log, and it is never redelivered for ever.
-- A message that cannot be recorded (the database is down, or any other failure of its
-  transaction) is not acknowledged: it is tried again here with a growing pause (the broker
-  keeps it; NATS is told it is still in progress), and on SIGTERM given back to the broker.
+- A message that cannot be recorded because the database is away (unreachable, busy) is not
+  acknowledged: it is tried again here with a growing pause (the broker keeps it; NATS is
+  told it is still in progress), and on SIGTERM given back to the broker. One whose own
+  transaction keeps failing otherwise (GIVE_BACK_AFTER times) is given back at once, so
+  that it cannot hold the acknowledgements of the messages after it.
 - Killed at any point, the process loses nothing: what was not acknowledged is redelivered,
   and what was committed but not yet acknowledged comes back as `skip_duplicate`.
 """
@@ -43,6 +45,7 @@ INTAKE_MESSAGES = Counter(
     ["kind", "queue", "outcome"])
 
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 15.0
+GIVE_BACK_AFTER = 5  # failures of a message's own transaction (not an outage) in a row
 
 
 class BrokerError(Exception):
@@ -152,7 +155,7 @@ class Intake:
     async def _record(self, item: IncomingMessage | RejectedMessage,
                       message: Received) -> Result | None:
         """The committed result, or None once the message was given back to the broker."""
-        delay = RETRY_FIRST_S
+        delay, failures = RETRY_FIRST_S, 0
         while True:
             try:
                 result = await self.committer.ingest(item, actor=self.actor, now=self.clock())
@@ -164,6 +167,17 @@ class Intake:
                     await _give_back(message)
                     return None
                 why = unavailability(error)
+                if why is None:
+                    failures += 1
+                    if failures >= GIVE_BACK_AFTER:
+                        # not an outage: this message's own transaction keeps failing. Held
+                        # here it would hold every later acknowledgement (RabbitMQ's are
+                        # cumulative) and, once prefetch is full, the whole consumer
+                        log.error("a broker message failed to be recorded %d times (%s: %s); "
+                                  "it is given back to the broker", failures,
+                                  type(error).__name__, error)
+                        await _give_back(message)
+                        return None
                 log.warning("a broker message could not be recorded (%s); it stays "
                             "unacknowledged and is tried again in %.1f s",
                             f"database {why}" if why else f"{type(error).__name__}: {error}",

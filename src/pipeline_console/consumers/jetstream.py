@@ -27,8 +27,10 @@ FETCH_WAIT_S = 1.0  # how long one fetch waits for messages (and so how soon a s
 FIRST_CONNECT_S = 15.0  # the first connection, before the consumer runs
 
 
-class NotEncrypted(Exception):
-    """A tls:// server that did not ask for TLS (not an error nats-py retries)."""
+class NotEncrypted(nats.errors.Error):
+    """A tls:// server that did not ask for TLS. A nats-py error, so that a reconnect that
+    meets one tries again later instead of ending the reconnect task; the first connection
+    stops at once (_error)."""
 
 
 class _Client(NatsClient):
@@ -54,12 +56,19 @@ class JetStream:
         self._nc: Any = None
         self._sub: Any = None
         self._running, self._last_error = False, ""
+        self._refused = asyncio.Event()  # a tls:// server did not ask for TLS
 
     async def _error(self, error: Exception) -> None:
         """nats-py's own error callback prints the whole exception; ours logs one line
         without the server URL's credentials, once running (the first connection's tries
         are summed up in its one error line)."""
         self._last_error = type(error).__name__
+        if isinstance(error, NotEncrypted):
+            self._refused.set()
+            if self._running:
+                log.warning("NATS at %s did not ask for TLS, though the URL is tls://: "
+                            "nothing was sent to it", self.source)
+            return
         if self._running:
             log.warning("NATS: %s", self._last_error)
 
@@ -77,11 +86,24 @@ class JetStream:
             # wrong URL is one line at start-up, as with RabbitMQ
             async with asyncio.timeout(FIRST_CONNECT_S):
                 self._nc = _Client()
-                await self._nc.connect(
+                connecting = asyncio.create_task(self._nc.connect(
                     servers=[self._url], connect_timeout=5, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=1, **options,
                     error_cb=self._error, disconnected_cb=_quiet_event,
-                    reconnected_cb=_quiet_event)
+                    reconnected_cb=_quiet_event))
+                refused = asyncio.create_task(self._refused.wait())
+                try:
+                    await asyncio.wait({connecting, refused},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    refused.cancel()
+                    if not connecting.done():
+                        connecting.cancel()
+                        with contextlib.suppress(BaseException):
+                            await connecting
+                if self._refused.is_set():
+                    raise NotEncrypted
+                connecting.result()
         except NotEncrypted:
             raise BrokerError(f"NATS at {self.source} did not ask for TLS, though the URL is "
                               "tls://: nothing was sent to it (credentials included)") from None

@@ -24,11 +24,18 @@ _consumers = IntakeConsumer.__table__
 def without_credentials(url: str) -> str:
     """The broker URL as it may be shown: no user, no password (nor a query, where some
     clients take a token)."""
-    parts = urlsplit(url)
+    scheme, _, rest = url.partition("://")
+    # a password with a '/', '?' or '#' not percent-encoded ends the netloc early: whatever
+    # stands before the last '@' is taken for credentials, wherever it is
+    parts = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host if port is None else f"{host}:{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 

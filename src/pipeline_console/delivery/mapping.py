@@ -7,7 +7,8 @@ jq runs inside this process and holds the GIL while it runs, so a template is ke
 maps one record: it may not read the environment (`$ENV`, `env`: the secret key is there)
 or files (`import`, `include`, `input`), define functions (the way to recursion), loop
 (`repeat`, `while`, `until`, `range`, `recurse`, `infinite`, `combinations`) or use regular
-expressions (a backtracking pattern can run for hours on one string). Templates are checked
+expressions (`test`, `match`, `split/2`…: a backtracking pattern can run for hours on one
+string). Templates are checked
 for those words when they are saved and again when they are compiled; the program also runs
 with `env` and `$ENV` bound to `{}`, in case a word got past the check."""
 
@@ -30,7 +31,8 @@ FORBIDDEN = frozenset({
     "$ENV", "env", "$__prog_args", "input", "inputs", "input_filename", "input_line_number",
     "get_search_list", "import", "include", "def", "repeat", "while", "until", "range",
     "recurse", "recurse_down", "infinite", "combinations", "test", "match", "capture",
-    "scan", "splits", "sub", "gsub", "debug", "stderr", "halt", "halt_error",
+    "scan", "splits", "split/2", "sub", "gsub", "_match_impl", "debug", "stderr", "halt",
+    "halt_error",
 })
 _WORD = re.compile(r"\$?[A-Za-z_][A-Za-z0-9_]*")
 # jq's own wrapper: the environment is empty whatever the program says
@@ -85,9 +87,34 @@ def _words(program: str) -> Iterator[str]:
     for match in _WORD.finditer(code):
         before = code[:match.start()].rstrip()[-1:]
         after = code[match.end():].lstrip()[:2]
-        if before == "." or (after[:1] == ":" and after != "::"):
+        # an object key is a word right after `{` or `,` and before `:` (in a slice,
+        # `.[halt:]`, the word before `:` is code)
+        if before == "." or (before in ("{", ",") and after[:1] == ":" and after != "::"
+                             and not match.group().startswith("$")):
             continue
-        yield match.group()
+        word = match.group()
+        if word == "split" and _two_arguments(code, match.end()):
+            yield "split/2"  # split(re; flags): a regular expression
+            continue
+        yield word
+
+
+def _two_arguments(code: str, end: int) -> bool:
+    """Whether the call whose name ends at `end` has a `;` among its arguments."""
+    rest = code[end:].lstrip()
+    if not rest.startswith("("):
+        return False
+    depth = 0
+    for char in rest:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                return False
+        elif char == ";" and depth == 1:
+            return True
+    return False
 
 
 def refused_word(template: str) -> str | None:

@@ -7,16 +7,17 @@ Cut out are the forms a secret travels in: each stored secret as it is (a token,
 a header's value, a client secret, a signing secret, a client key), the base64 of
 `user:password` a basic auth sends, the base64 of the client credentials sent to an OAuth2
 token endpoint, and the access tokens a send used; each also URL-encoded (quote_plus, as
-in a form body or a query) and JSON-escaped (as in an echo of the request as JSON). A form
-shorter than four characters is left alone: masking every "a" would hide the answer and
-protect nothing."""
+in a form body or a query, and with quote's '/' kept) and JSON-escaped (as in an echo of the
+request as JSON, also with '/' as '\\/'). An answer cut to its excerpt may end in the
+beginning of a secret: that is masked too. A form shorter than four characters is left
+alone: masking every "a" would hide the answer and protect nothing."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
 from collections.abc import Iterable
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 import orjson
 
@@ -42,10 +43,22 @@ def secret_forms(system: object, tokens: Iterable[str] = ()) -> tuple[str, ...]:
     for value in values:
         if not value:
             continue
-        for form in (value, quote_plus(value), orjson.dumps(value).decode()[1:-1]):
+        as_json = orjson.dumps(value).decode()[1:-1]
+        for form in (value, quote_plus(value), quote(value), as_json,
+                     as_json.replace("/", "\\/")):  # PHP's json_encode escapes '/'
             if len(form) >= MIN_MASKED_CHARS:
                 forms.add(form)
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _cut_short(text: str, forms: tuple[str, ...]) -> str:
+    """The text with a secret's beginning at its very end masked: what an answer cut to its
+    excerpt keeps of a secret that crossed the cut."""
+    for form in forms:
+        for length in range(min(len(form) - 1, len(text)), MIN_MASKED_CHARS - 1, -1):
+            if text.endswith(form[:length]):
+                return text[:-length] + MASK
+    return text
 
 
 def mask(text: str | None, forms: tuple[str, ...]) -> str | None:
@@ -54,7 +67,7 @@ def mask(text: str | None, forms: tuple[str, ...]) -> str | None:
     for form in forms:
         if form in text:
             text = text.replace(form, MASK)
-    return text
+    return _cut_short(text, forms)
 
 
 def masked(result: SendResult, forms: tuple[str, ...]) -> SendResult:
