@@ -176,6 +176,12 @@ class TestStandardInput:
         assert "ingesting stdin" in result.stderr.decode()  # no total: no percentage
         assert {a.actor for a in await attempts(database)} == {"cli:ingest:stdin"}
 
+    async def test_a_byte_order_mark_before_the_first_line_is_not_the_message(
+            self, database_url, database):
+        result = await ingest(database_url, "-", stdin=b"\xef\xbb\xbf" + ndjson(*customers(2)))
+        assert result.returncode == 0, result.stderr
+        assert summary(result)["accept_new"] == 2
+
 
 class TestUsageErrors:
     async def test_a_missing_file_is_one_line_and_exit_2(self, database_url, database,

@@ -113,6 +113,11 @@ class Acknowledger:
         self._sender: asyncio.Task[None] | None = None
 
     def delivered(self, tag: int) -> None:
+        # A multiple ack of N covers every tag up to N: safe only if tags are noted in the
+        # order the broker numbered them (aio-pika calls on_message in delivery order, and
+        # on_message notes the tag before any await)
+        if self._tags and tag <= self._tags[-1]:
+            raise RuntimeError(f"delivery tag {tag} after {self._tags[-1]}: out of order")
         self._tags.append(tag)
 
     async def ack(self, tag: int) -> None:

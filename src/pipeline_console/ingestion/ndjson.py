@@ -96,6 +96,8 @@ def read_lines(stream: BinaryIO, max_bytes: int) -> Iterator[Line]:
             body = chunk[:-1] if chunk.endswith(b"\n") else chunk
             if body.endswith(b"\r"):
                 body = body[:-1]
+            if number == 1 and body.startswith(b"\xef\xbb\xbf"):
+                body = body[3:]  # a byte order mark, as some editors write: not the message's
             if not body.strip():
                 continue
         yield Line(number, body, too_large, end)
