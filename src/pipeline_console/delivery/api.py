@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -33,7 +34,7 @@ from pipeline_console.delivery.preview import preview_request
 from pipeline_console.delivery.service import Deliverer, deliver_now
 from pipeline_console.delivery.signing import rotate_signing_secret
 from pipeline_console.delivery.vault import Vault
-from pipeline_console.errors import NotFound
+from pipeline_console.errors import DomainError, NotFound
 from pipeline_console.ingestion.schemas import Name, UtcDatetime
 from pipeline_console.models import (
     AmbiguousOutcome,
@@ -214,6 +215,49 @@ async def _ambiguous(database: Any, ambiguous_id: int) -> schemas.AmbiguousRead:
     async with database.read() as session:
         return schemas.AmbiguousRead.model_validate(
             await session.get(AmbiguousOutcome, ambiguous_id))
+
+
+async def _bulk(database: Any, ids: list[int],
+                act: Callable[[int], Awaitable[int | None]]) -> dict[str, Any]:
+    """Each id in turn, as its one-id route would act on it (its own transactions and audit
+    rows); a refusal of one (NotFound, Conflict) is its answer, not the call's."""
+    items = []
+    for ambiguous_id in ids:
+        try:
+            status, error, outcome = await act(ambiguous_id), None, "done"
+        except DomainError as problem:
+            status, error, outcome = None, problem.detail, "refused"
+        async with database.read() as session:
+            row = await session.get(AmbiguousOutcome, ambiguous_id)
+        items.append({"id": ambiguous_id, "outcome": outcome, "error": error,
+                      "query_status": status,
+                      "item": None if row is None else schemas.AmbiguousRead.model_validate(row)})
+    done = sum(item["outcome"] == "done" for item in items)
+    return {"items": items, "done": done, "refused": len(items) - done}
+
+
+@router.post("/ambiguous/query-status", dependencies=[OPERATOR],
+             response_model=schemas.AmbiguousBulkResult,
+             summary="Ask the systems about several ambiguous outcomes; an answer per id")
+async def query_status_of_many(deliverer: DelivererDep, database: DatabaseDep,
+                               body: schemas.AmbiguousIds, actor: ActorDep) -> Any:
+    async def act(ambiguous_id: int) -> int | None:
+        action = await query_ambiguous_status(deliverer, ambiguous_id, actor=actor.label)
+        return action.query_status
+
+    return await _bulk(database, body.ids, act)
+
+
+@router.post("/ambiguous/resolve", dependencies=[OPERATOR],
+             response_model=schemas.AmbiguousBulkResult,
+             summary="Decide several ambiguous outcomes with one reason; an answer per id")
+async def resolve_many(deliverer: DelivererDep, database: DatabaseDep,
+                       body: schemas.AmbiguousBulkResolve, actor: ActorDep) -> Any:
+    async def act(ambiguous_id: int) -> None:
+        await resolve_ambiguous(deliverer, ambiguous_id, body.resolution, body.note,
+                                actor=actor.label)
+
+    return await _bulk(database, body.ids, act)
 
 
 @router.post("/ambiguous/{ambiguous_id}/query-status", dependencies=[OPERATOR],

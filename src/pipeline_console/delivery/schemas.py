@@ -21,6 +21,7 @@ from pydantic import (
 
 from pipeline_console.errors import FieldValueError
 from pipeline_console.ingestion.schemas import Name
+from pipeline_console.pagination import MAX_ID
 from pipeline_console.redaction import redact
 
 # What a URL template may hold: a record's values, percent-encoded when a delivery is sent.
@@ -459,6 +460,48 @@ class AmbiguousResolve(BaseModel):
 
     resolution: Literal["delivered", "not_delivered"]
     note: Reason
+
+
+MAX_BULK_IDS = 500
+
+
+class AmbiguousIds(BaseModel):
+    """Several ambiguous outcomes at once (each acted on as the one-id route would)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1,
+                                                             max_length=MAX_BULK_IDS)
+
+    @field_validator("ids")
+    @classmethod
+    def _unique(cls, ids: list[int]) -> list[int]:
+        if len(set(ids)) != len(ids):
+            raise ValueError("each id may be given once")
+        return ids
+
+
+class AmbiguousBulkResolve(AmbiguousIds):
+    resolution: Literal["delivered", "not_delivered"]
+    note: Reason
+
+
+class AmbiguousBulkItem(BaseModel):
+    """One id's outcome: `done` (queried, or resolved), or `refused` with the reason (no such
+    outcome, already resolved, a system without a status query). `item`: the outcome as it
+    is now (null when there is none)."""
+
+    id: int
+    outcome: Literal["done", "refused"]
+    error: str | None
+    query_status: int | None = None
+    item: AmbiguousRead | None
+
+
+class AmbiguousBulkResult(BaseModel):
+    items: list[AmbiguousBulkItem]
+    done: int
+    refused: int
 
 
 def page_model(name: str, item: type[BaseModel]) -> type[BaseModel]:
