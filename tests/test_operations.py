@@ -30,6 +30,7 @@ CONTRACT_PATHS = [
     ("post", "/api/v1/circuits/{system}/reset"), ("post", "/api/v1/circuits/{system}/open"),
     ("post", "/api/v1/replays"), ("get", "/api/v1/replays"),
     ("get", "/api/v1/replays/{replay_id}"), ("post", "/api/v1/replays/{replay_id}/execute"),
+    ("post", "/api/v1/replays/{replay_id}/eligible"),
     ("get", "/api/v1/inspect/{key}"), ("get", "/api/v1/inspect"), ("get", "/api/v1/dashboard"),
     ("get", "/api/v1/jobs/runs"), ("get", "/api/v1/reports"), ("get", "/api/v1/reports/{name}"),
     ("get", "/metrics"),

@@ -359,3 +359,46 @@ async def test_reason_contains_folds_every_letter_on_both_databases(client, sink
     await run_pass(client)
     found = (await client.get("/api/v1/dlq?reason_contains=überzogen")).json()["items"]
     assert [entry["idempotency_key"] for entry in found] == ["customer:C-100"]
+
+
+class TestAgainWithTheEligibleItems:
+    async def test_a_refused_replay_asked_again_sends_only_its_eligible_items(
+            self, client, sink):
+        entries = await dead_letter(client, sink, "A", "B")
+        sink.answer(Answer(200))
+        refused = await replay(client, items=[{"dlq_id": entries[0]["id"]}, {"dlq_id": 999},
+                                              {"dlq_id": entries[1]["id"]}])
+        assert refused.status_code == 409
+        source = refused.json()["replay_id"]
+        sent = len(sink.received)
+
+        again = await client.post(f"/api/v1/replays/{source}/eligible",
+                                  json={"reason": "billing fixed it; 999 was a typo"})
+        assert again.status_code == 201, again.text
+        request = again.json()
+        assert request["status"] == "validated" and request["id"] != source
+        assert [item["dlq_id"] for item in request["items"]] == [
+            entries[0]["id"], entries[1]["id"]]
+        assert request["selection"]["from_replay"] == source
+        executed = await client.post(f"/api/v1/replays/{request['id']}/execute")
+        assert executed.json()["status"] == "completed", executed.text
+        assert sorted(r.body["entity_id"] for r in sink.received[sent:]) == ["A", "B"]
+        # the rejected request stays as it was
+        assert (await client.get(f"/api/v1/replays/{source}")).json()["status"] == "rejected"
+
+    async def test_only_a_rejected_request_with_an_eligible_item_is_asked_again(
+            self, client, sink):
+        [entry] = await dead_letter(client, sink, "A")
+        validated = (await replay(client, items=[{"dlq_id": entry["id"]}])).json()
+        none_eligible = (await replay(client, items=[{"dlq_id": 999}])).json()
+        for replay_id, words in ((validated["id"], "not rejected"),
+                                 (none_eligible["replay_id"], "none of the items"),
+                                 (123456, "does not exist")):
+            answer = await client.post(f"/api/v1/replays/{replay_id}/eligible",
+                                       json={"reason": "again"})
+            assert answer.status_code in (404, 409), answer.text
+            assert words in answer.json()["detail"], answer.text
+        missing_reason = await client.post(f"/api/v1/replays/{validated['id']}/eligible",
+                                           json={})
+        assert missing_reason.status_code == 422
+        assert missing_reason.json()["errors"][0]["field"] == "reason"

@@ -154,6 +154,34 @@ async def create_replay(database: DatabaseDep, body: ReplayCreate, now: NowDep,
             selection=body.model_dump(mode="json", by_alias=True, exclude={"reason"}),
             allow_delivered=body.allow_delivered, actor=actor.label, now=now)
         read = await _read(session, request)
+    return _answer(read)
+
+
+class EligibleAgain(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason
+
+
+@router.post(
+    "/replays/{replay_id}/eligible", dependencies=[OPERATOR], response_model=ReplayRead,
+    status_code=201, responses=problem_responses(404, 409, 422),
+    summary="Request a rejected replay again with only its eligible items",
+    description="A new request of the rejected one's eligible items, validated afresh: 201 "
+    "`validated`, or 409 (stored `rejected`) if one of them is no longer eligible; 409 too "
+    "when the request is not rejected or none of its items was eligible.",
+)
+async def request_eligible(database: DatabaseDep, replay_id: Id, body: EligibleAgain,
+                           now: NowDep, actor: ActorDep) -> Any:
+    async with database.transaction() as session:
+        request, _ = await service.request_eligible(session, replay_id, reason=body.reason,
+                                                    actor=actor.label, now=now)
+        read = await _read(session, request)
+    return _answer(read)
+
+
+def _answer(read: ReplayRead) -> Any:
+    """201 with a validated request; a rejected one is a 409 whose items say why."""
     if read.status == "rejected":
         refused = sum(1 for item in read.items if not item.eligible)
         detail = (f"{refused} of {len(read.items)} items are not eligible" if read.items

@@ -172,6 +172,30 @@ async def create_replay(session: AsyncSession, targets: list[Target], *, reason:
     return request, items
 
 
+async def request_eligible(session: AsyncSession, request_id: int, *, reason: str, actor: str,
+                           now: datetime) -> tuple[ReplayRequest, list[ReplayItem]]:
+    """A new request of the eligible items of a rejected one ("request again with only the
+    eligible items"), validated afresh: all-or-nothing again, as any request."""
+    source = await session.get(ReplayRequest, request_id)
+    if source is None:
+        raise NotFound(f"replay {request_id} does not exist")
+    if source.status != "rejected":
+        raise Conflict(f"replay {request_id} is {source.status}, not rejected: only a "
+                       "rejected request is asked again with its eligible items")
+    rows = (await session.execute(select(ReplayItem).where(
+        ReplayItem.request_id == request_id, ReplayItem.eligible.is_(True))
+        .order_by(ReplayItem.position))).scalars().all()
+    if not rows:
+        raise Conflict(f"none of the items of replay {request_id} was eligible")
+    targets = [Target(dlq_id=row.dlq_id) if row.dlq_id is not None
+               else Target(key=row.idempotency_key, system=row.system) for row in rows]
+    selection = {"from_replay": request_id,
+                 "items": [{"dlq_id": t.dlq_id} if t.dlq_id is not None
+                           else {"key": t.key, "system": t.system} for t in targets]}
+    return await create_replay(session, targets, reason=reason, selection=selection,
+                               allow_delivered=source.allow_delivered, actor=actor, now=now)
+
+
 async def execute_replay(deliverer: Deliverer, request_id: int, *, actor: str,
                          wait_s: float = 60.0) -> ReplayRequest:
     """Send every item through the canonical path, once. Executing again (also at the same
