@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from sqlalchemy import select
 
 from pipeline_console.api.dependencies import (
     ActorDep,
@@ -227,11 +228,14 @@ async def _bulk(database: Any, ids: list[int],
             status, error, outcome = await act(ambiguous_id), None, "done"
         except DomainError as problem:
             status, error, outcome = None, problem.detail, "refused"
-        async with database.read() as session:
-            row = await session.get(AmbiguousOutcome, ambiguous_id)
         items.append({"id": ambiguous_id, "outcome": outcome, "error": error,
-                      "query_status": status,
-                      "item": None if row is None else schemas.AmbiguousRead.model_validate(row)})
+                      "query_status": status, "item": None})
+    async with database.read() as session:  # each as it is now, in one read
+        rows = {row.id: row for row in (await session.execute(
+            select(AmbiguousOutcome).where(AmbiguousOutcome.id.in_(ids)))).scalars()}
+    for item in items:
+        if item["id"] in rows:
+            item["item"] = schemas.AmbiguousRead.model_validate(rows[item["id"]])
     done = sum(item["outcome"] == "done" for item in items)
     return {"items": items, "done": done, "refused": len(items) - done}
 

@@ -174,11 +174,11 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
     def attempts_of(item: Sent) -> int:
         return max(locked[item.delivery_id].attempts, item.prepared.request.attempt_number)
 
-    throttled_tries = await _throttled_tries(session, [
+    uncounted_tries = await _uncounted_tries(session, [
         item.delivery_id for item in sent if item.classification is Classification.TRANSIENT])
 
     def counted_of(item: Sent) -> int:
-        return attempts_of(item) - throttled_tries.get(item.delivery_id, 0)
+        return attempts_of(item) - uncounted_tries.get(item.delivery_id, 0)
 
     def step_of(item: Sent) -> Step:
         return next_step(item.classification, counted_of(item), item.prepared.max_attempts,
@@ -262,10 +262,11 @@ async def _record(session: AsyncSession, deliverer: Deliverer, sent: Sequence[Se
     return recorded
 
 
-async def _throttled_tries(session: AsyncSession, delivery_ids: list[int]) -> dict[int, int]:
-    """How many of these deliveries' tries were throttled (they do not count toward
-    max_attempts: policy.next_step, nor toward the backoff). Asked only of the deliveries
-    whose try failed transiently, so the usual outcome costs nothing."""
+async def _uncounted_tries(session: AsyncSession, delivery_ids: list[int]) -> dict[int, int]:
+    """How many of these deliveries' tries were throttled or not sent for an unreadable
+    secret (policy.is_uncounted: they count toward neither max_attempts nor the backoff).
+    Asked only of the deliveries whose try failed transiently, so the usual outcome costs
+    nothing."""
     if not delivery_ids:
         return {}
     return dict((await session.execute(

@@ -122,23 +122,17 @@ def require_key(vault: Vault, field_name: str) -> None:
 async def load_secrets(session: AsyncSession, vault: Vault, systems: Iterable[str], *,
                        now: datetime | None = None) -> dict[str, dict[str, str]]:
     """Per system, its secrets in the clear (slot → value); a signing_previous whose overlap
-    is over is left out."""
-    names = sorted(set(systems))
-    if not names:
-        return {}
-    rows = (await session.execute(
-        select(SystemSecret.system, SystemSecret.slot, SystemSecret.ciphertext,
-               SystemSecret.expires_at).where(SystemSecret.system.in_(names)))).all()
-    out: dict[str, dict[str, str]] = {name: {} for name in names}
-    for system, slot, ciphertext, expires_at in rows:
-        if expires_at is not None and now is not None and expires_at <= now:
-            continue
-        out[system][slot] = vault.decrypt(ciphertext)
-    return out
+    is over is left out. KeyProblem if this key cannot read one of them."""
+    held, unreadable = await load_readable_secrets(session, vault, systems, now=now)
+    if unreadable:
+        raise KeyProblem(f"{KEY_VARIABLE} cannot read a secret the database holds (it was "
+                         "stored with another key)")
+    return held
 
 
 async def load_readable_secrets(
-        session: AsyncSession, vault: Vault, systems: Iterable[str], *, now: datetime,
+        session: AsyncSession, vault: Vault, systems: Iterable[str], *,
+        now: datetime | None = None,
 ) -> tuple[dict[str, dict[str, str]], dict[str, tuple[str, ...]]]:
     """load_secrets for sends: per system its secrets in the clear, and apart, per system the
     slots this key cannot read (stored with another key: a process still running with the
@@ -153,7 +147,7 @@ async def load_readable_secrets(
         select(SystemSecret.system, SystemSecret.slot, SystemSecret.ciphertext,
                SystemSecret.expires_at).where(SystemSecret.system.in_(names)))).all()
     for system, slot, ciphertext, expires_at in rows:
-        if expires_at is not None and expires_at <= now:
+        if expires_at is not None and now is not None and expires_at <= now:
             continue
         try:
             held[system][slot] = vault.decrypt(ciphertext)
